@@ -1,0 +1,141 @@
+"""Benchmark structure shared by every data source.
+
+A benchmark is an in-distribution (InD) set with train / val / test splits and
+named OOD sets, each in the ``near`` or ``far`` group with val / test splits.
+Every sample is a dict ``{"image", "label", "id", "set"}``: ``image`` is a float
+tensor [C, H, W] in [0, 1], ``label`` the class (-1 for OOD), ``id`` a stable
+string and ``set`` the set name. Per-sample randomness is seeded from the id
+(:func:`sample_seed`), never from batch position or process rank.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import Dataset
+
+IND = "ind"
+OOD_LABEL = -1
+
+
+def sample_seed(sample_id: str, base_seed: int = 0) -> int:
+    """A 63-bit seed that depends only on the sample id and a base seed."""
+    digest = hashlib.sha256(f"{base_seed}:{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def name_rng(*parts: object) -> np.random.Generator:
+    """A numpy generator seeded from names, so each set's randomness is independent."""
+    return np.random.default_rng(sample_seed(":".join(map(str, parts))))
+
+
+class ImageSet(Dataset):
+    """An in-memory set of preprocessed images with labels and stable ids."""
+
+    def __init__(self, name: str, images: torch.Tensor, labels: Sequence[int], ids: Sequence[str]):
+        if images.ndim != 4:
+            raise ValueError(f"set {name}: images must be [N, C, H, W], got shape {tuple(images.shape)}")
+        if not (len(images) == len(labels) == len(ids)):
+            raise ValueError(f"set {name}: {len(images)} images, {len(labels)} labels, {len(ids)} ids")
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"set {name}: sample ids are not unique")
+        self.name = name
+        self.images = images.float().contiguous()
+        self.labels = torch.as_tensor(list(labels), dtype=torch.long)
+        self.ids = list(ids)
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int) -> dict:
+        return {
+            "image": self.images[index],
+            "label": int(self.labels[index]),
+            "id": self.ids[index],
+            "set": self.name,
+        }
+
+    def subset(self, indices: Sequence[int], name: str | None = None) -> "ImageSet":
+        idx = torch.as_tensor(list(indices), dtype=torch.long)
+        return ImageSet(
+            name or self.name, self.images[idx], self.labels[idx].tolist(), [self.ids[i] for i in idx.tolist()]
+        )
+
+
+@dataclass
+class OODSet:
+    group: str  # "near" or "far"
+    val: ImageSet
+    test: ImageSet
+
+
+@dataclass
+class Benchmark:
+    name: str
+    num_classes: int
+    channels: int
+    resolution: int
+    train: ImageSet
+    val: ImageSet
+    test: ImageSet
+    ood: Dict[str, OODSet] = field(default_factory=dict)
+
+    def ood_names(self, group: str | None = None) -> List[str]:
+        return [name for name, s in self.ood.items() if group is None or s.group == group]
+
+    def all_sets(self) -> Iterator[tuple[str, str, ImageSet]]:
+        """(split, set name, set) for every split of every set."""
+        for split in ("train", "val", "test"):
+            yield split, IND, getattr(self, split)
+        for name, s in self.ood.items():
+            yield "val", name, s.val
+            yield "test", name, s.test
+
+
+def to_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """Convert [N, 1 or 3, H, W] images to the requested channel count."""
+    have = images.shape[1]
+    if have == channels:
+        return images
+    if have == 1 and channels == 3:
+        return images.expand(-1, 3, -1, -1).clone()
+    if have == 3 and channels == 1:
+        weights = images.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        return (images * weights).sum(dim=1, keepdim=True)
+    raise ValueError(f"cannot convert {have}-channel images to {channels} channels (use 1 or 3)")
+
+
+def preprocess(images: torch.Tensor, resolution: int, channels: int) -> torch.Tensor:
+    """The one preprocessing every set goes through: channels, square resize, [0, 1] clamp.
+
+    ``images`` is [N, C, H, W] (C = 1 or 3) in [0, 1] at its native size.
+    """
+    images = to_channels(images.float(), channels)
+    if images.shape[-2:] != (resolution, resolution):
+        images = F.interpolate(
+            images, size=(resolution, resolution), mode="bilinear", align_corners=False, antialias=True
+        )
+    return images.clamp(0.0, 1.0)
+
+
+def stratified_split(labels: np.ndarray, fractions: Sequence[float], rng: np.random.Generator) -> List[np.ndarray]:
+    """Split indices into len(fractions) + 1 disjoint parts, per class, in fixed order.
+
+    The last part takes what the fractions leave. Each part is sorted.
+    """
+    parts: List[List[int]] = [[] for _ in range(len(fractions) + 1)]
+    for cls in np.unique(labels):
+        idx = np.flatnonzero(labels == cls)
+        idx = idx[rng.permutation(len(idx))]
+        start = 0
+        for k, frac in enumerate(fractions):
+            count = int(round(frac * len(idx)))
+            parts[k].extend(idx[start : start + count].tolist())
+            start += count
+        parts[-1].extend(idx[start:].tolist())
+    return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]

@@ -1,0 +1,71 @@
+"""Deterministic DDIM (eta = 0): the one step that both inversion and synthesis take.
+
+With a = alpha_bar (cumulative product), a step from level t to level s is
+
+    x0_pred = (x_t - sqrt(1 - a_t) * eps) / sqrt(a_t)
+    x_s     = sqrt(a_s) * x0_pred + sqrt(1 - a_s) * eps
+
+Synthesis walks s < t (towards the image), inversion walks s > t (towards
+noise) with the eps predicted at x_t, which is the paper's Eq. 6. Level -1
+means the clean image (a = 1). All functions work on batches with one level
+per sample.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def spaced_timesteps(num_train_timesteps: int, num_steps: int) -> torch.Tensor:
+    """``num_steps`` evenly strided training timesteps, ascending: 0, k, 2k, ... (k = T // n)."""
+    if not 1 <= num_steps <= num_train_timesteps:
+        raise ValueError(f"num_steps={num_steps} must lie in [1, {num_train_timesteps}]")
+    stride = num_train_timesteps // num_steps
+    return torch.arange(num_steps, dtype=torch.long) * stride
+
+
+def alpha_bar(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """alpha_bar at levels ``t`` (level -1 = clean, alpha_bar = 1), as a float64 tensor."""
+    padded = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod.to(torch.float64)])
+    return padded.to(t.device)[t + 1]
+
+
+def _bcast(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    return a.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
+
+
+def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
+    return (x_t - _bcast((1 - a_t).sqrt(), x_t) * eps) / _bcast(a_t.sqrt(), x_t)
+
+
+def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor, a_s: torch.Tensor) -> torch.Tensor:
+    """Move ``x_t`` from level alpha_bar ``a_t`` to ``a_s`` (per sample), deterministically."""
+    x0 = predict_x0(x_t, eps, a_t)
+    return _bcast(a_s.sqrt(), x_t) * x0 + _bcast((1 - a_s).sqrt(), x_t) * eps
+
+
+@torch.no_grad()
+def ddim_sample(
+    eps_fn: EpsFn,
+    alphas_cumprod: torch.Tensor,
+    x_T: torch.Tensor,
+    timesteps: torch.Tensor,
+    progress: Optional[Callable] = None,
+) -> torch.Tensor:
+    """Synthesis from pure noise ``x_T`` at ``timesteps[-1]`` down to the clean level.
+
+    ``eps_fn(x, t)`` returns the (possibly guided) noise prediction for a batch
+    at per-sample timesteps ``t``.
+    """
+    x = x_T
+    levels = torch.cat([torch.tensor([-1]), timesteps.cpu()])
+    steps = range(len(timesteps), 0, -1)
+    for i in progress(steps) if progress else steps:
+        t = torch.full((x.shape[0],), int(levels[i]), dtype=torch.long, device=x.device)
+        s = torch.full_like(t, int(levels[i - 1]))
+        x = ddim_step(x, eps_fn(x, t), alpha_bar(alphas_cumprod, t), alpha_bar(alphas_cumprod, s))
+    return x

@@ -1,0 +1,97 @@
+import numpy as np
+import pytest
+import torch
+
+from diffguard_pl.config import DataConfig
+from diffguard_pl.data import IND, OOD_LABEL, BenchmarkDataModule, build_benchmark, sample_seed
+from diffguard_pl.data.digits import FAR_OOD, NEAR_OOD
+
+
+def test_sets_and_shapes(benchmark):
+    assert benchmark.num_classes == 6
+    assert benchmark.ood_names("near") == [NEAR_OOD]
+    assert benchmark.ood_names("far") == list(FAR_OOD)
+    for split, name, s in benchmark.all_sets():
+        assert s.images.shape[1:] == (1, 16, 16), (split, name)
+        assert s.images.min() >= 0 and s.images.max() <= 1
+        assert len(s) > 0
+        if name == IND:
+            assert set(s.labels.tolist()) == set(range(6))
+        else:
+            assert (s.labels == OOD_LABEL).all()
+    for name, ood in benchmark.ood.items():
+        assert len(ood.val) + len(ood.test) == 300, name
+
+
+def test_build_is_deterministic(benchmark):
+    again = build_benchmark(DataConfig())
+    for (_, name, a), (_, _, b) in zip(benchmark.all_sets(), again.all_sets()):
+        assert a.ids == b.ids, name
+        assert torch.equal(a.images, b.images), name
+
+
+def test_seed_changes_splits(benchmark):
+    other = build_benchmark(DataConfig(seed=1))
+    assert other.test.ids != benchmark.test.ids
+
+
+def test_ids_unique_and_splits_disjoint(benchmark):
+    seen = {}
+    for split, name, s in benchmark.all_sets():
+        for sample_id in s.ids:
+            assert sample_id not in seen, f"{sample_id} in {seen.get(sample_id)} and {(split, name)}"
+            seen[sample_id] = (split, name)
+
+
+def test_ind_splits_are_stratified(benchmark):
+    sizes = {split: len(getattr(benchmark, split)) for split in ("train", "val", "test")}
+    total = sum(sizes.values())
+    assert abs(sizes["val"] / total - 0.15) < 0.01 and abs(sizes["test"] / total - 0.25) < 0.01
+    for split in ("train", "val", "test"):
+        counts = torch.bincount(getattr(benchmark, split).labels, minlength=6).float()
+        assert counts.max() - counts.min() <= 0.1 * counts.mean() + 2, split
+
+
+def test_ood_images_never_appear_in_ind(benchmark):
+    ind = torch.cat([benchmark.train.images, benchmark.val.images, benchmark.test.images]).flatten(1)
+    for name, ood in benchmark.ood.items():
+        for s in (ood.val, ood.test):
+            distance = torch.cdist(s.images.flatten(1), ind).min()
+            assert distance > 1e-3, name
+
+
+def test_resolution_and_channels_are_configurable():
+    b = build_benchmark(DataConfig(resolution=32, channels=3, ood_samples_per_set=20))
+    for _, name, s in b.all_sets():
+        assert s.images.shape[1:] == (3, 32, 32), name
+    # Grayscale digits replicate to RGB; the colour photos keep colour.
+    assert torch.equal(b.train.images[:, 0], b.train.images[:, 1])
+    photos = b.ood["photos"].test.images
+    assert (photos[:, 0] - photos[:, 2]).abs().max() > 0.05
+
+
+def test_sample_seed_depends_only_on_id():
+    assert sample_seed("digits/0001") == sample_seed("digits/0001")
+    assert sample_seed("digits/0001") != sample_seed("digits/0002")
+    assert sample_seed("digits/0001", 1) != sample_seed("digits/0001", 0)
+    assert 0 <= sample_seed("x") < 2**63
+
+
+def test_datamodule_serves_splits(benchmark):
+    dm = BenchmarkDataModule(DataConfig(batch_size=32), test_ood=True, benchmark=benchmark)
+    dm.setup()
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (32, 1, 16, 16) and len(batch["id"]) == 32
+    assert set(batch["set"]) == {IND}
+    n_test = sum(len(b["id"]) for b in dm.test_dataloader())
+    assert n_test == len(benchmark.test) + sum(len(o.test) for o in benchmark.ood.values())
+    assert sum(len(b["id"]) for b in dm.val_dataloader()) == len(benchmark.val)
+
+
+def test_bad_data_config_fails_with_key():
+    from diffguard_pl.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.channels"):
+        DataConfig(channels=4)
+    with pytest.raises(ConfigError, match="overlap"):
+        DataConfig(ind_classes=[0, 1, 6], near_ood_classes=[6, 7])

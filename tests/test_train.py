@@ -1,0 +1,96 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from diffguard_pl import config as config_lib
+from diffguard_pl.config import TrainConfig
+from diffguard_pl.models import load_classifier, load_diffusion
+from diffguard_pl.training import train
+
+from conftest import ROOT
+
+FAST = ["trainer.max_steps=3", "trainer.enable_progress_bar=false", "trainer.limit_val_batches=1",
+        "data.batch_size=16", "trainer.log_every_n_steps=1"]
+TINY_UNET = ["diffusion.block_out_channels=[32,32]", "diffusion.attention_levels=[false,true]",
+             "diffusion.layers_per_block=1"]
+
+
+def make_cfg(tmp_path, *overrides, files=("train_classifier.yaml",)):
+    argv = [f"--config={ROOT / 'conf' / f}" for f in files] + [f"output_dir={tmp_path}", *FAST, *overrides]
+    return config_lib.load(TrainConfig, argv, None)
+
+
+def test_train_classifier_exports_loadable_model(tmp_path, benchmark):
+    metrics = train(make_cfg(tmp_path), benchmark)
+    assert metrics["global_step"] == 3 and 0.0 <= metrics["test/acc"] <= 1.0
+    classifier = load_classifier(tmp_path / "classifier")
+    assert classifier(benchmark.test.images[:4]).shape == (4, 6)
+    assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
+    assert json.loads((tmp_path / "metrics.json").read_text())["global_step"] == 3
+    saved = config_lib.load(TrainConfig, [f"--config={tmp_path / 'config.yaml'}"], None)
+    assert saved.output_dir == str(tmp_path) and saved.trainer.max_steps == 3
+    assert "train/loss" in (tmp_path / "logs" / "metrics.csv").read_text()
+
+
+@pytest.mark.parametrize("cfg_file", ["train_diffusion_uncond.yaml", "train_diffusion_cond.yaml"])
+def test_train_diffusion_exports_loadable_model(tmp_path, benchmark, cfg_file):
+    cfg = make_cfg(tmp_path, *TINY_UNET, files=(cfg_file,))
+    train(cfg, benchmark)
+    model = load_diffusion(tmp_path / "diffusion")
+    assert model.conditional == cfg.diffusion.conditional
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        assert model.eps(x, torch.tensor([10, 900])).shape == x.shape
+    assert (tmp_path / "diffusion" / "model_index.json").is_file()
+
+
+def test_training_changes_weights_and_ema_lags(tmp_path, benchmark):
+    from diffguard_pl.training import build_module
+
+    cfg = make_cfg(tmp_path, *TINY_UNET, files=("train_diffusion_cond.yaml",))
+    torch.manual_seed(0)
+    before = build_module(cfg, benchmark).unet.state_dict()
+    train(cfg, benchmark)
+    after = load_diffusion(tmp_path / "diffusion").unet.state_dict()  # EMA weights
+    key = "conv_in.weight"
+    assert not torch.equal(before[key], after[key])
+
+
+def test_resume_continues_from_lightning_checkpoint(tmp_path, benchmark):
+    train(make_cfg(tmp_path / "a"), benchmark)
+    resumed = make_cfg(tmp_path / "b", "trainer.max_steps=5", f"resume={tmp_path / 'a' / 'checkpoints' / 'last.ckpt'}")
+    assert train(resumed, benchmark)["global_step"] == 5
+
+
+def test_wandb_offline_run_is_written(tmp_path, benchmark, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path))
+    train(make_cfg(tmp_path, "logger=wandb", "wandb.name=unit"), benchmark)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("*.wandb"))
+
+
+def run_cli(*args):
+    return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_cli_unknown_key_fails_before_work(tmp_path):
+    result = run_cli(f"output_dir={tmp_path}", "trainer.max_stepss=3")
+    assert result.returncode == 2
+    assert "max_stepss" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "config.yaml").exists()
+
+
+def test_cli_default_config_trains(tmp_path):
+    result = run_cli(f"output_dir={tmp_path}", *FAST)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert (tmp_path / "classifier" / "model.safetensors").is_file()
+
+
+def test_cli_unknown_timm_model_is_explained(tmp_path):
+    result = run_cli(f"output_dir={tmp_path}", "classifier.arch=resnet_does_not_exist", *FAST)
+    assert result.returncode != 0
+    assert "Unknown timm architecture 'resnet_does_not_exist'" in result.stderr
