@@ -165,6 +165,91 @@ class TrainConfig:
         _check_choice("logger", self.logger, ["csv", "wandb"])
 
 
+@dataclass
+class CutoutConfig:
+    """Random square crops of the clean estimate that amplify the guidance gradient."""
+
+    num: int = 8  # K crops per sample and step; 0 switches cutout off
+    min_frac: float = 0.875  # crop side as a fraction of the image side (released: 224..256 of 256)
+    max_frac: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.num < 0:
+            raise ConfigError(f"diffguard.guidance.cutout.num={self.num} must be >= 0")
+        if not 0.0 < self.min_frac <= self.max_frac <= 1.0:
+            raise ConfigError("diffguard.guidance.cutout needs 0 < min_frac <= max_frac <= 1")
+
+
+@dataclass
+class GuidanceConfig:
+    """Classifier guidance: eps_hat = eps - scale * sqrt(1 - a_t) * grad log p(y | x_clean)."""
+
+    scale: float = 3.0
+    clean: str = "blend"  # what the classifier sees: x0_pred | blend (f x0_pred + (1-f) x_t) | noisy (x_t)
+    cutout: CutoutConfig = field(default_factory=CutoutConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("diffguard.guidance.clean", self.clean, ["x0_pred", "blend", "noisy"])
+
+
+DISTANCES = ["l1", "l2", "psnr", "ssim", "logit_l1", "feature_cos", "dists", "lpips"]
+
+
+@dataclass
+class DiffGuardConfig:
+    """Inversion, guided synthesis and scoring."""
+
+    num_steps: int = 50  # spaced DDIM steps over the training schedule (released GDM: 100)
+    depth: int = 25  # inversion steps taken; synthesis starts at that level (released GDM: 90)
+    reference: str = "input"  # compare the synthesis with: input | unguided (reconstruction from the same latent)
+    score: str = "l2"  # the distance reported as detector `diffguard`
+    distances: List[str] = field(default_factory=lambda: ["l1", "l2", "psnr", "ssim", "logit_l1", "feature_cos"])
+    perceptual_size: int = 64  # images are resized to this for DISTS / LPIPS
+    seed: int = 0  # combined with each sample's id for cutout randomness
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.depth <= self.num_steps:
+            raise ConfigError(f"diffguard.depth={self.depth} must lie in [1, diffguard.num_steps={self.num_steps}]")
+        _check_choice("diffguard.reference", self.reference, ["input", "unguided"])
+        for name in self.distances:
+            _check_choice("diffguard.distances", name, DISTANCES)
+        if self.score not in self.distances:
+            raise ConfigError(f"diffguard.score={self.score!r} must be one of diffguard.distances {list(self.distances)}")
+
+
+@dataclass
+class ModelPaths:
+    classifier: str = "checkpoints/digits/classifier"  # portable classifier folder
+    diffusion: str = "checkpoints/digits/diffusion_uncond"  # diffusers folder
+
+
+@dataclass
+class BaselineConfig:
+    knn_k: int = 10
+    vim_dim: Optional[int] = None  # principal-space dimension; None: the module's rule
+
+
+@dataclass
+class EvalConfig:
+    """Root schema of ``evaluate.py``."""
+
+    output_dir: str = "outputs/eval"
+    seed: int = 0
+    logger: str = "csv"  # csv | wandb
+    oracle: bool = False  # also evaluate with true labels for InD samples
+    limit_per_set: Optional[int] = None  # evaluate only the first N samples of each set (quick runs)
+    data: DataConfig = field(default_factory=DataConfig)
+    models: ModelPaths = field(default_factory=ModelPaths)
+    diffguard: DiffGuardConfig = field(default_factory=DiffGuardConfig)
+    baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("logger", self.logger, ["csv", "wandb"])
+
+
 def _describe(error: OmegaConfBaseException) -> str:
     key = getattr(error, "full_key", None)
     message = str(error).splitlines()[0]

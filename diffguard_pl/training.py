@@ -24,7 +24,8 @@ from diffguard_pl.models.diffusion import build_scheduler, build_unet
 from diffguard_pl.modules import ClassifierModule, DiffusionModule
 
 
-def build_logger(cfg: TrainConfig, output_dir: Path):
+def build_logger(cfg, output_dir: Path):
+    """CSV by default; W&B (offline unless configured) with logger=wandb. ``cfg`` has .logger and .wandb."""
     if cfg.logger == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 

@@ -12,6 +12,7 @@ def test_sets_and_shapes(benchmark):
     assert benchmark.ood_names("near") == [NEAR_OOD]
     assert benchmark.ood_names("far") == list(FAR_OOD)
     for split, name, s in benchmark.all_sets():
+        assert s.split == split and s[0]["split"] == split and s[0]["set"] == name
         assert s.images.shape[1:] == (1, 16, 16), (split, name)
         assert s.images.min() >= 0 and s.images.max() <= 1
         assert len(s) > 0

@@ -2,9 +2,9 @@
 
 A benchmark is an in-distribution (InD) set with train / val / test splits and
 named OOD sets, each in the ``near`` or ``far`` group with val / test splits.
-Every sample is a dict ``{"image", "label", "id", "set"}``: ``image`` is a float
-tensor [C, H, W] in [0, 1], ``label`` the class (-1 for OOD), ``id`` a stable
-string and ``set`` the set name. Per-sample randomness is seeded from the id
+Every sample is a dict ``{"image", "label", "id", "set", "split"}``: ``image``
+is a float tensor [C, H, W] in [0, 1], ``label`` the class (-1 for OOD), ``id``
+a stable string, ``set`` the set name and ``split`` train, val or test. Per-sample randomness is seeded from the id
 (:func:`sample_seed`), never from batch position or process rank.
 """
 
@@ -37,14 +37,16 @@ def name_rng(*parts: object) -> np.random.Generator:
 class ImageSet(Dataset):
     """An in-memory set of preprocessed images with labels and stable ids."""
 
-    def __init__(self, name: str, images: torch.Tensor, labels: Sequence[int], ids: Sequence[str]):
+    def __init__(
+        self, name: str, images: torch.Tensor, labels: Sequence[int], ids: Sequence[str], split: str = "test"
+    ):
         if images.ndim != 4:
             raise ValueError(f"set {name}: images must be [N, C, H, W], got shape {tuple(images.shape)}")
         if not (len(images) == len(labels) == len(ids)):
             raise ValueError(f"set {name}: {len(images)} images, {len(labels)} labels, {len(ids)} ids")
         if len(set(ids)) != len(ids):
             raise ValueError(f"set {name}: sample ids are not unique")
-        self.name = name
+        self.name, self.split = name, split
         self.images = images.float().contiguous()
         self.labels = torch.as_tensor(list(labels), dtype=torch.long)
         self.ids = list(ids)
@@ -58,13 +60,13 @@ class ImageSet(Dataset):
             "label": int(self.labels[index]),
             "id": self.ids[index],
             "set": self.name,
+            "split": self.split,
         }
 
-    def subset(self, indices: Sequence[int], name: str | None = None) -> "ImageSet":
+    def subset(self, indices: Sequence[int], split: str | None = None) -> "ImageSet":
         idx = torch.as_tensor(list(indices), dtype=torch.long)
-        return ImageSet(
-            name or self.name, self.images[idx], self.labels[idx].tolist(), [self.ids[i] for i in idx.tolist()]
-        )
+        ids = [self.ids[i] for i in idx.tolist()]
+        return ImageSet(self.name, self.images[idx], self.labels[idx].tolist(), ids, split or self.split)
 
 
 @dataclass

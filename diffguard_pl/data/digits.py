@@ -113,7 +113,7 @@ FAR_OOD_BUILDERS: Dict[str, Callable[[int, np.random.Generator, int, int], torch
 def _split_ood(name: str, group: str, data: ImageSet, cfg: DataConfig) -> OODSet:
     order = name_rng(cfg.seed, name, "ood-split").permutation(len(data))
     n_val = int(round(cfg.ood_val_fraction * len(data)))
-    return OODSet(group, data.subset(np.sort(order[:n_val])), data.subset(np.sort(order[n_val:])))
+    return OODSet(group, data.subset(np.sort(order[:n_val]), "val"), data.subset(np.sort(order[n_val:]), "test"))
 
 
 def build_digits_benchmark(cfg: DataConfig) -> Benchmark:
@@ -130,17 +130,17 @@ def build_digits_benchmark(cfg: DataConfig) -> Benchmark:
     )
     ind_images = preprocess(images[ind_idx], res, ch)
 
-    def ind_set(part: np.ndarray) -> ImageSet:
-        return ImageSet(IND, ind_images[part], ind_labels[part].tolist(), [ids[ind_idx[i]] for i in part])
+    def ind_set(part: np.ndarray, split: str) -> ImageSet:
+        return ImageSet(IND, ind_images[part], ind_labels[part].tolist(), [ids[ind_idx[i]] for i in part], split)
 
     benchmark = Benchmark(
         name="digits",
         num_classes=len(cfg.ind_classes),
         channels=ch,
         resolution=res,
-        train=ind_set(train_part),
-        val=ind_set(val_part),
-        test=ind_set(test_part),
+        train=ind_set(train_part, "train"),
+        val=ind_set(val_part, "val"),
+        test=ind_set(test_part, "test"),
     )
 
     near_idx = np.flatnonzero(np.isin(targets, cfg.near_ood_classes))

@@ -1,0 +1,100 @@
+"""Build an evaluation from an :class:`EvalConfig` and run it (``evaluate.py``).
+
+Outputs in ``cfg.output_dir``: ``config.yaml``, ``results.json`` (metrics per
+detector, per OOD set, near / far means, InD accuracy, throughput),
+``scores.csv`` (one row per sample: id, set, split, label, prediction, depth,
+UNet evaluations and every detector's score) and the logger's files.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import lightning as L
+import torch
+from torch.utils.data import ConcatDataset, DataLoader
+
+from diffguard_pl import config as config_lib
+from diffguard_pl.baselines import BaselineStats, fit_baselines
+from diffguard_pl.config import EvalConfig
+from diffguard_pl.data import Benchmark, ImageSet, build_benchmark
+from diffguard_pl.models import Classifier, load_classifier, load_diffusion
+from diffguard_pl.modules.evaluator import DiffGuardEvaluator
+from diffguard_pl.pipeline import DiffGuardPipeline
+from diffguard_pl.results import format_table, write_json, write_scores_csv
+from diffguard_pl.training import build_logger, finish_logger
+
+
+@torch.no_grad()
+def fit_classifier_baselines(classifier: Classifier, train: ImageSet, cfg: EvalConfig) -> BaselineStats:
+    """KNN / ViM statistics from the classifier's features on the InD training split."""
+    logits, feats = [], []
+    for start in range(0, len(train), cfg.data.eval_batch_size):
+        lo, fe = classifier.eval().forward_with_features(train.images[start : start + cfg.data.eval_batch_size])
+        logits.append(lo)
+        feats.append(fe)
+    head = classifier.model.get_classifier()
+    return fit_baselines(
+        torch.cat(feats), torch.cat(logits), head.weight, head.bias,
+        knn_k=cfg.baselines.knn_k, vim_dim=cfg.baselines.vim_dim,
+    )
+
+
+def evaluation_sets(benchmark: Benchmark, limit: Optional[int]) -> list[ImageSet]:
+    """InD validation (for the fused detector's normalisation), InD test and every OOD test set."""
+    sets = [benchmark.val, benchmark.test] + [s.test for s in benchmark.ood.values()]
+    return [s if limit is None or len(s) <= limit else s.subset(range(limit)) for s in sets]
+
+
+def build_trainer(cfg: EvalConfig, logger) -> L.Trainer:
+    t = cfg.trainer
+    return L.Trainer(
+        accelerator=t.accelerator,
+        devices=t.devices,
+        num_nodes=t.num_nodes,
+        strategy=t.strategy,
+        precision=t.precision,
+        enable_progress_bar=t.enable_progress_bar,
+        logger=logger,
+        inference_mode=False,  # classifier guidance needs gradients
+        default_root_dir=cfg.output_dir,
+        enable_checkpointing=False,
+    )
+
+
+def evaluate(cfg: EvalConfig, benchmark: Optional[Benchmark] = None) -> Optional[dict]:
+    """Run DiffGuard and the baselines; returns results.json's content on rank 0 (None elsewhere)."""
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    config_lib.save(cfg, output_dir / "config.yaml")
+    L.seed_everything(cfg.seed, workers=True)
+
+    classifier = load_classifier(cfg.models.classifier)
+    diffusion = load_diffusion(cfg.models.diffusion)
+    benchmark = benchmark or build_benchmark(cfg.data)
+    pipeline = DiffGuardPipeline(diffusion, classifier, cfg.diffguard)
+    stats = fit_classifier_baselines(classifier, benchmark.train, cfg)
+    groups = {name: s.group for name, s in benchmark.ood.items()}
+
+    loader = DataLoader(
+        ConcatDataset(evaluation_sets(benchmark, cfg.limit_per_set)),
+        batch_size=cfg.data.eval_batch_size,
+        shuffle=False,
+        num_workers=cfg.data.num_workers,
+    )
+    evaluator = DiffGuardEvaluator(pipeline, stats, groups, oracle=cfg.oracle)
+    logger = build_logger(cfg, output_dir)
+    try:
+        trainer = build_trainer(cfg, logger)
+        trainer.test(evaluator, dataloaders=loader, verbose=False)
+    finally:
+        finish_logger(logger)
+    if not trainer.is_global_zero:
+        return None
+    results = evaluator.results
+    write_json(results, output_dir / "results.json")
+    write_scores_csv(evaluator.all_records, output_dir / "scores.csv")
+    print(format_table(results, groups))
+    print(f"wrote {output_dir / 'results.json'} and {output_dir / 'scores.csv'}")
+    return results

@@ -1,0 +1,90 @@
+"""DiffGuardEvaluator: the Lightning wrapper whose ``test_step`` runs DiffGuard on a batch.
+
+Each ``test_step`` runs the batched pipeline (inversion and guided synthesis)
+plus the classifier baselines and keeps per-sample records. At the end of the
+epoch the records of every process are gathered, duplicates (a distributed
+sampler's padding) dropped by sample id, and rank 0 computes the metrics once
+over all scores.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Dict, List, Mapping, Optional
+
+import lightning as L
+import torch
+import torch.distributed as dist
+
+from diffguard_pl.baselines import BaselineStats, baseline_scores
+from diffguard_pl.pipeline import DiffGuardPipeline
+from diffguard_pl.results import DIFFGUARD, ORACLE, add_derived_detectors, merge_records, summarize
+
+
+class DiffGuardEvaluator(L.LightningModule):
+    def __init__(
+        self,
+        pipeline: DiffGuardPipeline,
+        baselines: BaselineStats,
+        groups: Mapping[str, str],
+        oracle: bool = False,
+    ):
+        super().__init__()
+        self.pipeline = pipeline
+        # Registered so that Lightning moves them to the device; the pipeline holds the same objects.
+        self.unet = pipeline.diffusion.unet
+        self.classifier = pipeline.classifier
+        self.baselines = baselines
+        self.groups = dict(groups)
+        self.oracle = oracle
+        self.records: List[Dict[str, list]] = []
+        self.outputs_by_batch: Optional[dict] = None  # the last batch's pipeline output, for callbacks
+        self.results: Optional[dict] = None
+        self.all_records: Optional[Dict[str, list]] = None
+
+    def on_test_epoch_start(self) -> None:
+        self.records, self.results, self.all_records = [], None, None
+        self.baselines = self.baselines.to(self.device)
+        self._started = time.perf_counter()
+
+    def test_step(self, batch: dict, batch_idx: int) -> None:
+        oracle_labels = batch["label"] if self.oracle else None
+        out = self.pipeline(batch["image"], batch["id"], oracle_labels)
+        self.outputs_by_batch = out
+        record = {
+            "id": list(batch["id"]),
+            "set": list(batch["set"]),
+            "split": list(batch["split"]),
+            "label": batch["label"].tolist(),
+            "pred": out["pred"].tolist(),
+            "depth": out["depth"].tolist(),
+            "unet_evals": out["unet_evals"].tolist(),
+        }
+        for name, value in out["scores"].items():
+            record[f"{DIFFGUARD}/{name}"] = value.double().tolist()
+        for name, value in out.get("oracle_scores", {}).items():
+            record[f"{ORACLE}{DIFFGUARD}/{name}"] = value.double().tolist()
+        for name, value in baseline_scores(self.baselines, out["logits"], out["features"]).items():
+            record[name] = value.tolist()
+        self.records.append(record)
+
+    def on_test_epoch_end(self) -> None:
+        elapsed = time.perf_counter() - self._started
+        parts = self.records
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            gathered: List[Optional[List[dict]]] = [None] * dist.get_world_size()
+            dist.all_gather_object(gathered, parts)
+            parts = [p for rank_parts in gathered for p in rank_parts]
+        records = merge_records(parts)
+        if not self.trainer.is_global_zero:
+            return
+        add_derived_detectors(records, self.pipeline.cfg.score)
+        results = summarize(records, self.groups)
+        n = len(records["id"])
+        results["throughput"] = {
+            "images_per_second": n / elapsed if elapsed > 0 else float("nan"),
+            "unet_evals_per_image": sum(records["unet_evals"]) / max(n, 1),
+            "seconds": elapsed,
+            "images": n,
+        }
+        self.all_records, self.results = records, results

@@ -1,0 +1,116 @@
+"""Per-sample distances between an input and its synthesis: higher = more different = more OOD.
+
+``l1`` / ``l2``: mean absolute / squared pixel difference on [0, 1] images.
+``psnr``: minus the PSNR in dB (peak 1 on [0, 1] data), so that higher is farther.
+``ssim``: 1 - SSIM (piq, data range 1).
+``logit_l1``: mean absolute difference of the classifier's logits.
+``feature_cos``: 1 - cosine similarity of the classifier's penultimate features.
+``dists`` / ``lpips``: piq's DISTS and LPIPS distances; their weights must exist
+locally (nothing is downloaded at run time), see :class:`PerceptualDistances`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from diffguard_pl.models.classifier import MissingCheckpointError
+
+PIXEL = ("l1", "l2", "psnr", "ssim")
+CLASSIFIER = ("logit_l1", "feature_cos")
+PERCEPTUAL = ("dists", "lpips")
+
+# The files piq and torchvision fetch with torch.hub into <torch hub dir>/checkpoints/.
+PERCEPTUAL_FILES = {
+    "dists": ("dists_weights.pt", "vgg16-397923af.pth"),
+    "lpips": ("lpips_weights.pt", "vgg16-397923af.pth"),
+}
+
+
+def psnr(x: torch.Tensor, y: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
+    """PSNR in dB per sample for images in [0, 1] (peak value 1)."""
+    mse = (x - y).pow(2).flatten(1).mean(dim=1)
+    return -10.0 * torch.log10(mse.clamp_min(eps))
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    import piq
+
+    kernel = min(11, x.shape[-1] - (1 - x.shape[-1] % 2))  # odd, at most the image side
+    return piq.ssim(x, y, data_range=1.0, reduction="none", kernel_size=kernel, downsample=False)
+
+
+def pixel_distances(x: torch.Tensor, y: torch.Tensor, names: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """x, y: [N, C, H, W] in [0, 1]."""
+    out = {}
+    diff = (x - y).flatten(1)
+    if "l1" in names:
+        out["l1"] = diff.abs().mean(dim=1)
+    if "l2" in names:
+        out["l2"] = diff.pow(2).mean(dim=1)
+    if "psnr" in names:
+        out["psnr"] = -psnr(x, y)
+    if "ssim" in names:
+        out["ssim"] = 1.0 - ssim(x, y)
+    return out
+
+
+def classifier_distances(
+    logits_x: torch.Tensor, feats_x: torch.Tensor, logits_y: torch.Tensor, feats_y: torch.Tensor, names: Sequence[str]
+) -> Dict[str, torch.Tensor]:
+    out = {}
+    if "logit_l1" in names:
+        out["logit_l1"] = (logits_x - logits_y).abs().mean(dim=1)
+    if "feature_cos" in names:
+        out["feature_cos"] = 1.0 - F.cosine_similarity(feats_x, feats_y, dim=1)
+    return out
+
+
+def hub_checkpoint_dir() -> Path:
+    return Path(torch.hub.get_dir()) / "checkpoints"
+
+
+class PerceptualDistances(torch.nn.Module):
+    """piq DISTS / LPIPS from local weights only.
+
+    Images are replicated to 3 channels and resized to ``size`` (VGG needs
+    more than a few pixels). A missing weights file raises an error naming it
+    and the folder it must be placed in.
+    """
+
+    def __init__(self, names: Sequence[str], size: int = 64):
+        super().__init__()
+        import piq
+
+        self.size = size
+        folder = hub_checkpoint_dir()
+        for name in names:
+            for filename in PERCEPTUAL_FILES[name]:
+                if not (folder / filename).is_file():
+                    raise MissingCheckpointError(
+                        f"distance {name!r} needs {filename} in the torch hub cache {folder} "
+                        f"(set TORCH_HOME to move it); nothing is downloaded at run time. Copy the file there "
+                        f"from a machine with internet, or drop {name!r} from diffguard.distances."
+                    )
+        builders = {"dists": lambda: piq.DISTS(reduction="none"), "lpips": lambda: piq.LPIPS(reduction="none")}
+        self.metrics = torch.nn.ModuleDict({name: builders[name]() for name in names}).eval()
+
+    def _prepare(self, images: torch.Tensor) -> torch.Tensor:
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        if images.shape[-1] != self.size:
+            images = F.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False)
+        return images.clamp(0, 1)
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
+        x, y = self._prepare(x), self._prepare(y)
+        return {name: metric(x, y).flatten() for name, metric in self.metrics.items()}
+
+
+def perceptual_from(names: Sequence[str], size: int) -> Optional[PerceptualDistances]:
+    wanted = [n for n in names if n in PERCEPTUAL]
+    return PerceptualDistances(wanted, size) if wanted else None
