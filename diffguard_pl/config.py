@@ -239,6 +239,7 @@ class EvalConfig:
     logger: str = "csv"  # csv | wandb
     oracle: bool = False  # also evaluate with true labels for InD samples
     limit_per_set: Optional[int] = None  # evaluate only the first N samples of each set (quick runs)
+    split: str = "test"  # test: report on test splits; val: on validation splits (for tuning, never test)
     data: DataConfig = field(default_factory=DataConfig)
     models: ModelPaths = field(default_factory=ModelPaths)
     diffguard: DiffGuardConfig = field(default_factory=DiffGuardConfig)
@@ -248,6 +249,7 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         _check_choice("logger", self.logger, ["csv", "wandb"])
+        _check_choice("split", self.split, ["test", "val"])
 
 
 def _describe(error: OmegaConfBaseException) -> str:

@@ -41,9 +41,12 @@ def fit_classifier_baselines(classifier: Classifier, train: ImageSet, cfg: EvalC
     )
 
 
-def evaluation_sets(benchmark: Benchmark, limit: Optional[int]) -> list[ImageSet]:
-    """InD validation (for the fused detector's normalisation), InD test and every OOD test set."""
-    sets = [benchmark.val, benchmark.test] + [s.test for s in benchmark.ood.values()]
+def evaluation_sets(benchmark: Benchmark, limit: Optional[int], split: str = "test") -> list[ImageSet]:
+    """InD validation (for the fused detector's normalisation) and every set's ``split`` split."""
+    if split == "val":
+        sets = [benchmark.val] + [s.val for s in benchmark.ood.values()]
+    else:
+        sets = [benchmark.val, benchmark.test] + [s.test for s in benchmark.ood.values()]
     return [s if limit is None or len(s) <= limit else s.subset(range(limit)) for s in sets]
 
 
@@ -78,12 +81,12 @@ def evaluate(cfg: EvalConfig, benchmark: Optional[Benchmark] = None) -> Optional
     groups = {name: s.group for name, s in benchmark.ood.items()}
 
     loader = DataLoader(
-        ConcatDataset(evaluation_sets(benchmark, cfg.limit_per_set)),
+        ConcatDataset(evaluation_sets(benchmark, cfg.limit_per_set, cfg.split)),
         batch_size=cfg.data.eval_batch_size,
         shuffle=False,
         num_workers=cfg.data.num_workers,
     )
-    evaluator = DiffGuardEvaluator(pipeline, stats, groups, oracle=cfg.oracle)
+    evaluator = DiffGuardEvaluator(pipeline, stats, groups, oracle=cfg.oracle, split=cfg.split)
     logger = build_logger(cfg, output_dir)
     try:
         trainer = build_trainer(cfg, logger)

@@ -53,7 +53,7 @@ class DiffGuardPipeline:
 
     @property
     def device(self) -> torch.device:
-        return next(self.diffusion.unet.parameters()).device
+        return next(self.classifier.parameters()).device
 
     def to(self, device: torch.device | str) -> "DiffGuardPipeline":
         self.diffusion.to(device)

@@ -76,21 +76,21 @@ def detector_columns(records: Mapping[str, list]) -> List[str]:
     return [c for c in records if c not in META_COLUMNS]
 
 
-def summarize(records: Mapping[str, list], groups: Mapping[str, str]) -> dict:
+def summarize(records: Mapping[str, list], groups: Mapping[str, str], split: str = "test") -> dict:
     """results.json content (without throughput): accuracy, per-set and near / far metrics per detector.
 
-    ``groups`` maps each OOD set name to "near" or "far".
+    ``groups`` maps each OOD set name to "near" or "far"; only records of ``split`` count.
     """
-    ind_label = _select(records, "test", IND, "label")
-    ind_pred = _select(records, "test", IND, "pred")
+    ind_label = _select(records, split, IND, "label")
+    ind_pred = _select(records, split, IND, "pred")
     result = {
         "id_accuracy": float((ind_label == ind_pred).double().mean()) if len(ind_label) else float("nan"),
         "detectors": {},
-        "num_samples": {IND: len(ind_label), **{s: len(_select(records, "test", s, "label")) for s in groups}},
+        "num_samples": {IND: len(ind_label), **{s: len(_select(records, split, s, "label")) for s in groups}},
     }
     for detector in detector_columns(records):
-        ind = _select(records, "test", IND, detector)
-        per_ood = {s: ood_metrics(ind, _select(records, "test", s, detector)) for s in groups
+        ind = _select(records, split, IND, detector)
+        per_ood = {s: ood_metrics(ind, _select(records, split, s, detector)) for s in groups
                    if result["num_samples"][s] > 0}
         entry = {"per_ood": per_ood}
         for group in ("near", "far"):

@@ -28,6 +28,7 @@ class DiffGuardEvaluator(L.LightningModule):
         baselines: BaselineStats,
         groups: Mapping[str, str],
         oracle: bool = False,
+        split: str = "test",
     ):
         super().__init__()
         self.pipeline = pipeline
@@ -37,6 +38,7 @@ class DiffGuardEvaluator(L.LightningModule):
         self.baselines = baselines
         self.groups = dict(groups)
         self.oracle = oracle
+        self.split = split
         self.records: List[Dict[str, list]] = []
         self.outputs_by_batch: Optional[dict] = None  # the last batch's pipeline output, for callbacks
         self.results: Optional[dict] = None
@@ -79,7 +81,7 @@ class DiffGuardEvaluator(L.LightningModule):
         if not self.trainer.is_global_zero:
             return
         add_derived_detectors(records, self.pipeline.cfg.score)
-        results = summarize(records, self.groups)
+        results = summarize(records, self.groups, self.split)
         n = len(records["id"])
         results["throughput"] = {
             "images_per_second": n / elapsed if elapsed > 0 else float("nan"),

@@ -1,0 +1,192 @@
+"""Properties of the DiffGuard maths on small real tensors (random small models, hand-made eps models)."""
+
+import pytest
+import torch
+
+from diffguard_pl.config import CutoutConfig, DiffGuardConfig, DiffusionConfig, GuidanceConfig
+from diffguard_pl.ddim import alpha_bar, predict_x0, spaced_timesteps
+from diffguard_pl.guidance import clean_estimate, cutout, cutout_params, guided_eps, log_prob_grad
+from diffguard_pl.models import ClassifierSpec, DiffusionModel, build_classifier, build_scheduler, build_unet
+from diffguard_pl.pipeline import DiffGuardPipeline
+
+SPEC = ClassifierSpec("diffguard_resnet_tiny", num_classes=6, in_chans=1, input_size=16, mean=[0.5], std=[0.5])
+ALPHAS = build_scheduler(DiffusionConfig()).alphas_cumprod.double()
+
+
+def small_diffusion(conditional=False, seed=0):
+    torch.manual_seed(seed)
+    cfg = DiffusionConfig(conditional=conditional, block_out_channels=[32, 32], attention_levels=[False, True],
+                          layers_per_block=1)
+    unet = build_unet(cfg, 1, 16, 6 if conditional else None).eval()
+    return DiffusionModel(unet, ALPHAS, 6 if conditional else None, 6 if conditional else None)
+
+
+def small_classifier(seed=0):
+    torch.manual_seed(seed)
+    return build_classifier(SPEC).eval()
+
+
+class RecordingUNet(torch.nn.Module):
+    """Hand-made eps model: a fixed eps per sample position, recording every call."""
+
+    def __init__(self, eps):
+        super().__init__()
+        self.register_buffer("fixed", eps)
+        self.calls = []
+        self.config = type("Config", (), {"in_channels": eps.shape[1], "sample_size": eps.shape[-1]})()
+
+    def forward(self, x, t, class_labels=None):
+        self.calls.append((t.clone(), x.clone()))
+        return type("Out", (), {"sample": self.fixed[: x.shape[0]].to(x.dtype)})()
+
+
+def unguided(num_steps=10, depth=6, **kw):
+    return DiffGuardConfig(num_steps=num_steps, depth=depth, guidance=GuidanceConfig(scale=0.0), **kw)
+
+
+def test_synthesis_starts_where_inversion_stopped():
+    images = torch.rand(3, 1, 16, 16)
+    unet = RecordingUNet(torch.randn(3, 1, 16, 16))
+    pipe = DiffGuardPipeline(DiffusionModel(unet, ALPHAS), small_classifier(), unguided(num_steps=10, depth=6))
+    latent = pipe.invert(images * 2 - 1)
+    inversion_calls = list(unet.calls)
+    pipe.synthesize(latent, torch.zeros(3, dtype=torch.long), ["a", "b", "c"], with_reference=False)
+    synthesis_calls = unet.calls[len(inversion_calls):]
+    steps = spaced_timesteps(1000, 10)[:6].tolist()
+    assert [int(t[0]) for t, _ in inversion_calls] == steps
+    assert [int(t[0]) for t, _ in synthesis_calls] == steps[::-1]
+    first_t, first_x = synthesis_calls[0]
+    assert torch.equal(first_x, latent)  # no extra step between inversion and synthesis
+    # The latent sits exactly at level t_{depth-1}: with a constant eps, x = sqrt(a) x0 + sqrt(1-a) eps.
+    a = ALPHAS[steps[-1]].float()
+    assert torch.allclose(latent, a.sqrt() * (images * 2 - 1) + (1 - a).sqrt() * unet.fixed, atol=1e-5)
+
+
+def test_round_trip_is_exact_for_a_consistent_eps_model():
+    images = torch.rand(4, 1, 16, 16)
+    unet = RecordingUNet(torch.randn(4, 1, 16, 16))
+    pipe = DiffGuardPipeline(DiffusionModel(unet, ALPHAS), small_classifier(), unguided(num_steps=20, depth=15))
+    out = pipe(images, [f"s{i}" for i in range(4)])
+    assert torch.allclose(out["synthesis"], images, atol=1e-4)
+    assert out["scores"]["l2"].max() < 1e-8
+    assert out["unet_evals"].tolist() == [30] * 4 and out["depth"].tolist() == [15] * 4
+
+
+def test_unguided_reference_runs_in_the_same_batch():
+    images = torch.rand(2, 1, 16, 16)
+    unet = RecordingUNet(torch.randn(4, 1, 16, 16))
+    pipe = DiffGuardPipeline(DiffusionModel(unet, ALPHAS), small_classifier(),
+                             unguided(num_steps=10, depth=4, reference="unguided"))
+    out = pipe(images, ["a", "b"])
+    assert [x.shape[0] for _, x in unet.calls] == [2] * 4 + [4] * 4  # inversion N, synthesis 2N
+    assert out["unet_evals"].tolist() == [12, 12]
+
+
+@pytest.mark.parametrize("clean", ["x0_pred", "blend"])
+def test_guidance_raises_log_probability_of_the_label(clean):
+    torch.manual_seed(1)
+    classifier = small_classifier(1)
+    x0 = torch.rand(5, 1, 16, 16) * 2 - 1
+    a_t = torch.full((5,), 0.6, dtype=torch.float64)
+    eps = torch.randn_like(x0)
+    x_t = a_t.sqrt().float().view(-1, 1, 1, 1) * x0 + (1 - a_t).sqrt().float().view(-1, 1, 1, 1) * eps
+    labels = torch.tensor([0, 1, 2, 3, 4])
+
+    def log_p(e):
+        x_clean = clean_estimate(x_t, e, a_t, clean)
+        return torch.log_softmax(classifier((x_clean + 1) / 2), 1).gather(1, labels.view(-1, 1)).flatten()
+
+    cfg = GuidanceConfig(scale=0.5, clean=clean, cutout=CutoutConfig(num=0))
+    with torch.no_grad():
+        before = log_p(eps)
+    after = log_p(guided_eps(eps, x_t, a_t, labels, classifier, cfg)).detach()
+    assert (after > before).all()
+
+
+def test_guidance_gradient_is_per_sample_and_skips_the_unet():
+    classifier = small_classifier()
+    x = torch.randn(4, 1, 16, 16)
+    labels = torch.tensor([0, 1, 2, 3])
+    params = cutout_params(["a", "b", "c", "d"], 1, CutoutConfig(num=3))[:, 0]
+    together = log_prob_grad(classifier, x, labels, params)
+    alone = torch.cat([log_prob_grad(classifier, x[i : i + 1], labels[i : i + 1], params[i : i + 1]) for i in range(4)])
+    assert torch.allclose(together, alone, atol=1e-6)
+    assert not x.requires_grad
+
+
+def test_cutout_params_depend_only_on_id():
+    cfg = CutoutConfig(num=4, min_frac=0.5, max_frac=0.9)
+    a = cutout_params(["x", "y", "z"], 5, cfg, seed=3)
+    b = cutout_params(["z", "x"], 5, cfg, seed=3)
+    assert torch.equal(a[2], b[0]) and torch.equal(a[0], b[1])
+    assert not torch.equal(a[0], a[1])
+    side = a[..., 0]
+    assert side.min() >= 0.5 and side.max() <= 0.9
+    assert ((a[..., 1] + side) <= 1 + 1e-12).all() and ((a[..., 2] + side) <= 1 + 1e-12).all()
+    assert not torch.equal(cutout_params(["x"], 5, cfg, seed=4), a[:1])
+
+
+def test_cutout_crops_the_requested_square():
+    images = torch.rand(2, 1, 16, 16)
+    full = torch.tensor([[[1.0, 0.0, 0.0]], [[1.0, 0.0, 0.0]]], dtype=torch.float64)
+    assert torch.allclose(cutout(images, full, 16), images, atol=1e-6)
+    quarter = torch.tensor([[[0.5, 0.5, 0.0]], [[0.5, 0.0, 0.5]]], dtype=torch.float64)  # top-right, bottom-left
+    crops = cutout(images, quarter, 8)
+    assert torch.allclose(crops[0], images[0, :, :8, 8:], atol=1e-6)
+    assert torch.allclose(crops[1], images[1, :, 8:, :8], atol=1e-6)
+
+
+@pytest.mark.parametrize("conditional", [False, True])
+def test_scores_do_not_depend_on_the_batch(conditional):
+    diffusion, classifier = small_diffusion(conditional), small_classifier()
+    cfg = DiffGuardConfig(num_steps=8, depth=4, reference="unguided",
+                          guidance=GuidanceConfig(scale=3.0, cutout=CutoutConfig(num=2)))
+    pipe = DiffGuardPipeline(diffusion, classifier, cfg)
+    images, ids = torch.rand(5, 1, 16, 16), [f"id{i}" for i in range(5)]
+    order = [3, 0, 4, 1, 2]
+    batch = pipe(images[order], [ids[i] for i in order])
+    alone = pipe(images[1:2], [ids[1]])
+    position = order.index(1)
+    for name, value in alone["scores"].items():
+        assert torch.allclose(batch["scores"][name][position], value[0], rtol=1e-4, atol=1e-6), name
+
+
+def test_oracle_only_redoes_samples_whose_label_differs():
+    diffusion, classifier = small_diffusion(), small_classifier()
+    cfg = DiffGuardConfig(num_steps=6, depth=3, guidance=GuidanceConfig(scale=3.0, cutout=CutoutConfig(num=0)))
+    pipe = DiffGuardPipeline(diffusion, classifier, cfg)
+    images, ids = torch.rand(4, 1, 16, 16), ["a", "b", "c", "d"]
+    pred = pipe(images, ids)["pred"]
+    oracle_labels = torch.stack([pred[0], (pred[1] + 1) % 6, torch.tensor(-1), (pred[3] + 2) % 6])
+    out = pipe(images, ids, oracle_labels)
+    for name in out["scores"]:
+        assert out["oracle_scores"][name][0] == out["scores"][name][0]
+        assert out["oracle_scores"][name][2] == out["scores"][name][2]  # OOD: keeps the prediction
+    assert out["unet_evals"].tolist() == [6, 9, 6, 9]
+    # The oracle score is the score of guiding by the oracle label directly.
+    forced = pipe.synthesize(pipe.invert(images[1:2] * 2 - 1), oracle_labels[1:2], ids[1:2], False)[0]
+    l2 = ((forced + 1) / 2).clamp(0, 1).sub(images[1:2]).pow(2).mean()
+    assert torch.allclose(out["oracle_scores"]["l2"][1], l2, rtol=1e-4)
+
+
+def test_bad_inputs_fail_clearly():
+    pipe = DiffGuardPipeline(small_diffusion(), small_classifier(), unguided(num_steps=4, depth=2))
+    with pytest.raises(ValueError, match=r"\[N, 1, 16, 16\]"):
+        pipe(torch.rand(2, 3, 16, 16), ["a", "b"])
+    with pytest.raises(ValueError, match=r"\[N, 1, 16, 16\]"):
+        pipe(torch.rand(2, 1, 32, 32), ["a", "b"])
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        pipe(torch.rand(2, 1, 16, 16) * 2 - 1, ["a", "b"])
+    with pytest.raises(ValueError, match="NaN"):
+        pipe(torch.full((1, 1, 16, 16), float("nan")), ["a"])
+    nan_model = DiffusionModel(RecordingUNet(torch.full((2, 1, 16, 16), float("nan"))), ALPHAS)
+    with pytest.raises(FloatingPointError, match="NaN"):
+        DiffGuardPipeline(nan_model, small_classifier(), unguided(num_steps=4, depth=2))(torch.rand(2, 1, 16, 16), ["a", "b"])
+
+
+def test_missing_perceptual_weights_name_file_and_folder(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    cfg = DiffGuardConfig(distances=["l2", "dists"], score="l2")
+    with pytest.raises(FileNotFoundError) as info:
+        DiffGuardPipeline(small_diffusion(), small_classifier(), cfg)
+    assert "dists_weights.pt" in str(info.value) and str(tmp_path) in str(info.value)
