@@ -145,24 +145,34 @@ class WandbConfig:
 
 
 @dataclass
-class TrainConfig:
-    """Root schema of ``train.py``."""
+class RunConfig:
+    """What every entry point shares: where outputs go, the seed, data, trainer and logger."""
 
-    task: str = MISSING  # classifier | diffusion
-    output_dir: str = "outputs/train"
+    output_dir: str = "outputs/run"
     seed: int = 0
-    resume: Optional[str] = None  # a Lightning checkpoint (e.g. OUTPUT/checkpoints/last.ckpt)
     logger: str = "csv"  # csv | wandb
     data: DataConfig = field(default_factory=DataConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
-    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
-        _check_choice("task", self.task, ["classifier", "diffusion"])
         _check_choice("logger", self.logger, ["csv", "wandb"])
+
+
+@dataclass
+class TrainConfig(RunConfig):
+    """Root schema of ``train.py``."""
+
+    task: str = MISSING  # classifier | diffusion
+    output_dir: str = "outputs/train"
+    resume: Optional[str] = None  # a Lightning checkpoint (e.g. OUTPUT/checkpoints/last.ckpt)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _check_choice("task", self.task, ["classifier", "diffusion"])
 
 
 @dataclass
@@ -231,24 +241,19 @@ class BaselineConfig:
 
 
 @dataclass
-class EvalConfig:
+class EvalConfig(RunConfig):
     """Root schema of ``evaluate.py``."""
 
     output_dir: str = "outputs/eval"
-    seed: int = 0
-    logger: str = "csv"  # csv | wandb
     oracle: bool = False  # also evaluate with true labels for InD samples
     limit_per_set: Optional[int] = None  # evaluate only the first N samples of each set (quick runs)
     split: str = "test"  # test: report on test splits; val: on validation splits (for tuning, never test)
-    data: DataConfig = field(default_factory=DataConfig)
     models: ModelPaths = field(default_factory=ModelPaths)
     diffguard: DiffGuardConfig = field(default_factory=DiffGuardConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self) -> None:
-        _check_choice("logger", self.logger, ["csv", "wandb"])
+        super().__post_init__()
         _check_choice("split", self.split, ["test", "val"])
 
 

@@ -23,7 +23,7 @@ from diffguard_pl.models import Classifier, load_classifier, load_diffusion
 from diffguard_pl.modules.evaluator import DiffGuardEvaluator
 from diffguard_pl.pipeline import DiffGuardPipeline
 from diffguard_pl.results import format_table, write_json, write_scores_csv
-from diffguard_pl.training import build_logger, finish_logger
+from diffguard_pl.training import build_logger, finish_logger, trainer_kwargs
 
 
 @torch.no_grad()
@@ -51,14 +51,8 @@ def evaluation_sets(benchmark: Benchmark, limit: Optional[int], split: str = "te
 
 
 def build_trainer(cfg: EvalConfig, logger) -> L.Trainer:
-    t = cfg.trainer
     return L.Trainer(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        strategy=t.strategy,
-        precision=t.precision,
-        enable_progress_bar=t.enable_progress_bar,
+        **trainer_kwargs(cfg.trainer),
         logger=logger,
         inference_mode=False,  # classifier guidance needs gradients
         default_root_dir=cfg.output_dir,

@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from callbacks import ExportPortableCheckpoint
 from diffguard_pl import config as config_lib
-from diffguard_pl.config import TrainConfig
+from diffguard_pl.config import TrainConfig, TrainerConfig
 from diffguard_pl.data import Benchmark, BenchmarkDataModule
 from diffguard_pl.models.classifier import ClassifierSpec
 from diffguard_pl.models.diffusion import build_scheduler, build_unet
@@ -85,23 +85,30 @@ def build_module(cfg: TrainConfig, benchmark: Benchmark) -> L.LightningModule:
     )
 
 
-def build_trainer(cfg: TrainConfig, output_dir: Path, logger, export_dir: Path) -> L.Trainer:
-    t = cfg.trainer
-    checkpoints = ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True, save_top_k=0)
-    callbacks = [checkpoints, ExportPortableCheckpoint(export_dir), LearningRateMonitor("step")]
-    return L.Trainer(
+def trainer_kwargs(t: TrainerConfig) -> dict:
+    """The ``lightning.Trainer`` arguments every entry point takes from the config."""
+    return dict(
         accelerator=t.accelerator,
         devices=t.devices,
         num_nodes=t.num_nodes,
         strategy=t.strategy,
         precision=t.precision,
+        enable_progress_bar=t.enable_progress_bar,
+    )
+
+
+def build_trainer(cfg: TrainConfig, output_dir: Path, logger, export_dir: Path) -> L.Trainer:
+    t = cfg.trainer
+    checkpoints = ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True, save_top_k=0)
+    callbacks = [checkpoints, ExportPortableCheckpoint(export_dir), LearningRateMonitor("step")]
+    return L.Trainer(
+        **trainer_kwargs(t),
         max_steps=t.max_steps,
         max_epochs=t.max_epochs,
         log_every_n_steps=t.log_every_n_steps,
         check_val_every_n_epoch=t.check_val_every_n_epoch,
         limit_train_batches=t.limit_train_batches,
         limit_val_batches=t.limit_val_batches,
-        enable_progress_bar=t.enable_progress_bar,
         deterministic=t.deterministic,
         default_root_dir=str(output_dir),
         logger=logger,
