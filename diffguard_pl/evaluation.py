@@ -19,6 +19,7 @@ from diffguard_pl import config as config_lib
 from diffguard_pl.baselines import BaselineStats, fit_baselines
 from diffguard_pl.config import EvalConfig
 from diffguard_pl.data import Benchmark, ImageSet, build_benchmark
+from diffguard_pl.data.sampler import ShardSampler
 from diffguard_pl.models import Classifier, load_classifier, load_diffusion
 from diffguard_pl.modules.evaluator import DiffGuardEvaluator
 from diffguard_pl.pipeline import DiffGuardPipeline
@@ -50,11 +51,22 @@ def evaluation_sets(benchmark: Benchmark, limit: Optional[int], split: str = "te
     return [s if limit is None or len(s) <= limit else s.subset(range(limit)) for s in sets]
 
 
+def headline_metrics(results: dict) -> dict:
+    """Flat metrics for the logger: accuracy, throughput and near / far AUROC and FPR@95 per detector."""
+    flat = {"id_accuracy": results["id_accuracy"], **{f"throughput/{k}": v for k, v in results["throughput"].items()}}
+    for name, entry in results["detectors"].items():
+        for group in ("near", "far"):
+            for key, value in entry[group].items():
+                flat[f"{name}/{group}_{key}"] = value
+    return flat
+
+
 def build_trainer(cfg: EvalConfig, logger) -> L.Trainer:
     return L.Trainer(
         **trainer_kwargs(cfg.trainer),
         logger=logger,
         inference_mode=False,  # classifier guidance needs gradients
+        use_distributed_sampler=False,  # ShardSampler instead: no padded duplicates
         default_root_dir=cfg.output_dir,
         enable_checkpointing=False,
     )
@@ -74,10 +86,11 @@ def evaluate(cfg: EvalConfig, benchmark: Optional[Benchmark] = None) -> Optional
     stats = fit_classifier_baselines(classifier, benchmark.train, cfg)
     groups = {name: s.group for name, s in benchmark.ood.items()}
 
+    dataset = ConcatDataset(evaluation_sets(benchmark, cfg.limit_per_set, cfg.split))
     loader = DataLoader(
-        ConcatDataset(evaluation_sets(benchmark, cfg.limit_per_set, cfg.split)),
+        dataset,
         batch_size=cfg.data.eval_batch_size,
-        shuffle=False,
+        sampler=ShardSampler(len(dataset)),  # each sample on exactly one process, no padding
         num_workers=cfg.data.num_workers,
     )
     evaluator = DiffGuardEvaluator(pipeline, stats, groups, oracle=cfg.oracle, split=cfg.split)
@@ -85,11 +98,14 @@ def evaluate(cfg: EvalConfig, benchmark: Optional[Benchmark] = None) -> Optional
     try:
         trainer = build_trainer(cfg, logger)
         trainer.test(evaluator, dataloaders=loader, verbose=False)
+        results = evaluator.results
+        if trainer.is_global_zero:
+            logger.log_metrics(headline_metrics(results))
+            logger.save()
     finally:
         finish_logger(logger)
     if not trainer.is_global_zero:
         return None
-    results = evaluator.results
     write_json(results, output_dir / "results.json")
     write_scores_csv(evaluator.all_records, output_dir / "scores.csv")
     print(format_table(results, groups))

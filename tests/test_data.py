@@ -96,3 +96,12 @@ def test_bad_data_config_fails_with_key():
         DataConfig(channels=4)
     with pytest.raises(ConfigError, match="overlap"):
         DataConfig(ind_classes=[0, 1, 6], near_ood_classes=[6, 7])
+
+
+def test_shard_sampler_covers_every_index_once():
+    from diffguard_pl.data.sampler import ShardSampler
+
+    for length, world in [(10, 3), (2, 3), (0, 2), (7, 1)]:
+        shards = [list(ShardSampler(length, rank, world)) for rank in range(world)]
+        assert sorted(i for s in shards for i in s) == list(range(length))
+        assert [len(ShardSampler(length, r, world)) for r in range(world)] == [len(s) for s in shards]

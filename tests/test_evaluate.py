@@ -69,6 +69,8 @@ def test_evaluate_writes_results_and_scores(tmp_path, small_models, benchmark):
     with open(tmp_path / "scores.csv") as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 6 * 8  # InD val + InD test + 6 OOD sets, 6 each
+    logged = (tmp_path / "logs" / "metrics.csv").read_text()
+    assert "diffguard+ebo/near_auroc" in logged and "id_accuracy" in logged
     assert len({r["id"] for r in rows}) == len(rows)
     assert {"id", "set", "split", "label", "pred", "depth", "unet_evals", "diffguard", "msp"} <= set(rows[0])
     # The near-OOD AUROC in results.json is recomputed from the CSV rows.

@@ -1,0 +1,32 @@
+"""A sampler that gives every sample to exactly one process, without padding.
+
+Lightning's default ``DistributedSampler`` pads the dataset by repeating
+samples so that every rank gets the same count; for evaluation that repeats
+work and, unless removed, counts samples twice. Rank r of W takes indices
+r, r + W, r + 2W, ...; ranks may get uneven counts (or none).
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Optional
+
+import torch.distributed as dist
+from torch.utils.data import Sampler
+
+
+class ShardSampler(Sampler[int]):
+    def __init__(self, length: int, rank: Optional[int] = None, world_size: Optional[int] = None):
+        self.length, self._rank, self._world_size = length, rank, world_size
+
+    def _shard(self) -> range:
+        # Read the process group lazily: Lightning initialises it after the loader is built.
+        initialized = dist.is_available() and dist.is_initialized()
+        rank = self._rank if self._rank is not None else (dist.get_rank() if initialized else 0)
+        world = self._world_size if self._world_size is not None else (dist.get_world_size() if initialized else 1)
+        return range(rank, self.length, world)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self._shard())
+
+    def __len__(self) -> int:
+        return len(self._shard())

@@ -1,0 +1,48 @@
+"""The committed checkpoints of the embedded benchmark load and meet their figures."""
+
+import pytest
+import torch
+
+from diffguard_pl.config import DiffGuardConfig, GuidanceConfig
+from diffguard_pl.models import load_classifier, load_diffusion
+from diffguard_pl.pipeline import DiffGuardPipeline
+from diffguard_pl.sample_check import conditional_sample_accuracy
+
+from conftest import CHECKPOINTS
+
+
+def test_checkpoints_fit_the_size_budget():
+    total = sum(p.stat().st_size for p in CHECKPOINTS.rglob("*") if p.is_file())
+    assert 0 < total <= 20 * 2**20
+
+
+def test_classifier_accuracy_on_ind_test(benchmark):
+    classifier = load_classifier(CHECKPOINTS / "classifier")
+    with torch.no_grad():
+        pred = classifier(benchmark.test.images).argmax(dim=1)
+    assert (pred == benchmark.test.labels).float().mean() >= 0.97
+
+
+def test_diffusion_checkpoints_load_as_described():
+    uncond = load_diffusion(CHECKPOINTS / "diffusion_uncond")
+    cond = load_diffusion(CHECKPOINTS / "diffusion_cond")
+    assert not uncond.conditional
+    assert cond.conditional and cond.num_classes == 6 and cond.null_class == 6
+    assert uncond.sample_size == cond.sample_size == 16 and uncond.in_channels == 1
+
+
+def test_conditional_samples_show_their_class():
+    result = conditional_sample_accuracy(
+        load_diffusion(CHECKPOINTS / "diffusion_cond"), load_classifier(CHECKPOINTS / "classifier"),
+        per_class=25, num_steps=50,
+    )
+    assert result["accuracy"] >= 0.9, result
+
+
+def test_round_trip_returns_ind_images(benchmark):
+    """Inversion then unguided reconstruction at the default steps gives the input back."""
+    cfg = DiffGuardConfig(guidance=GuidanceConfig(scale=0.0))
+    pipe = DiffGuardPipeline(load_diffusion(CHECKPOINTS / "diffusion_uncond"), load_classifier(CHECKPOINTS / "classifier"), cfg)
+    out = pipe(benchmark.test.images[:64], benchmark.test.ids[:64])
+    mean_psnr = (-out["scores"]["psnr"]).mean()
+    assert mean_psnr >= 30.0, float(mean_psnr)
