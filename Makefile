@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= outputs
 
-.PHONY: setup demo test test-all checkpoints clean
+.PHONY: setup demo sample-check test test-all checkpoints clean
 
 setup: $(VENV)/.installed
 
@@ -15,12 +15,14 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PY) -m pip install -e ".[dev]"
 	touch $@
 
-# Main job on the embedded Digits-OOD benchmark (until evaluate.py lands: train a
-# classifier, then check the committed class-conditional diffusion model).
+# Main job: DiffGuard and the baselines on the embedded Digits-OOD benchmark (committed checkpoints).
 demo: setup
-	$(PY) train.py --config conf/train_classifier.yaml output_dir=$(OUT)/demo_classifier
+	$(PY) evaluate.py --config conf/digits_gdm.yaml output_dir=$(OUT)/digits_gdm
+
+# How often the class-conditional model draws the class it is asked for (50 DDIM steps).
+sample-check: setup
 	$(PY) -m diffguard_pl.sample_check checkpoints/digits/diffusion_cond checkpoints/digits/classifier \
-		--grid $(OUT)/demo_cond_samples.png
+		--per-class 100 --grid $(OUT)/cond_samples.png
 
 test: setup
 	$(PY) -m pytest -m "not slow" -q

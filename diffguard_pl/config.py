@@ -202,6 +202,35 @@ class GuidanceConfig:
         _check_choice("diffguard.guidance.clean", self.clean, ["x0_pred", "blend", "noisy"])
 
 
+@dataclass
+class AESConfig:
+    """Adaptive early stop: a sample stops inverting once its latent drifts far enough from x0.
+
+    After each inversion step, the latent x_t (mapped to [0, 1] as (x + 1) / 2,
+    not clipped) is compared with x0: PSNR in dB with peak 1, SSIM, and
+    1 - DISTS when its weights exist locally. A threshold left null is not
+    used. ``mode`` any: stop when any used metric falls below its threshold;
+    all: when all do. The released thresholds, PSNR < 48.5 with peak 255 on
+    [-1, 1] tensors and 1 - DISTS < 0.38, are psnr = 48.5 - 42.11 = 6.39 here
+    (10 log10(255^2 / 4) = 42.11 dB) and dists = 0.38.
+    """
+
+    enabled: bool = False
+    psnr: Optional[float] = None
+    ssim: Optional[float] = None
+    dists: Optional[float] = None
+    mode: str = "any"
+    min_depth: int = 1  # never stop before this many inversion steps (the maximum is diffguard.depth)
+    record_curves: bool = True  # record per-step PSNR / SSIM curves even when AES is off
+
+    def __post_init__(self) -> None:
+        _check_choice("diffguard.aes.mode", self.mode, ["any", "all"])
+        if self.enabled and self.psnr is None and self.ssim is None and self.dists is None:
+            raise ConfigError("diffguard.aes.enabled=true needs at least one of aes.psnr, aes.ssim, aes.dists")
+        if self.min_depth < 1:
+            raise ConfigError(f"diffguard.aes.min_depth={self.min_depth} must be at least 1")
+
+
 DISTANCES = ["l1", "l2", "psnr", "ssim", "logit_l1", "feature_cos", "dists", "lpips"]
 
 
@@ -217,6 +246,7 @@ class DiffGuardConfig:
     perceptual_size: int = 64  # images are resized to this for DISTS / LPIPS
     seed: int = 0  # combined with each sample's id for cutout randomness
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    aes: AESConfig = field(default_factory=AESConfig)
 
     def __post_init__(self) -> None:
         if not 1 <= self.depth <= self.num_steps:
@@ -224,6 +254,8 @@ class DiffGuardConfig:
         _check_choice("diffguard.reference", self.reference, ["input", "unguided"])
         for name in self.distances:
             _check_choice("diffguard.distances", name, DISTANCES)
+        if self.aes.min_depth > self.depth:
+            raise ConfigError(f"diffguard.aes.min_depth={self.aes.min_depth} exceeds diffguard.depth={self.depth}")
         if self.score not in self.distances:
             raise ConfigError(f"diffguard.score={self.score!r} must be one of diffguard.distances {list(self.distances)}")
 

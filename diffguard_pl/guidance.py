@@ -31,6 +31,11 @@ from diffguard_pl.ddim import predict_x0
 from diffguard_pl.models.classifier import Classifier
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """Half-precision tensors up to float32; float32 and float64 stay as they are."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def cutout_params(ids: Sequence[str], num_steps: int, cfg: CutoutConfig, seed: int = 0) -> torch.Tensor:
     """Crop parameters [N, num_steps, K, 3] = (side fraction, left fraction, top fraction) per sample.
 
@@ -89,7 +94,7 @@ def log_prob_grad(
             k = crop_params.shape[1]
             images01 = cutout(images01, crop_params, classifier.spec.input_size)
             labels = labels.repeat_interleave(k)
-        log_probs = torch.log_softmax(classifier(images01).float(), dim=1)
+        log_probs = torch.log_softmax(at_least_float32(classifier(images01)), dim=1)
         selected = log_probs.gather(1, labels.view(-1, 1)).sum()
         (grad,) = torch.autograd.grad(selected, x)
     return grad

@@ -24,9 +24,10 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
+from diffguard_pl.aes import AdaptiveEarlyStop
 from diffguard_pl.config import DiffGuardConfig
 from diffguard_pl.ddim import alpha_bar, ddim_step, spaced_timesteps
-from diffguard_pl.guidance import cutout_params, guided_eps
+from diffguard_pl.guidance import at_least_float32, cutout_params, guided_eps
 from diffguard_pl.models.classifier import Classifier
 from diffguard_pl.models.diffusion import DiffusionModel
 from diffguard_pl.scores import CLASSIFIER, PIXEL, classifier_distances, perceptual_from, pixel_distances
@@ -50,6 +51,7 @@ class DiffGuardPipeline:
         self.cfg = cfg
         self.timesteps = spaced_timesteps(diffusion.num_train_timesteps, cfg.num_steps)[: cfg.depth]
         self.perceptual = perceptual_from(cfg.distances, cfg.perceptual_size)
+        self.aes = AdaptiveEarlyStop(cfg.aes, cfg.perceptual_size)
 
     @property
     def device(self) -> torch.device:
@@ -61,10 +63,6 @@ class DiffGuardPipeline:
         if self.perceptual is not None:
             self.perceptual.to(device)
         return self
-
-    @property
-    def unet_evals_per_branch(self) -> int:
-        return len(self.timesteps)
 
     # ------------------------------------------------------------------ stages
 
@@ -90,53 +88,114 @@ class DiffGuardPipeline:
         logits, feats = self.classifier.forward_with_features(images01)
         if not torch.isfinite(logits).all():
             raise FloatingPointError("the classifier returned NaN or Inf logits")
-        return logits.float(), feats.float()
+        return at_least_float32(logits), at_least_float32(feats)
 
-    def _levels(self, k: int, n: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(timestep t_k, alpha_bar at t_k) as per-sample tensors, k = -1 meaning the clean level."""
-        t = torch.full((n,), int(self.timesteps[k]) if k >= 0 else -1, dtype=torch.long, device=self.device)
-        return t, alpha_bar(self.diffusion.alphas_cumprod, t)
+    def _alpha(self, level: torch.Tensor) -> torch.Tensor:
+        """alpha_bar at level indices (-1 = clean) as float64, on the pipeline's device."""
+        return alpha_bar(self.diffusion.alphas_cumprod, self._timestep(level))
 
-    @torch.no_grad()
-    def invert(self, x0: torch.Tensor) -> torch.Tensor:
-        """Deterministic DDIM inversion of x0 (model space, [-1, 1]) to level t_{depth-1}."""
-        x, n = x0, x0.shape[0]
-        _, a_prev = self._levels(-1, n)
-        for k in range(len(self.timesteps)):
-            t, a_t = self._levels(k, n)
-            eps = self.diffusion.eps(x, t)  # conditional models: the null class
-            x = ddim_step(x, eps, a_prev, a_t)
-            a_prev = a_t
-        return x
+    def _timestep(self, level: torch.Tensor) -> torch.Tensor:
+        padded = torch.cat([torch.tensor([-1]), self.timesteps]).to(level.device)
+        return padded[level + 1]
+
+    def _condition(self, labels: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
+        """UNet class labels: ``labels`` for a conditional model (null class where None), else None."""
+        if not self.diffusion.conditional:
+            return None
+        if labels is None:
+            return torch.full((n,), self.diffusion.null_class, dtype=torch.long, device=self.device)
+        return labels
+
+    def run(
+        self,
+        x0: torch.Tensor,
+        ids: Sequence[str],
+        labels: Optional[torch.Tensor],
+        with_reference: bool,
+        latent: Optional[torch.Tensor] = None,
+        depth: Optional[torch.Tensor] = None,
+        invert_only: bool = False,
+    ) -> dict:
+        """Invert and synthesise every sample on its own schedule, all in shared UNet batches.
+
+        Each sample is in one phase: inverting (level k -> k + 1, eps at
+        t_{k+1}), synthesising (level k -> k - 1, eps at t_k) or done. Every
+        iteration makes one UNet call over the samples still at work (plus the
+        unguided reference rows), so a sample that stops inverting early
+        (adaptive early stop) starts its synthesis while others keep inverting.
+        Inversion stops at ``diffguard.depth`` steps, or earlier by the AES
+        rule; synthesis starts at exactly the level the inversion reached.
+
+        With ``latent`` and ``depth`` given (an earlier inversion), only the
+        synthesis runs; with ``invert_only`` only the inversion. Returns model-space ``synthesis`` and ``reference``,
+        per-sample ``depth``, ``latent`` (where synthesis started) and the
+        per-step ``curves`` of the inversion.
+        """
+        n, cap = x0.shape[0], len(self.timesteps)
+        device = self.device
+        guidance = self.cfg.guidance
+        crops = cutout_params(ids, cap, guidance.cutout, self.cfg.seed) if guidance.cutout.num > 0 else None
+        if latent is None:
+            x, level = x0.clone(), torch.full((n,), -1, dtype=torch.long, device=device)
+            phase = torch.zeros(n, dtype=torch.long, device=device)  # 0 invert, 1 synthesise, 2 done
+            depth = torch.zeros(n, dtype=torch.long, device=device)
+            latent = torch.empty_like(x0)
+        else:
+            x, level = latent.clone(), (depth - 1).to(device)
+            phase = torch.ones(n, dtype=torch.long, device=device)
+        x_ref = x.clone() if with_reference else None
+        curves = {name: torch.full((n, cap), float("nan"), device=device) for name in self.aes.curve_names}
+
+        while bool((phase < 2).any()):
+            inv, syn = (phase == 0).nonzero().flatten(), (phase == 1).nonzero().flatten()
+            # One UNet call: inverting rows (null class), synthesising rows (label), reference rows (null class).
+            rows, steps = [x[inv], x[syn]], [level[inv] + 1, level[syn]]
+            conds = [self._condition(None, len(inv)), self._condition(None if labels is None else labels[syn], len(syn))]
+            if with_reference:
+                rows, steps = rows + [x_ref[syn]], steps + [level[syn]]
+                conds.append(self._condition(None, len(syn)))
+            with torch.no_grad():
+                class_labels = None if conds[0] is None else torch.cat(conds)
+                eps = self.diffusion.eps(torch.cat(rows), self._timestep(torch.cat(steps)), class_labels)
+            eps_inv, eps_syn, eps_ref = eps.split([len(inv), len(syn), len(eps) - len(inv) - len(syn)])
+
+            if len(syn):
+                a_t, a_s = self._alpha(level[syn]), self._alpha(level[syn] - 1)
+                step_crops = None if crops is None else crops[syn.cpu(), level[syn].cpu()].to(device)
+                eps_syn = guided_eps(eps_syn, x[syn], a_t, labels[syn], self.classifier, guidance, step_crops)
+                with torch.no_grad():
+                    x[syn] = ddim_step(x[syn], eps_syn, a_t, a_s)
+                    if with_reference:
+                        x_ref[syn] = ddim_step(x_ref[syn], eps_ref, a_t, a_s)
+                level[syn] -= 1
+                phase[syn[level[syn] < 0]] = 2
+
+            if len(inv):
+                with torch.no_grad():
+                    x[inv] = ddim_step(x[inv], eps_inv, self._alpha(level[inv]), self._alpha(level[inv] + 1))
+                level[inv] += 1
+                quality = self.aes.quality(x[inv], x0[inv])
+                for name, value in quality.items():
+                    curves[name][inv, level[inv]] = value.to(curves[name].dtype)
+                stop = self.aes.should_stop(quality, level[inv] + 1, cap)
+                stopped = inv[stop]
+                phase[stopped], depth[stopped] = (2 if invert_only else 1), level[stopped] + 1
+                latent[stopped] = x[stopped]
+                if with_reference:
+                    x_ref[stopped] = x[stopped]
+        return {"synthesis": x, "reference": x_ref, "depth": depth, "latent": latent, "curves": curves}
+
+    def invert(self, x0: torch.Tensor, ids: Sequence[str]) -> dict:
+        """Inversion only (see :meth:`run`): ``latent``, ``depth`` and ``curves`` per sample."""
+        return self.run(x0, ids, None, False, invert_only=True)
 
     def synthesize(
         self, latent: torch.Tensor, labels: torch.Tensor, ids: Sequence[str], with_reference: bool
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Guided synthesis from ``latent`` (level t_{depth-1}) to the clean level.
-
-        With ``with_reference`` an unguided reconstruction from the same latent
-        runs in the same UNet batch. Returns model-space images.
-        """
-        n, depth = latent.shape[0], len(self.timesteps)
-        guidance = self.cfg.guidance
-        crops = cutout_params(ids, depth, guidance.cutout, self.cfg.seed) if guidance.cutout.num > 0 else None
-        cond = labels if self.diffusion.conditional else None
-        x = torch.cat([latent, latent]) if with_reference else latent
-        for k in range(depth - 1, -1, -1):
-            t, a_t = self._levels(k, x.shape[0])
-            _, a_s = self._levels(k - 1, x.shape[0])
-            with torch.no_grad():
-                if cond is None:
-                    eps = self.diffusion.eps(x, t)
-                else:
-                    null = torch.full_like(cond, self.diffusion.null_class)
-                    eps = self.diffusion.eps(x, t, torch.cat([cond, null]) if with_reference else cond)
-            step_crops = None if crops is None else crops[:, depth - 1 - k].to(self.device)
-            eps_guided = guided_eps(eps[:n], x[:n], a_t[:n], labels, self.classifier, guidance, step_crops)
-            eps = torch.cat([eps_guided, eps[n:]]) if with_reference else eps_guided
-            with torch.no_grad():
-                x = ddim_step(x, eps, a_t, a_s)
-        return (x[:n], x[n:]) if with_reference else (x, None)
+        """Guided synthesis from ``latent`` at level t_{depth-1} (see :meth:`run`)."""
+        depth = torch.full((latent.shape[0],), len(self.timesteps), dtype=torch.long, device=self.device)
+        out = self.run(latent, ids, labels, with_reference, latent=latent, depth=depth)
+        return out["synthesis"], out["reference"]
 
     @torch.no_grad()
     def score(
@@ -172,24 +231,23 @@ class DiffGuardPipeline:
         """
         self.check_inputs(images, ids)
         ids = list(ids)
-        images = images.to(self.device, torch.float32)
+        images = images.to(self.device, at_least_float32(next(self.classifier.parameters())).dtype)
         logits, feats = self.classify(images)
         pred = logits.argmax(dim=1)
 
-        latent = self.invert(images * 2 - 1)
+        x0 = images * 2 - 1
         with_reference = self.cfg.reference == "unguided"
-        synthesis, reference = self.synthesize(latent, pred, ids, with_reference)
-        synthesis01 = ((synthesis + 1) / 2).clamp(0, 1)
-        branches = 2 if with_reference else 1
-
+        run = self.run(x0, ids, pred, with_reference)
+        synthesis01 = ((run["synthesis"] + 1) / 2).clamp(0, 1)
         if with_reference:
-            reference01 = ((reference + 1) / 2).clamp(0, 1)
+            reference01 = ((run["reference"] + 1) / 2).clamp(0, 1)
             ref_logits, ref_feats = self.classify(reference01)
         else:
             reference01, ref_logits, ref_feats = images, logits, feats
         scores = self.score(synthesis01, reference01, ref_logits, ref_feats)
+        depth = run["depth"].cpu()
+        unet_evals = depth * (2 + int(with_reference))
 
-        unet_evals = torch.full((len(ids),), (1 + branches) * len(self.timesteps), dtype=torch.long)
         out = {
             "logits": logits,
             "features": feats,
@@ -197,23 +255,27 @@ class DiffGuardPipeline:
             "synthesis": synthesis01,
             "reference": reference01,
             "scores": scores,
-            "depth": torch.full((len(ids),), len(self.timesteps), dtype=torch.long),
+            "depth": depth,
             "unet_evals": unet_evals,
+            "curves": {name: value.cpu() for name, value in run["curves"].items()},
         }
         if oracle_labels is not None:
-            out["oracle_scores"] = self._oracle(latent, oracle_labels.to(self.device), pred, ids, reference01,
-                                                ref_logits, ref_feats, scores, unet_evals)
+            out["oracle_scores"] = self._oracle(x0, run, oracle_labels.to(self.device), pred, ids,
+                                                (reference01, ref_logits, ref_feats), scores, unet_evals)
         return out
 
-    def _oracle(self, latent, oracle_labels, pred, ids: List[str], reference01, ref_logits, ref_feats,
+    def _oracle(self, x0, run: dict, oracle_labels, pred, ids: List[str], reference: tuple,
                 scores: Dict[str, torch.Tensor], unet_evals: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Scores with the oracle label; only samples whose oracle label differs are re-synthesised."""
         redo = (oracle_labels >= 0) & (oracle_labels != pred)
         oracle = {name: value.clone() for name, value in scores.items()}
         if redo.any():
             idx = redo.nonzero().flatten()
-            synthesis, _ = self.synthesize(latent[idx], oracle_labels[idx], [ids[i] for i in idx.tolist()], False)
-            redone = self.score(((synthesis + 1) / 2).clamp(0, 1), reference01[idx], ref_logits[idx], ref_feats[idx])
+            again = self.run(x0[idx], [ids[i] for i in idx.tolist()], oracle_labels[idx], False,
+                             latent=run["latent"][idx], depth=run["depth"][idx])
+            synthesis01 = ((again["synthesis"] + 1) / 2).clamp(0, 1)
+            redone = self.score(synthesis01, *(r[idx] for r in reference))
             for name, value in redone.items():
                 oracle[name][idx] = value
-            unet_evals[idx.cpu()] += len(self.timesteps)
+            unet_evals[idx.cpu()] += run["depth"][idx].cpu()
         return oracle

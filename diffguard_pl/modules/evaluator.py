@@ -35,6 +35,7 @@ class DiffGuardEvaluator(L.LightningModule):
         # Registered so that Lightning moves them to the device; the pipeline holds the same objects.
         self.unet = pipeline.diffusion.unet
         self.classifier = pipeline.classifier
+        self.perceptual = pipeline.perceptual
         self.baselines = baselines
         self.groups = dict(groups)
         self.oracle = oracle

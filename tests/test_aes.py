@@ -1,0 +1,106 @@
+"""Adaptive early stop: per-sample stopping inside shared batches."""
+
+import pytest
+import torch
+
+from diffguard_pl.config import AESConfig, ConfigError, CutoutConfig, DiffGuardConfig, GuidanceConfig
+from diffguard_pl.models import DiffusionModel
+from diffguard_pl.pipeline import DiffGuardPipeline
+from diffguard_pl.scores import psnr
+
+from test_pipeline import ALPHAS, RecordingUNet, small_classifier, small_diffusion
+
+STEPS = 20
+
+
+class ZeroEpsUNet(RecordingUNet):
+    """eps = 0: the latent at level k is sqrt(a_k) x0, and synthesis undoes it exactly."""
+
+    def forward(self, x, t, class_labels=None):
+        self.calls.append((t.clone(), x.clone()))
+        return type("Out", (), {"sample": torch.zeros_like(x)})()
+
+
+def zero_eps_pipeline(depth=15, **aes):
+    cfg = DiffGuardConfig(num_steps=STEPS, depth=depth, guidance=GuidanceConfig(scale=0.0),
+                          aes=AESConfig(enabled=bool(aes), **aes))
+    return DiffGuardPipeline(DiffusionModel(ZeroEpsUNet(torch.zeros(1, 1, 16, 16)), ALPHAS), small_classifier(), cfg)
+
+
+def expected_depth(image, threshold, depth, min_depth=1):
+    """Stop at the first level k whose latent sqrt(a_k) x0 falls below the PSNR threshold."""
+    x0 = image * 2 - 1
+    steps = torch.arange(STEPS) * (1000 // STEPS)
+    for k in range(depth):
+        latent = ALPHAS[steps[k]].float().sqrt() * x0
+        if k + 1 >= min_depth and psnr((latent + 1) / 2, image) < threshold:
+            return k + 1
+    return depth
+
+
+def images_of_contrast(*contrasts):
+    """Images around 0.5 with the given contrast: the farther from grey, the sooner PSNR drops."""
+    torch.manual_seed(0)
+    base = torch.rand(len(contrasts), 1, 16, 16) - 0.5
+    return 0.5 + base * torch.tensor(contrasts).view(-1, 1, 1, 1)
+
+
+def test_stopping_depth_follows_the_threshold():
+    images = images_of_contrast(0.05, 0.2, 0.5, 1.0)
+    pipe = zero_eps_pipeline(psnr=30.0)
+    out = pipe(images, ["a", "b", "c", "d"])
+    want = [expected_depth(images[i : i + 1], 30.0, 15) for i in range(4)]
+    assert out["depth"].tolist() == want
+    assert len(set(want)) > 1  # the case really has samples stopping at different depths
+    assert out["unet_evals"].tolist() == [2 * d for d in want]
+    assert torch.allclose(out["synthesis"], images, atol=1e-4)  # constant eps: exact round trip at any depth
+    curves = out["curves"]["psnr"]
+    for i, d in enumerate(want):
+        assert torch.isfinite(curves[i, :d]).all() and torch.isnan(curves[i, d:]).all()
+
+
+def test_depth_cap_and_minimum_are_respected():
+    images = images_of_contrast(1.0, 0.01, 0.3)
+    out = zero_eps_pipeline(depth=6, psnr=60.0, min_depth=3)(images, ["a", "b", "c"])
+    assert out["depth"].tolist() == [expected_depth(images[i : i + 1], 60.0, 6, 3) for i in range(3)]
+    assert out["depth"].min() >= 3 and out["depth"].max() <= 6
+    never = zero_eps_pipeline(depth=6, psnr=-100.0)(images, ["a", "b", "c"])
+    assert never["depth"].tolist() == [6, 6, 6]
+
+
+def test_synthesis_of_an_early_stopper_runs_beside_inverting_samples():
+    images = images_of_contrast(1.0, 0.05)
+    pipe = zero_eps_pipeline(depth=15, psnr=30.0)
+    out = pipe(images, ["a", "b"])
+    d_fast, d_slow = out["depth"].tolist()
+    assert d_fast < d_slow
+    calls = pipe.diffusion.unet.calls
+    assert len(calls) == max(2 * d_fast, 2 * d_slow)  # no call waits for a whole batch to finish inverting
+    assert [x.shape[0] for _, x in calls][: 2 * d_fast] == [2] * (2 * d_fast)
+
+
+def test_sample_alone_equals_sample_in_batch_that_stops_elsewhere():
+    # float64, so that what is compared is the per-sample logic, not batch-size-dependent rounding.
+    diffusion, classifier = small_diffusion(), small_classifier().double()
+    diffusion.unet.double()
+    cfg = DiffGuardConfig(num_steps=12, depth=10, reference="unguided",
+                          guidance=GuidanceConfig(scale=3.0, cutout=CutoutConfig(num=2)),
+                          aes=AESConfig(enabled=True, psnr=14.0, min_depth=2))
+    pipe = DiffGuardPipeline(diffusion, classifier, cfg)
+    torch.manual_seed(3)
+    images = torch.cat([torch.rand(3, 1, 16, 16), torch.full((2, 1, 16, 16), 0.5)]).double()
+    ids = [f"s{i}" for i in range(5)]
+    batch = pipe(images, ids)
+    assert len(set(batch["depth"].tolist())) > 1
+    for i in (0, 3):
+        alone = pipe(images[i : i + 1], ids[i : i + 1])
+        assert alone["depth"][0] == batch["depth"][i]
+        for name, value in alone["scores"].items():
+            assert torch.allclose(batch["scores"][name][i], value[0], rtol=1e-6, atol=1e-9), name
+
+
+def test_aes_config_needs_a_threshold():
+    with pytest.raises(ConfigError, match="aes"):
+        AESConfig(enabled=True)
+    with pytest.raises(ConfigError, match="min_depth"):
+        DiffGuardConfig(depth=5, aes=AESConfig(enabled=True, psnr=10.0, min_depth=8))
