@@ -1,5 +1,8 @@
 """Lightning callbacks of diffguard_pl (installed with the package)."""
 
+from callbacks.curves import InversionCurveLogger
 from callbacks.export import ExportPortableCheckpoint
+from callbacks.reconstructions import ReconstructionLogger
+from callbacks.score_plots import ScoreDistributionPlot
 
-__all__ = ["ExportPortableCheckpoint"]
+__all__ = ["ExportPortableCheckpoint", "InversionCurveLogger", "ReconstructionLogger", "ScoreDistributionPlot"]

@@ -273,6 +273,13 @@ class BaselineConfig:
 
 
 @dataclass
+class EvalCallbacksConfig:
+    curves: bool = True  # per-step inversion quality curves per set (CSV, PNG, W&B line plots)
+    reconstructions: int = 8  # samples per set drawn as input / synthesis / reference / difference; 0 = off
+    score_plots: bool = True  # score histograms per detector, InD against each OOD set
+
+
+@dataclass
 class EvalConfig(RunConfig):
     """Root schema of ``evaluate.py``."""
 
@@ -283,6 +290,7 @@ class EvalConfig(RunConfig):
     models: ModelPaths = field(default_factory=ModelPaths)
     diffguard: DiffGuardConfig = field(default_factory=DiffGuardConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    callbacks: EvalCallbacksConfig = field(default_factory=EvalCallbacksConfig)
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -15,6 +15,7 @@ import lightning as L
 import torch
 from torch.utils.data import ConcatDataset, DataLoader
 
+from callbacks import InversionCurveLogger, ReconstructionLogger, ScoreDistributionPlot
 from diffguard_pl import config as config_lib
 from diffguard_pl.baselines import BaselineStats, fit_baselines
 from diffguard_pl.config import EvalConfig
@@ -61,10 +62,19 @@ def headline_metrics(results: dict) -> dict:
     return flat
 
 
+def build_callbacks(cfg: EvalConfig) -> list:
+    c = cfg.callbacks
+    callbacks = [InversionCurveLogger()] if c.curves else []
+    callbacks += [ReconstructionLogger(c.reconstructions)] if c.reconstructions > 0 else []
+    callbacks += [ScoreDistributionPlot()] if c.score_plots else []
+    return callbacks
+
+
 def build_trainer(cfg: EvalConfig, logger) -> L.Trainer:
     return L.Trainer(
         **trainer_kwargs(cfg.trainer),
         logger=logger,
+        callbacks=build_callbacks(cfg),
         inference_mode=False,  # classifier guidance needs gradients
         use_distributed_sampler=False,  # ShardSampler instead: no padded duplicates
         default_root_dir=cfg.output_dir,

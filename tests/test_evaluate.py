@@ -130,3 +130,28 @@ def test_merge_drops_duplicate_ids():
     b = {k: v[3:] for k, v in _records().items()}  # t0 appears twice (sampler padding)
     merged = merge_records([a, b])
     assert sorted(merged["id"]) == sorted(_records()["id"])
+
+
+def test_wandb_offline_run_holds_curves_images_and_same_results(tmp_path, small_models, benchmark, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    plain = evaluate(config_lib.load(EvalConfig, eval_argv(tmp_path / "csv", small_models), None), benchmark)
+    logged = evaluate(config_lib.load(EvalConfig, eval_argv(tmp_path / "wb", small_models, "logger=wandb"), None),
+                      benchmark)
+    assert logged["detectors"] == plain["detectors"]  # logging never changes results
+    (run,) = (tmp_path / "wb" / "wandb").glob("offline-run-*")
+    media = run / "files" / "media"
+    assert list((media / "table" / "curves").glob("psnr_table_*.json"))  # the line plot's data
+    assert list((media / "images" / "reconstructions").glob("digits_6to9_*.png"))
+    assert list((media / "images" / "scores").glob("diffguard+ebo_*.png"))
+    assert list(run.glob("run-*.wandb"))
+    # The same figures as files, whatever the logger.
+    for out in (tmp_path / "csv", tmp_path / "wb"):
+        assert (out / "curves" / "psnr.png").is_file() and (out / "reconstructions" / "ind.png").is_file()
+        with open(out / "curves" / "curves.csv") as handle:
+            rows = list(csv.DictReader(handle))
+        sets = {r["set"] for r in rows}
+        assert sets == {"ind", "digits_6to9", "textures", "faces", "photos", "noise", "constant"}
+        psnr_ind = [r for r in rows if r["set"] == "ind" and r["metric"] == "psnr"]
+        assert [int(r["step"]) for r in psnr_ind] == [1, 2]  # depth 2: one row per inversion step
+        assert all(int(r["count"]) == 12 for r in psnr_ind)  # InD val + InD test, 6 each
+        assert float(psnr_ind[0]["q10"]) <= float(psnr_ind[0]["q50"]) <= float(psnr_ind[0]["q90"])

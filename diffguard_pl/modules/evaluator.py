@@ -41,7 +41,6 @@ class DiffGuardEvaluator(L.LightningModule):
         self.oracle = oracle
         self.split = split
         self.records: List[Dict[str, list]] = []
-        self.outputs_by_batch: Optional[dict] = None  # the last batch's pipeline output, for callbacks
         self.results: Optional[dict] = None
         self.all_records: Optional[Dict[str, list]] = None
 
@@ -50,10 +49,9 @@ class DiffGuardEvaluator(L.LightningModule):
         self.baselines = self.baselines.to(self.device)
         self._started = time.perf_counter()
 
-    def test_step(self, batch: dict, batch_idx: int) -> None:
+    def test_step(self, batch: dict, batch_idx: int) -> dict:
         oracle_labels = batch["label"] if self.oracle else None
         out = self.pipeline(batch["image"], batch["id"], oracle_labels)
-        self.outputs_by_batch = out
         record = {
             "id": list(batch["id"]),
             "set": list(batch["set"]),
@@ -70,6 +68,7 @@ class DiffGuardEvaluator(L.LightningModule):
         for name, value in baseline_scores(self.baselines, out["logits"], out["features"]).items():
             record[name] = value.tolist()
         self.records.append(record)
+        return out  # for callbacks: synthesis, reference, curves, pred, ...
 
     def on_test_epoch_end(self) -> None:
         elapsed = time.perf_counter() - self._started

@@ -1,0 +1,104 @@
+"""Per-step inversion quality curves (PSNR, SSIM, 1 - DISTS), per data set, for tuning AES."""
+
+from __future__ import annotations
+
+import csv
+from collections import defaultdict
+from typing import Dict, List
+
+import lightning as L
+import torch
+
+from callbacks._common import gather_to_rank_zero, output_folder, save_figure, wandb_run
+
+QUANTILES = (0.1, 0.5, 0.9)
+
+
+def summarize_curves(curves: Dict[str, Dict[str, torch.Tensor]]) -> List[dict]:
+    """Rows (set, metric, step, count, mean, q10, q50, q90) from per-sample curves [N, steps] (NaN = stopped)."""
+    rows = []
+    for set_name, by_metric in curves.items():
+        for metric, values in by_metric.items():
+            for step in range(values.shape[1]):
+                column = values[:, step]
+                column = column[torch.isfinite(column)].double()
+                if len(column) == 0:
+                    continue
+                q = torch.quantile(column, torch.tensor(QUANTILES, dtype=torch.float64))
+                rows.append({"set": set_name, "metric": metric, "step": step + 1, "count": len(column),
+                             "mean": float(column.mean()), **{f"q{int(p * 100)}": float(v) for p, v in zip(QUANTILES, q)}})
+    return rows
+
+
+class InversionCurveLogger(L.Callback):
+    """Collects each sample's per-step inversion quality during ``trainer.test`` of a DiffGuardEvaluator.
+
+    At the end (rank 0, after gathering): ``curves/curves.csv`` (mean and
+    quantiles per set, metric and step), ``curves/<metric>.png`` (mean and
+    10-90% band, InD against each OOD set on one chart) and, with W&B, line
+    plots under ``curves/<metric>`` plus the PNGs.
+    """
+
+    def __init__(self) -> None:
+        self.parts: List[dict] = []
+
+    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.parts = []
+
+    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if outputs is None or not outputs.get("curves"):
+            return
+        self.parts.append({"set": list(batch["set"]), "id": list(batch["id"]),
+                           "curves": {k: v.cpu() for k, v in outputs["curves"].items()}})
+
+    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        gathered = [p for rank_parts in gather_to_rank_zero(self.parts) for p in rank_parts]
+        if not trainer.is_global_zero or not gathered:
+            return
+        per_set: Dict[str, Dict[str, list]] = defaultdict(lambda: defaultdict(list))
+        seen = set()
+        for part in gathered:
+            for i, (set_name, sample_id) in enumerate(zip(part["set"], part["id"])):
+                if sample_id in seen:
+                    continue
+                seen.add(sample_id)
+                for metric, values in part["curves"].items():
+                    per_set[set_name][metric].append(values[i])
+        curves = {s: {m: torch.stack(v) for m, v in by.items()} for s, by in per_set.items()}
+        rows = summarize_curves(curves)
+        folder = output_folder(trainer, "curves")
+        with open(folder / "curves.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=list(rows[0].keys()))
+            writer.writeheader()
+            writer.writerows(rows)
+        self._plot(rows, folder, trainer)
+
+    def _plot(self, rows: List[dict], folder, trainer: L.Trainer) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        run = wandb_run(trainer)
+        for metric in sorted({r["metric"] for r in rows}):
+            fig, ax = plt.subplots(figsize=(6, 4))
+            series = {}
+            for set_name in dict.fromkeys(r["set"] for r in rows):
+                mine = [r for r in rows if r["metric"] == metric and r["set"] == set_name]
+                steps = [r["step"] for r in mine]
+                ax.plot(steps, [r["mean"] for r in mine], label=set_name)
+                ax.fill_between(steps, [r["q10"] for r in mine], [r["q90"] for r in mine], alpha=0.15)
+                series[set_name] = (steps, [r["mean"] for r in mine])
+            ax.set_xlabel("inversion step")
+            ax.set_ylabel(metric)
+            ax.legend(fontsize=7)
+            ax.set_title(f"{metric} of x_t against x0 (mean, 10-90%)")
+            if run is not None:
+                import wandb
+
+                width = max(len(s[0]) for s in series.values())
+                run.log({f"curves/{metric}": wandb.plot.line_series(
+                    xs=list(range(1, width + 1)),
+                    ys=[s[1] + [float("nan")] * (width - len(s[1])) for s in series.values()],
+                    keys=list(series), title=f"{metric} per inversion step", xname="inversion step")})
+            save_figure(fig, folder / f"{metric}.png", trainer, f"curves/{metric}_png")
