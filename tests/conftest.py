@@ -22,3 +22,30 @@ torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
 def benchmark():
     """The default embedded benchmark, built once per test session."""
     return build_benchmark(DataConfig())
+
+
+@pytest.fixture(scope="session")
+def small_models(tmp_path_factory):
+    """A random small classifier and unconditional UNet saved in their portable formats."""
+    from diffguard_pl.config import DiffusionConfig
+    from diffguard_pl.models import (
+        ClassifierSpec, DiffusionModel, build_classifier, build_scheduler, build_unet, save_classifier, save_diffusion,
+    )
+
+    folder = tmp_path_factory.mktemp("models")
+    torch.manual_seed(0)
+    spec = ClassifierSpec("diffguard_resnet_tiny", num_classes=6, in_chans=1, input_size=16, mean=[0.5], std=[0.5])
+    save_classifier(build_classifier(spec).eval(), folder / "classifier")
+    cfg = DiffusionConfig(block_out_channels=[32, 32], attention_levels=[False, True], layers_per_block=1)
+    unet = build_unet(cfg, 1, 16, None)
+    save_diffusion(DiffusionModel(unet, build_scheduler(cfg).alphas_cumprod.double()), build_scheduler(cfg),
+                   folder / "diffusion")
+    return folder
+
+
+def eval_argv(out, models, *extra):
+    """evaluate.py arguments for a quick run on a slice of the embedded benchmark with ``models``."""
+    return [f"--config={ROOT / 'conf' / 'digits_gdm.yaml'}", f"output_dir={out}",
+            f"models.classifier={models / 'classifier'}", f"models.diffusion={models / 'diffusion'}",
+            "limit_per_set=6", "diffguard.num_steps=4", "diffguard.depth=2", "data.eval_batch_size=16",
+            "trainer.enable_progress_bar=false", *extra]

@@ -8,6 +8,7 @@ from diffguard_pl.models import DiffusionModel
 from diffguard_pl.pipeline import DiffGuardPipeline
 from diffguard_pl.scores import psnr
 
+from conftest import eval_argv
 from test_pipeline import ALPHAS, RecordingUNet, small_classifier, small_diffusion
 
 STEPS = 20
@@ -104,3 +105,39 @@ def test_aes_config_needs_a_threshold():
         AESConfig(enabled=True)
     with pytest.raises(ConfigError, match="min_depth"):
         DiffGuardConfig(depth=5, aes=AESConfig(enabled=True, psnr=10.0, min_depth=8))
+
+
+def test_calibration_writes_an_includable_fragment(tmp_path, benchmark, small_models):
+    import json
+
+    import yaml
+
+    from diffguard_pl import config as config_lib
+    from diffguard_pl.calibration import CalibrationConfig, calibrate
+    from diffguard_pl.config import EvalConfig
+
+    argv = eval_argv(tmp_path / "cal", small_models, "diffguard.num_steps=8", "diffguard.depth=6",
+                     "calibration.target=0.5", "limit_per_set=10")
+    report = calibrate(config_lib.load(CalibrationConfig, argv, None), benchmark)
+    fragment = yaml.safe_load((tmp_path / "cal" / "aes.yaml").read_text())
+    assert fragment["diffguard"]["aes"]["enabled"] is True
+    assert fragment["diffguard"]["aes"]["psnr"] == pytest.approx(report["threshold"])
+    assert 0.3 <= report["candidates"][0]["stop_fraction"] <= 0.7  # the target fraction stops early
+    assert json.loads((tmp_path / "cal" / "calibration.json").read_text())["threshold"] == report["threshold"]
+    # The fragment is a config that an evaluation includes.
+    fragment_arg = f"--config={tmp_path / 'cal' / 'aes.yaml'}"
+    cfg = config_lib.load(EvalConfig, [*eval_argv(tmp_path / "ev", small_models), fragment_arg], None)
+    assert cfg.diffguard.aes.enabled and cfg.diffguard.aes.psnr == pytest.approx(report["threshold"])
+
+
+def test_auroc_calibration_tries_candidates(tmp_path, benchmark, small_models):
+    from diffguard_pl import config as config_lib
+    from diffguard_pl.calibration import CalibrationConfig, calibrate
+
+    argv = eval_argv(tmp_path / "cal", small_models, "diffguard.num_steps=6", "diffguard.depth=4",
+                     "limit_per_set=6", "calibration.method=auroc", "calibration.candidates=3")
+    report = calibrate(config_lib.load(CalibrationConfig, argv, None), benchmark)
+    assert len(report["candidates"]) == 3
+    best = max(report["candidates"], key=lambda c: c["auroc"])
+    assert report["threshold"] == best["threshold"]
+    assert all(0.0 <= c["auroc"] <= 1.0 and 1.0 <= c["mean_depth_ind"] <= 4.0 for c in report["candidates"])

@@ -9,42 +9,13 @@ import pytest
 import torch
 
 from diffguard_pl import config as config_lib
-from diffguard_pl.config import DiffusionConfig, EvalConfig
+from diffguard_pl.config import EvalConfig
 from diffguard_pl.evaluation import evaluate
-from diffguard_pl.models import (
-    ClassifierSpec,
-    DiffusionModel,
-    build_classifier,
-    build_scheduler,
-    build_unet,
-    save_classifier,
-    save_diffusion,
-)
 from diffguard_pl.results import add_derived_detectors, merge_records, summarize
 
-from conftest import ROOT
+from conftest import ROOT, eval_argv
 
 DETECTORS = {"diffguard", "msp", "ebo", "maxlogit", "knn", "vim", "diffguard+ebo"}
-
-
-@pytest.fixture(scope="module")
-def small_models(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("models")
-    torch.manual_seed(0)
-    spec = ClassifierSpec("diffguard_resnet_tiny", num_classes=6, in_chans=1, input_size=16, mean=[0.5], std=[0.5])
-    save_classifier(build_classifier(spec).eval(), folder / "classifier")
-    cfg = DiffusionConfig(block_out_channels=[32, 32], attention_levels=[False, True], layers_per_block=1)
-    unet = build_unet(cfg, 1, 16, None)
-    save_diffusion(DiffusionModel(unet, build_scheduler(cfg).alphas_cumprod.double()), build_scheduler(cfg),
-                   folder / "diffusion")
-    return folder
-
-
-def eval_argv(out, models, *extra):
-    return [f"--config={ROOT / 'conf' / 'digits_gdm.yaml'}", f"output_dir={out}",
-            f"models.classifier={models / 'classifier'}", f"models.diffusion={models / 'diffusion'}",
-            "limit_per_set=6", "diffguard.num_steps=4", "diffguard.depth=2", "data.eval_batch_size=16",
-            "trainer.enable_progress_bar=false", *extra]
 
 
 def test_evaluate_writes_results_and_scores(tmp_path, small_models, benchmark):
