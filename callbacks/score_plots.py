@@ -30,10 +30,14 @@ class ScoreDistributionPlot(L.Callback):
         sets = list(dict.fromkeys(s for s, sp in zip(records["set"], records["split"]) if sp == split))
         for detector in detector_columns(records):
             fig, ax = plt.subplots(figsize=(6, 3.5))
-            for set_name in sets:
-                values = [v for v, s, sp in zip(records[detector], records["set"], records["split"])
-                          if s == set_name and sp == split]
-                ax.hist(values, bins=self.bins, histtype="step", density=True, label=set_name)
+            by_set = {s: [v for v, name, sp in zip(records[detector], records["set"], records["split"])
+                          if name == s and sp == split] for s in sets}
+            every = [v for values in by_set.values() for v in values]
+            lo, hi = min(every), max(every)
+            span = max(hi - lo, 1e-6 * max(1.0, abs(hi)))  # near-constant scores still get finite bins
+            edges = [lo + span * k / self.bins for k in range(self.bins + 1)]
+            for set_name, values in by_set.items():
+                ax.hist(values, bins=edges, histtype="step", density=True, label=set_name)
             ax.set_xlabel(f"{detector} score (higher = more OOD)")
             ax.legend(fontsize=7)
             name = detector.replace("/", "_")

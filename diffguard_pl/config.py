@@ -287,6 +287,8 @@ class EvalConfig(RunConfig):
     oracle: bool = False  # also evaluate with true labels for InD samples
     limit_per_set: Optional[int] = None  # evaluate only the first N samples of each set (quick runs)
     split: str = "test"  # test: report on test splits; val: on validation splits (for tuning, never test)
+    resume: bool = True  # skip samples already finished in output_dir/shards by a run with the same config
+    shard: Optional[str] = None  # "i/n": evaluate only samples whose index modulo n is i (merge with diffguard_pl.merge)
     models: ModelPaths = field(default_factory=ModelPaths)
     diffguard: DiffGuardConfig = field(default_factory=DiffGuardConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)

@@ -13,18 +13,19 @@ from typing import Optional
 
 import lightning as L
 import torch
-from torch.utils.data import ConcatDataset, DataLoader
+from torch.utils.data import ConcatDataset, DataLoader, Subset
 
 from callbacks import InversionCurveLogger, ReconstructionLogger, ScoreDistributionPlot
 from diffguard_pl import config as config_lib
+from diffguard_pl import shards
 from diffguard_pl.baselines import BaselineStats, fit_baselines
-from diffguard_pl.config import EvalConfig
+from diffguard_pl.config import ConfigError, EvalConfig
 from diffguard_pl.data import Benchmark, ImageSet, build_benchmark
 from diffguard_pl.data.sampler import ShardSampler
 from diffguard_pl.models import Classifier, load_classifier, load_diffusion
 from diffguard_pl.modules.evaluator import DiffGuardEvaluator
 from diffguard_pl.pipeline import DiffGuardPipeline
-from diffguard_pl.results import format_table, write_json, write_scores_csv
+from diffguard_pl.results import finalize, format_table, write_json, write_scores_csv
 from diffguard_pl.training import build_logger, finish_logger, trainer_kwargs
 
 
@@ -82,28 +83,65 @@ def build_trainer(cfg: EvalConfig, logger) -> L.Trainer:
     )
 
 
+def write_outputs(results: dict, records: dict, groups: dict, output_dir: Path) -> None:
+    write_json(results, output_dir / "results.json")
+    write_scores_csv(records, output_dir / "scores.csv")
+    print(format_table(results, groups))
+    print(f"wrote {output_dir / 'results.json'} and {output_dir / 'scores.csv'}")
+
+
 def evaluate(cfg: EvalConfig, benchmark: Optional[Benchmark] = None) -> Optional[dict]:
-    """Run DiffGuard and the baselines; returns results.json's content on rank 0 (None elsewhere)."""
+    """Run DiffGuard and the baselines; returns results.json's content on rank 0 (None elsewhere).
+
+    Finished samples are appended to ``output_dir/shards`` after every batch;
+    running again with the same config skips them (``resume=true``).
+    """
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    config_lib.save(cfg, output_dir / "config.yaml")
     L.seed_everything(cfg.seed, workers=True)
 
     classifier = load_classifier(cfg.models.classifier)
     diffusion = load_diffusion(cfg.models.diffusion)
     benchmark = benchmark or build_benchmark(cfg.data)
+    groups = {name: s.group for name, s in benchmark.ood.items()}
+    tree = shards.result_config(cfg)
+    header = {"fingerprint": shards.fingerprint(tree), "config": tree, "groups": groups,
+              "score": cfg.diffguard.score, "split": cfg.split}
+    if cfg.resume:
+        finished, torn = shards.load_finished(output_dir, header)
+        if torn:
+            print(f"dropped {torn} torn last line(s) of interrupted shard files")
+    elif any((output_dir / shards.SHARD_DIR).glob("*.jsonl")):
+        raise ConfigError(f"{output_dir} holds finished samples of an earlier run and resume=false: "
+                          f"use another output_dir or delete {output_dir / shards.SHARD_DIR}")
+    else:
+        finished = {}
+    config_lib.save(cfg, output_dir / "config.yaml")
+
+    sets = evaluation_sets(benchmark, cfg.limit_per_set, cfg.split)
+    ids = [sample_id for s in sets for sample_id in s.ids]
+    part = shards.parse_shard(cfg.shard)
+    wanted = [i for i in range(len(ids)) if part is None or i % part[1] == part[0]]
+    todo = [i for i in wanted if ids[i] not in finished]
+    previous = shards.records_to_columns([finished[ids[i]] for i in wanted if ids[i] in finished])
+    if finished:
+        print(f"resuming: {len(wanted) - len(todo)} of {len(wanted)} samples already finished in {output_dir}")
+    if not todo:
+        results = finalize(previous, cfg.diffguard.score, groups, cfg.split, 0.0, 0)
+        write_outputs(results, previous, groups, output_dir)
+        return results
+
     pipeline = DiffGuardPipeline(diffusion, classifier, cfg.diffguard)
     stats = fit_classifier_baselines(classifier, benchmark.train, cfg)
-    groups = {name: s.group for name, s in benchmark.ood.items()}
-
-    dataset = ConcatDataset(evaluation_sets(benchmark, cfg.limit_per_set, cfg.split))
+    dataset = Subset(ConcatDataset(sets), todo)
     loader = DataLoader(
         dataset,
         batch_size=cfg.data.eval_batch_size,
         sampler=ShardSampler(len(dataset)),  # each sample on exactly one process, no padding
         num_workers=cfg.data.num_workers,
     )
-    evaluator = DiffGuardEvaluator(pipeline, stats, groups, oracle=cfg.oracle, split=cfg.split)
+    evaluator = DiffGuardEvaluator(pipeline, stats, groups, oracle=cfg.oracle, split=cfg.split,
+                                   previous=previous, shard_header=header, output_dir=str(output_dir))
     logger = build_logger(cfg, output_dir)
     try:
         trainer = build_trainer(cfg, logger)
@@ -116,8 +154,5 @@ def evaluate(cfg: EvalConfig, benchmark: Optional[Benchmark] = None) -> Optional
         finish_logger(logger)
     if not trainer.is_global_zero:
         return None
-    write_json(results, output_dir / "results.json")
-    write_scores_csv(evaluator.all_records, output_dir / "scores.csv")
-    print(format_table(results, groups))
-    print(f"wrote {output_dir / 'results.json'} and {output_dir / 'scores.csv'}")
+    write_outputs(results, evaluator.all_records, groups, output_dir)
     return results

@@ -49,11 +49,13 @@ def _select(records: Mapping[str, list], split: str, set_name: str, column: str)
     return torch.tensor(values, dtype=torch.float64)
 
 
-def add_derived_detectors(records: Dict[str, list], score: str) -> None:
+def add_derived_detectors(records: Dict[str, list], score: str) -> List[str]:
     """Add ``diffguard`` (the configured distance) and ``diffguard+ebo`` (z-scores summed).
 
     The z-score normalisation of both detectors is fitted on the InD
-    validation split only; oracle variants get the same normalisation.
+    validation split only; oracle variants get the same normalisation. With
+    fewer than two InD validation samples (a small ``shard=i/n`` slice) the
+    fused detector cannot be fitted and is left out; the returned notes say so.
     """
     for prefix in ("", ORACLE):
         source = f"{prefix}{DIFFGUARD}/{score}"
@@ -61,7 +63,7 @@ def add_derived_detectors(records: Dict[str, list], score: str) -> None:
             records[f"{prefix}{DIFFGUARD}"] = list(records[source])
     val_dg, val_ebo = _select(records, "val", IND, f"{DIFFGUARD}/{score}"), _select(records, "val", IND, "ebo")
     if len(val_dg) < 2:
-        raise ValueError("the fused detector needs InD validation samples (at least 2) to fit its normalisation")
+        return [f"{FUSED} left out: its normalisation needs at least 2 InD validation samples, got {len(val_dg)}"]
     norm = {name: (float(v.mean()), float(v.std()) or 1.0) for name, v in (("dg", val_dg), ("ebo", val_ebo))}
     for prefix in ("", ORACLE):
         if f"{prefix}{DIFFGUARD}" not in records:
@@ -70,6 +72,7 @@ def add_derived_detectors(records: Dict[str, list], score: str) -> None:
             (dg - norm["dg"][0]) / norm["dg"][1] + (e - norm["ebo"][0]) / norm["ebo"][1]
             for dg, e in zip(records[f"{prefix}{DIFFGUARD}"], records["ebo"])
         ]
+    return []
 
 
 def detector_columns(records: Mapping[str, list]) -> List[str]:
@@ -100,6 +103,23 @@ def summarize(records: Mapping[str, list], groups: Mapping[str, str], split: str
                 for key in ("auroc", "fpr95")
             }
         result["detectors"][detector] = entry
+    return result
+
+
+def finalize(records: Dict[str, list], score: str, groups: Mapping[str, str], split: str, seconds: float,
+             new_images: int) -> dict:
+    """Derived detectors, metrics and throughput (over the ``new_images`` evaluated in ``seconds``)."""
+    notes = add_derived_detectors(records, score)
+    result = summarize(records, groups, split)
+    if notes:
+        result["notes"] = notes
+    n = len(records["id"])
+    result["throughput"] = {
+        "images_per_second": new_images / seconds if seconds > 0 and new_images else float("nan"),
+        "unet_evals_per_image": sum(records["unet_evals"]) / max(n, 1),
+        "seconds": seconds,
+        "images": new_images,
+    }
     return result
 
 

@@ -101,7 +101,14 @@ def test_bad_data_config_fails_with_key():
 def test_shard_sampler_covers_every_index_once():
     from diffguard_pl.data.sampler import ShardSampler
 
-    for length, world in [(10, 3), (2, 3), (0, 2), (7, 1)]:
+    for length, world in [(10, 3), (3, 3), (0, 2), (7, 1)]:
         shards = [list(ShardSampler(length, rank, world)) for rank in range(world)]
         assert sorted(i for s in shards for i in s) == list(range(length))
         assert [len(ShardSampler(length, r, world)) for r in range(world)] == [len(s) for s in shards]
+
+
+def test_shard_sampler_gives_an_empty_rank_one_repeat():
+    from diffguard_pl.data.sampler import ShardSampler
+
+    shards = [list(ShardSampler(2, rank, 3)) for rank in range(3)]
+    assert shards == [[0], [1], [0]]  # rank 2 repeats sample 0; results keep one record per id

@@ -3,7 +3,11 @@
 Lightning's default ``DistributedSampler`` pads the dataset by repeating
 samples so that every rank gets the same count; for evaluation that repeats
 work and, unless removed, counts samples twice. Rank r of W takes indices
-r, r + W, r + 2W, ...; ranks may get uneven counts (or none).
+r, r + W, r + 2W, ...; ranks may get uneven counts. A rank that would get
+none (fewer samples than processes) gets one repeated sample instead, because
+Lightning skips the loop, and with it the final gathering, on a rank with no
+batches; the evaluator keeps one record per sample id, so the repeat is not
+counted.
 """
 
 from __future__ import annotations
@@ -23,6 +27,8 @@ class ShardSampler(Sampler[int]):
         initialized = dist.is_available() and dist.is_initialized()
         rank = self._rank if self._rank is not None else (dist.get_rank() if initialized else 0)
         world = self._world_size if self._world_size is not None else (dist.get_world_size() if initialized else 1)
+        if rank >= self.length > 0:
+            return range(rank % self.length, rank % self.length + 1)
         return range(rank, self.length, world)
 
     def __iter__(self) -> Iterator[int]:

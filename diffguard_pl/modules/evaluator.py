@@ -18,7 +18,8 @@ import torch.distributed as dist
 
 from diffguard_pl.baselines import BaselineStats, baseline_scores
 from diffguard_pl.pipeline import DiffGuardPipeline
-from diffguard_pl.results import DIFFGUARD, ORACLE, add_derived_detectors, merge_records, summarize
+from diffguard_pl.results import DIFFGUARD, ORACLE, finalize, merge_records
+from diffguard_pl.shards import ShardWriter
 
 
 class DiffGuardEvaluator(L.LightningModule):
@@ -29,6 +30,9 @@ class DiffGuardEvaluator(L.LightningModule):
         groups: Mapping[str, str],
         oracle: bool = False,
         split: str = "test",
+        previous: Optional[Dict[str, list]] = None,
+        shard_header: Optional[dict] = None,
+        output_dir: Optional[str] = None,
     ):
         super().__init__()
         self.pipeline = pipeline
@@ -40,6 +44,9 @@ class DiffGuardEvaluator(L.LightningModule):
         self.groups = dict(groups)
         self.oracle = oracle
         self.split = split
+        self.previous = previous or {}  # records finished by an earlier, interrupted run
+        self.shard_header, self.output_dir = shard_header, output_dir
+        self.writer: Optional[ShardWriter] = None
         self.records: List[Dict[str, list]] = []
         self.results: Optional[dict] = None
         self.all_records: Optional[Dict[str, list]] = None
@@ -48,10 +55,19 @@ class DiffGuardEvaluator(L.LightningModule):
         self.records, self.results, self.all_records = [], None, None
         self.baselines = self.baselines.to(self.device)
         self._started = time.perf_counter()
+        if self.shard_header is not None:
+            self.writer = ShardWriter(self.output_dir, self.global_rank, self.shard_header)
 
     def test_step(self, batch: dict, batch_idx: int) -> dict:
         oracle_labels = batch["label"] if self.oracle else None
-        out = self.pipeline(batch["image"], batch["id"], oracle_labels)
+        try:
+            out = self.pipeline(batch["image"], batch["id"], oracle_labels)
+        except torch.OutOfMemoryError as error:
+            kept = f"; finished samples are kept in {self.output_dir}/shards and the same command resumes" if self.writer else ""
+            raise RuntimeError(
+                f"out of memory in test batch {batch_idx} ({len(batch['id'])} samples, first id {batch['id'][0]}): "
+                f"lower data.eval_batch_size (now {len(batch['id'])} per batch){kept}"
+            ) from error
         record = {
             "id": list(batch["id"]),
             "set": list(batch["set"]),
@@ -68,25 +84,22 @@ class DiffGuardEvaluator(L.LightningModule):
         for name, value in baseline_scores(self.baselines, out["logits"], out["features"]).items():
             record[name] = value.tolist()
         self.records.append(record)
+        if self.writer is not None:
+            self.writer.append(record)
         return out  # for callbacks: synthesis, reference, curves, pred, ...
 
     def on_test_epoch_end(self) -> None:
         elapsed = time.perf_counter() - self._started
+        if self.writer is not None:
+            self.writer.close()
         parts = self.records
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             gathered: List[Optional[List[dict]]] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, parts)
             parts = [p for rank_parts in gathered for p in rank_parts]
-        records = merge_records(parts)
+        new_images = sum(len(p["id"]) for p in parts)
+        records = merge_records([self.previous] + parts)
         if not self.trainer.is_global_zero:
             return
-        add_derived_detectors(records, self.pipeline.cfg.score)
-        results = summarize(records, self.groups, self.split)
-        n = len(records["id"])
-        results["throughput"] = {
-            "images_per_second": n / elapsed if elapsed > 0 else float("nan"),
-            "unet_evals_per_image": sum(records["unet_evals"]) / max(n, 1),
-            "seconds": elapsed,
-            "images": n,
-        }
-        self.all_records, self.results = records, results
+        self.all_records = records
+        self.results = finalize(records, self.pipeline.cfg.score, self.groups, self.split, elapsed, new_images)

@@ -1,0 +1,120 @@
+"""Exact multi-process evaluation and interruption-safe results (CPU, gloo), through the real CLI."""
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, eval_argv
+
+# AES and cutout on, so that per-sample seeding and per-sample stopping are exercised. float64, so that
+# what is compared is the per-sample logic rather than rounding that depends on batch composition.
+EXTRA = ["trainer.precision=64-true", "diffguard.num_steps=6", "diffguard.depth=4", "diffguard.guidance.cutout.num=2",
+         "diffguard.aes.enabled=true", "diffguard.aes.psnr=23", "diffguard.reference=unguided",
+         "data.eval_batch_size=4", "callbacks.reconstructions=0"]
+
+
+def run_eval(out, models, *extra, check=True):
+    argv = eval_argv(out, models, *EXTRA, *extra)
+    result = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *argv], capture_output=True, text=True,
+                            cwd=ROOT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def read_scores(out):
+    with open(out / "scores.csv") as handle:
+        return {row["id"]: row for row in csv.DictReader(handle)}
+
+
+def assert_same_scores(a, b, rtol=1e-9):
+    assert a.keys() == b.keys()
+    for sample_id, row in a.items():
+        other = b[sample_id]
+        for column, value in row.items():
+            if column in ("id", "set", "split"):
+                assert value == other[column]
+            else:
+                assert float(value) == pytest.approx(float(other[column]), rel=rtol, abs=1e-12), (sample_id, column)
+
+
+def metrics(out):
+    results = json.loads((out / "results.json").read_text())
+    results.pop("throughput")
+    return results
+
+
+def test_two_processes_equal_one(tmp_path, small_models):
+    run_eval(tmp_path / "one", small_models)
+    run_eval(tmp_path / "two", small_models, "trainer.devices=2", "trainer.strategy=ddp")
+    one, two = read_scores(tmp_path / "one"), read_scores(tmp_path / "two")
+    assert len(one) == 48  # InD val, InD test and six OOD sets, 6 samples each: none dropped or doubled
+    assert_same_scores(one, two)
+    assert len({row["depth"] for row in one.values()}) > 1  # AES stopped samples at different depths
+    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    assert m1["num_samples"] == m2["num_samples"] and m1["id_accuracy"] == m2["id_accuracy"]
+    for name, entry in m1["detectors"].items():
+        for set_name, values in entry["per_ood"].items():
+            for key, value in values.items():
+                assert value == pytest.approx(m2["detectors"][name]["per_ood"][set_name][key], abs=1e-9)
+    shard_files = list((tmp_path / "two" / "shards").glob("*.jsonl"))
+    assert len(shard_files) == 2  # one per rank
+
+
+def test_a_rank_with_no_samples(tmp_path, small_models):
+    # shard 0/48 of 48 samples is a single sample: the second process gets none.
+    run_eval(tmp_path / "tiny", small_models, "shard=0/48", "trainer.devices=2", "trainer.strategy=ddp")
+    assert len(read_scores(tmp_path / "tiny")) == 1
+
+
+def test_killed_run_resumes_to_identical_results(tmp_path, small_models):
+    run_eval(tmp_path / "full", small_models)
+    out = tmp_path / "killed"
+    argv = eval_argv(out, small_models, *EXTRA, "data.eval_batch_size=2")
+    process = subprocess.Popen([sys.executable, str(ROOT / "evaluate.py"), *argv], cwd=ROOT,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        lines = sum(len(p.read_text().splitlines()) for p in (out / "shards").glob("*.jsonl")) if (out / "shards").exists() else 0
+        if lines >= 11:  # the header and at least five batches
+            break
+        time.sleep(0.2)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert not (out / "results.json").exists()
+    (shard,) = (out / "shards").glob("*.jsonl")
+    with open(shard, "a") as handle:
+        handle.write('{"id": "torn-wri')  # a write cut short by the crash
+    resumed = run_eval(out, small_models, "data.eval_batch_size=2")
+    assert "resuming" in resumed.stdout and "torn" in resumed.stdout
+    scores = read_scores(out)
+    with open(out / "scores.csv") as handle:
+        ids = [row["id"] for row in csv.DictReader(handle)]
+    assert len(ids) == len(set(ids)) == 48
+    assert_same_scores(scores, read_scores(tmp_path / "full"))
+    assert metrics(out) == metrics(tmp_path / "full")
+
+
+def test_resume_with_changed_config_is_refused(tmp_path, small_models):
+    out = tmp_path / "run"
+    run_eval(out, small_models, "shard=0/8")
+    changed = run_eval(out, small_models, "shard=0/8", "diffguard.aes.psnr=24", check=False)
+    assert changed.returncode == 2
+    assert "diffguard.aes.psnr" in changed.stderr and "another config" in changed.stderr
+
+
+def test_shards_split_by_hand_merge_to_the_full_result(tmp_path, small_models):
+    run_eval(tmp_path / "full", small_models)
+    for i in range(3):
+        run_eval(tmp_path / f"part{i}", small_models, f"shard={i}/3")
+    merged = subprocess.run([sys.executable, "-m", "diffguard_pl.merge", *(str(tmp_path / f"part{i}") for i in range(3)),
+                             "--output", str(tmp_path / "merged")], capture_output=True, text=True, cwd=ROOT)
+    assert merged.returncode == 0, merged.stderr
+    assert_same_scores(read_scores(tmp_path / "merged"), read_scores(tmp_path / "full"))
+    assert metrics(tmp_path / "merged") == metrics(tmp_path / "full")
