@@ -126,3 +126,26 @@ def test_wandb_offline_run_holds_curves_images_and_same_results(tmp_path, small_
         assert [int(r["step"]) for r in psnr_ind] == [1, 2]  # depth 2: one row per inversion step
         assert all(int(r["count"]) == 12 for r in psnr_ind)  # InD val + InD test, 6 each
         assert float(psnr_ind[0]["q10"]) <= float(psnr_ind[0]["q50"]) <= float(psnr_ind[0]["q90"])
+
+
+def test_out_of_memory_names_the_batch_and_keeps_finished_samples(tmp_path, small_models, benchmark, monkeypatch):
+    from diffguard_pl.pipeline import DiffGuardPipeline
+    from diffguard_pl.shards import read_shard
+
+    original, calls = DiffGuardPipeline.__call__, []
+
+    def failing(self, images, ids, oracle_labels=None):
+        calls.append(len(ids))
+        if len(calls) == 3:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return original(self, images, ids, oracle_labels)
+
+    monkeypatch.setattr(DiffGuardPipeline, "__call__", failing)
+    cfg = config_lib.load(EvalConfig, eval_argv(tmp_path, small_models, "data.eval_batch_size=4"), None)
+    with pytest.raises(RuntimeError, match=r"out of memory in test batch 2 .*data.eval_batch_size.*resumes"):
+        evaluate(cfg, benchmark)
+    (shard,) = (tmp_path / "shards").glob("*.jsonl")
+    assert len(read_shard(shard)[1]) == 8  # the two finished batches are on disk
+    monkeypatch.setattr(DiffGuardPipeline, "__call__", original)
+    results = evaluate(cfg, benchmark)  # the same command resumes and completes
+    assert sum(results["num_samples"].values()) == 6 * 7

@@ -62,12 +62,13 @@ class DiffGuardEvaluator(L.LightningModule):
         oracle_labels = batch["label"] if self.oracle else None
         try:
             out = self.pipeline(batch["image"], batch["id"], oracle_labels)
-        except torch.OutOfMemoryError as error:
-            kept = f"; finished samples are kept in {self.output_dir}/shards and the same command resumes" if self.writer else ""
-            raise RuntimeError(
-                f"out of memory in test batch {batch_idx} ({len(batch['id'])} samples, first id {batch['id'][0]}): "
-                f"lower data.eval_batch_size (now {len(batch['id'])} per batch){kept}"
-            ) from error
+        except Exception as error:
+            where = f"test batch {batch_idx} ({len(batch['id'])} samples, first id {batch['id'][0]})"
+            kept = (f"; samples finished so far are kept in {self.output_dir}/shards and running the same command "
+                    f"again resumes" if self.writer is not None else "")
+            if isinstance(error, torch.OutOfMemoryError):
+                raise RuntimeError(f"out of memory in {where}: lower data.eval_batch_size{kept}") from error
+            raise RuntimeError(f"{where} failed: {type(error).__name__}: {error}{kept}") from error
         record = {
             "id": list(batch["id"]),
             "set": list(batch["set"]),
