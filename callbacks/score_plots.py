@@ -29,10 +29,12 @@ class ScoreDistributionPlot(L.Callback):
         folder = output_folder(trainer, "scores")
         sets = list(dict.fromkeys(s for s, sp in zip(records["set"], records["split"]) if sp == split))
         for detector in detector_columns(records):
-            fig, ax = plt.subplots(figsize=(6, 3.5))
             by_set = {s: [v for v, name, sp in zip(records[detector], records["set"], records["split"])
                           if name == s and sp == split] for s in sets}
             every = [v for values in by_set.values() for v in values]
+            if not every:
+                continue
+            fig, ax = plt.subplots(figsize=(6, 3.5))
             lo, hi = min(every), max(every)
             span = max(hi - lo, 1e-6 * max(1.0, abs(hi)))  # near-constant scores still get finite bins
             edges = [lo + span * k / self.bins for k in range(self.bins + 1)]

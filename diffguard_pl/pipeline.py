@@ -127,9 +127,10 @@ class DiffGuardPipeline:
         rule; synthesis starts at exactly the level the inversion reached.
 
         With ``latent`` and ``depth`` given (an earlier inversion), only the
-        synthesis runs; with ``invert_only`` only the inversion. Returns model-space ``synthesis`` and ``reference``,
-        per-sample ``depth``, ``latent`` (where synthesis started) and the
-        per-step ``curves`` of the inversion.
+        synthesis runs; with ``invert_only`` only the inversion. Returns
+        model-space ``synthesis`` and ``reference``, per-sample ``depth``,
+        ``latent`` (where synthesis started) and the per-step ``curves`` of
+        the inversion (NaN after a sample stopped).
         """
         n, cap = x0.shape[0], len(self.timesteps)
         device = self.device
@@ -150,7 +151,8 @@ class DiffGuardPipeline:
             inv, syn = (phase == 0).nonzero().flatten(), (phase == 1).nonzero().flatten()
             # One UNet call: inverting rows (null class), synthesising rows (label), reference rows (null class).
             rows, steps = [x[inv], x[syn]], [level[inv] + 1, level[syn]]
-            conds = [self._condition(None, len(inv)), self._condition(None if labels is None else labels[syn], len(syn))]
+            syn_labels = None if labels is None else labels[syn]
+            conds = [self._condition(None, len(inv)), self._condition(syn_labels, len(syn))]
             if with_reference:
                 rows, steps = rows + [x_ref[syn]], steps + [level[syn]]
                 conds.append(self._condition(None, len(syn)))

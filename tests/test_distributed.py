@@ -50,14 +50,21 @@ def metrics(out):
     return results
 
 
-def test_two_processes_equal_one(tmp_path, small_models):
-    run_eval(tmp_path / "one", small_models)
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, small_models):
+    """One uninterrupted single-process run: the reference the other runs must equal."""
+    out = tmp_path_factory.mktemp("full")
+    run_eval(out, small_models)
+    return out
+
+
+def test_two_processes_equal_one(tmp_path, small_models, full_run):
     run_eval(tmp_path / "two", small_models, "trainer.devices=2", "trainer.strategy=ddp")
-    one, two = read_scores(tmp_path / "one"), read_scores(tmp_path / "two")
+    one, two = read_scores(full_run), read_scores(tmp_path / "two")
     assert len(one) == 48  # InD val, InD test and six OOD sets, 6 samples each: none dropped or doubled
     assert_same_scores(one, two)
     assert len({row["depth"] for row in one.values()}) > 1  # AES stopped samples at different depths
-    m1, m2 = metrics(tmp_path / "one"), metrics(tmp_path / "two")
+    m1, m2 = metrics(full_run), metrics(tmp_path / "two")
     assert m1["num_samples"] == m2["num_samples"] and m1["id_accuracy"] == m2["id_accuracy"]
     for name, entry in m1["detectors"].items():
         for set_name, values in entry["per_ood"].items():
@@ -73,15 +80,15 @@ def test_a_rank_with_no_samples(tmp_path, small_models):
     assert len(read_scores(tmp_path / "tiny")) == 1
 
 
-def test_killed_run_resumes_to_identical_results(tmp_path, small_models):
-    run_eval(tmp_path / "full", small_models)
+def test_killed_run_resumes_to_identical_results(tmp_path, small_models, full_run):
     out = tmp_path / "killed"
     argv = eval_argv(out, small_models, *EXTRA, "data.eval_batch_size=2")
     process = subprocess.Popen([sys.executable, str(ROOT / "evaluate.py"), *argv], cwd=ROOT,
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:
-        lines = sum(len(p.read_text().splitlines()) for p in (out / "shards").glob("*.jsonl")) if (out / "shards").exists() else 0
+        files = list((out / "shards").glob("*.jsonl")) if (out / "shards").exists() else []
+        lines = sum(len(p.read_text().splitlines()) for p in files)
         if lines >= 11:  # the header and at least five batches
             break
         time.sleep(0.2)
@@ -97,8 +104,8 @@ def test_killed_run_resumes_to_identical_results(tmp_path, small_models):
     with open(out / "scores.csv") as handle:
         ids = [row["id"] for row in csv.DictReader(handle)]
     assert len(ids) == len(set(ids)) == 48
-    assert_same_scores(scores, read_scores(tmp_path / "full"))
-    assert metrics(out) == metrics(tmp_path / "full")
+    assert_same_scores(scores, read_scores(full_run))
+    assert metrics(out) == metrics(full_run)
 
 
 def test_resume_with_changed_config_is_refused(tmp_path, small_models):
@@ -109,12 +116,12 @@ def test_resume_with_changed_config_is_refused(tmp_path, small_models):
     assert "diffguard.aes.psnr" in changed.stderr and "another config" in changed.stderr
 
 
-def test_shards_split_by_hand_merge_to_the_full_result(tmp_path, small_models):
-    run_eval(tmp_path / "full", small_models)
-    for i in range(3):
-        run_eval(tmp_path / f"part{i}", small_models, f"shard={i}/3")
-    merged = subprocess.run([sys.executable, "-m", "diffguard_pl.merge", *(str(tmp_path / f"part{i}") for i in range(3)),
+def test_shards_split_by_hand_merge_to_the_full_result(tmp_path, small_models, full_run):
+    parts = [tmp_path / f"part{i}" for i in range(2)]
+    for i, part in enumerate(parts):
+        run_eval(part, small_models, f"shard={i}/2")
+    merged = subprocess.run([sys.executable, "-m", "diffguard_pl.merge", *map(str, parts),
                              "--output", str(tmp_path / "merged")], capture_output=True, text=True, cwd=ROOT)
     assert merged.returncode == 0, merged.stderr
-    assert_same_scores(read_scores(tmp_path / "merged"), read_scores(tmp_path / "full"))
-    assert metrics(tmp_path / "merged") == metrics(tmp_path / "full")
+    assert_same_scores(read_scores(tmp_path / "merged"), read_scores(full_run))
+    assert metrics(tmp_path / "merged") == metrics(full_run)
