@@ -30,7 +30,7 @@ test: setup
 test-all: setup
 	$(PY) -m pytest -q
 
-# Re-create the committed checkpoints (about 30 min on 2 CPU cores per diffusion model).
+# Re-create the committed checkpoints (about 10-15 min on 2 CPU cores per diffusion model).
 checkpoints: setup
 	$(PY) train.py --config conf/train_classifier.yaml output_dir=$(OUT)/classifier
 	$(PY) train.py --config conf/train_diffusion_uncond.yaml output_dir=$(OUT)/diffusion_uncond

@@ -103,6 +103,8 @@ class DiffusionConfig:
     beta_schedule: str = "squaredcos_cap_v2"
     label_dropout: float = 0.1  # probability of replacing the label by the null class
     ema_decay: float = 0.999
+    dropout: float = 0.0  # inside the UNet's residual blocks
+    augment_shift: int = 0  # random translation in pixels of training images
 
     def __post_init__(self) -> None:
         if len(self.attention_levels) != len(self.block_out_channels):
@@ -166,6 +168,8 @@ class TrainConfig(RunConfig):
     task: str = MISSING  # classifier | diffusion
     output_dir: str = "outputs/train"
     resume: Optional[str] = None  # a Lightning checkpoint (e.g. OUTPUT/checkpoints/last.ckpt)
+    monitor: Optional[str] = None  # e.g. val/loss: export the best checkpoint by this metric, not the last
+    monitor_mode: str = "min"  # min | max
     optim: OptimConfig = field(default_factory=OptimConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -173,6 +177,7 @@ class TrainConfig(RunConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_choice("task", self.task, ["classifier", "diffusion"])
+        _check_choice("monitor_mode", self.monitor_mode, ["min", "max"])
 
 
 @dataclass

@@ -82,6 +82,7 @@ def build_module(cfg: TrainConfig, benchmark: Benchmark) -> L.LightningModule:
         num_classes=num_classes,
         label_dropout=cfg.diffusion.label_dropout,
         ema_decay=cfg.diffusion.ema_decay,
+        augment_shift=cfg.diffusion.augment_shift,
     )
 
 
@@ -99,8 +100,13 @@ def trainer_kwargs(t: TrainerConfig) -> dict:
 
 def build_trainer(cfg: TrainConfig, output_dir: Path, logger, export_dir: Path) -> L.Trainer:
     t = cfg.trainer
-    checkpoints = ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True, save_top_k=0)
-    callbacks = [checkpoints, ExportPortableCheckpoint(export_dir), LearningRateMonitor("step")]
+    if cfg.monitor:
+        checkpoints = ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True, save_top_k=1,
+                                      monitor=cfg.monitor, mode=cfg.monitor_mode, filename="best")
+    else:
+        checkpoints = ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True, save_top_k=0)
+    export = ExportPortableCheckpoint(export_dir, best_of=checkpoints if cfg.monitor else None)
+    callbacks = [checkpoints, export, LearningRateMonitor("step")]
     return L.Trainer(
         **trainer_kwargs(t),
         max_steps=t.max_steps,

@@ -37,6 +37,7 @@ def build_unet(cfg: DiffusionConfig, channels: int, resolution: int, num_classes
         down_block_types=down,
         up_block_types=up,
         attention_head_dim=cfg.attention_head_dim,
+        dropout=cfg.dropout,
         num_class_embeds=(num_classes + 1) if cfg.conditional else None,
     )
 

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 
 from diffguard_pl.config import OptimConfig
+from diffguard_pl.data.augment import random_shift
 from diffguard_pl.data.benchmark import sample_seed
 from diffguard_pl.models.diffusion import DiffusionModel, save_diffusion
 from diffguard_pl.modules.optim import configure
@@ -41,11 +42,12 @@ class DiffusionModule(L.LightningModule):
         num_classes: Optional[int] = None,
         label_dropout: float = 0.1,
         ema_decay: float = 0.999,
+        augment_shift: int = 0,
     ):
         super().__init__()
         self.save_hyperparameters(
             {"unet": dict(unet.config), "optim": asdict(optim), "num_classes": num_classes,
-             "label_dropout": label_dropout, "ema_decay": ema_decay}
+             "label_dropout": label_dropout, "ema_decay": ema_decay, "augment_shift": augment_shift}
         )
         self.unet = unet
         self.ema_unet = copy.deepcopy(unet).requires_grad_(False).eval()
@@ -55,6 +57,7 @@ class DiffusionModule(L.LightningModule):
         self.num_classes = num_classes
         self.label_dropout = label_dropout
         self.ema_decay = ema_decay
+        self.augment_shift = augment_shift
 
     @property
     def null_class(self) -> Optional[int]:
@@ -82,7 +85,7 @@ class DiffusionModule(L.LightningModule):
         return labels
 
     def training_step(self, batch: dict, batch_idx: int) -> torch.Tensor:
-        x0 = batch["image"] * 2 - 1
+        x0 = random_shift(batch["image"], self.augment_shift) * 2 - 1
         noise = torch.randn_like(x0)
         t = torch.randint(0, self.alphas_cumprod.shape[0], (x0.shape[0],), device=x0.device)
         loss = self._loss(self.unet, x0, noise, t, self._labels(batch, drop=True))
