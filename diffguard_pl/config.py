@@ -250,6 +250,7 @@ class DiffGuardConfig:
     distances: List[str] = field(default_factory=lambda: ["l1", "l2", "psnr", "ssim", "logit_l1", "feature_cos"])
     perceptual_size: int = 64  # images are resized to this for DISTS / LPIPS
     seed: int = 0  # combined with each sample's id for cutout randomness
+    clip_x0: bool = False  # clip predicted x0 to [-1, 1] in synthesis steps (guided-diffusion's clip_denoised)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     aes: AESConfig = field(default_factory=AESConfig)
 

@@ -42,9 +42,21 @@ def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor) -> torch
     return (x_t - _bcast((1 - a_t).sqrt(), x_t) * eps) / _bcast(a_t.sqrt(), x_t)
 
 
-def ddim_step(x_t: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor, a_s: torch.Tensor) -> torch.Tensor:
-    """Move ``x_t`` from level alpha_bar ``a_t`` to ``a_s`` (per sample), deterministically."""
+def ddim_step(
+    x_t: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor, a_s: torch.Tensor, clip_x0: bool = False
+) -> torch.Tensor:
+    """Move ``x_t`` from level alpha_bar ``a_t`` to ``a_s`` (per sample), deterministically.
+
+    ``clip_x0`` clips the predicted x0 to [-1, 1] and re-derives eps from it
+    (guided-diffusion's ``clip_denoised``): cleaner samples, but the step is
+    then no longer exactly invertible.
+    """
     x0 = predict_x0(x_t, eps, a_t)
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)
+        derived = (x_t - _bcast(a_t.sqrt(), x_t) * x0) / _bcast((1 - a_t).clamp_min(1e-20).sqrt(), x_t)
+        noisy = (a_t < 1).to(x_t.device).view(-1, *([1] * (x_t.ndim - 1)))
+        eps = torch.where(noisy, derived, eps)  # at the clean level eps is not predicted
     return _bcast(a_s.sqrt(), x_t) * x0 + _bcast((1 - a_s).sqrt(), x_t) * eps
 
 
@@ -55,6 +67,7 @@ def ddim_sample(
     x_T: torch.Tensor,
     timesteps: torch.Tensor,
     progress: Optional[Callable] = None,
+    clip_x0: bool = False,
 ) -> torch.Tensor:
     """Synthesis from pure noise ``x_T`` at ``timesteps[-1]`` down to the clean level.
 
@@ -67,5 +80,5 @@ def ddim_sample(
     for i in progress(steps) if progress else steps:
         t = torch.full((x.shape[0],), int(levels[i]), dtype=torch.long, device=x.device)
         s = torch.full_like(t, int(levels[i - 1]))
-        x = ddim_step(x, eps_fn(x, t), alpha_bar(alphas_cumprod, t), alpha_bar(alphas_cumprod, s))
+        x = ddim_step(x, eps_fn(x, t), alpha_bar(alphas_cumprod, t), alpha_bar(alphas_cumprod, s), clip_x0)
     return x

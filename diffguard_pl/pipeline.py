@@ -165,10 +165,11 @@ class DiffGuardPipeline:
                 a_t, a_s = self._alpha(level[syn]), self._alpha(level[syn] - 1)
                 step_crops = None if crops is None else crops[syn.cpu(), level[syn].cpu()].to(device)
                 eps_syn = guided_eps(eps_syn, x[syn], a_t, labels[syn], self.classifier, guidance, step_crops)
+                clip = self.cfg.clip_x0
                 with torch.no_grad():
-                    x[syn] = ddim_step(x[syn], eps_syn, a_t, a_s)
+                    x[syn] = ddim_step(x[syn], eps_syn, a_t, a_s, clip)
                     if with_reference:
-                        x_ref[syn] = ddim_step(x_ref[syn], eps_ref, a_t, a_s)
+                        x_ref[syn] = ddim_step(x_ref[syn], eps_ref, a_t, a_s, clip)
                 level[syn] -= 1
                 phase[syn[level[syn] < 0]] = 2
 

@@ -1,8 +1,9 @@
 """Does a class-conditional diffusion model draw the class it is asked for?
 
-Samples ``per_class`` images per class with deterministic DDIM, starting from
-noise seeded by each sample's id, and reports how often the classifier
-predicts the requested class:
+Samples ``per_class`` images per class with deterministic DDIM (predicted x0
+clipped to [-1, 1] at each step, as guided-diffusion's ``clip_denoised``;
+``--no-clip`` turns that off), starting from noise seeded by each sample's id,
+and reports how often the classifier predicts the requested class:
 
     python -m diffguard_pl.sample_check checkpoints/digits/diffusion_cond checkpoints/digits/classifier
 """
@@ -48,6 +49,7 @@ def conditional_sample_accuracy(
     seed: int = 0,
     batch_size: int = 256,
     return_images: bool = False,
+    clip_x0: bool = True,
 ) -> dict:
     if not model.conditional:
         raise ValueError("conditional_sample_accuracy needs a class-conditional diffusion model")
@@ -59,7 +61,7 @@ def conditional_sample_accuracy(
     for start in range(0, len(labels), batch_size):
         y = labels[start : start + batch_size]
         x_T = seeded_noise(ids[start : start + batch_size], shape, seed)
-        x0 = ddim_sample(cfg_eps_fn(model, y, guidance_scale), model.alphas_cumprod, x_T, timesteps)
+        x0 = ddim_sample(cfg_eps_fn(model, y, guidance_scale), model.alphas_cumprod, x_T, timesteps, clip_x0=clip_x0)
         x01 = ((x0 + 1) / 2).clamp(0, 1)
         preds.append(classifier(x01).argmax(dim=1))
         if return_images:
@@ -67,7 +69,7 @@ def conditional_sample_accuracy(
     pred = torch.cat(preds)
     per = {int(c): float((pred[labels == c] == c).float().mean()) for c in range(model.num_classes)}
     result = {"accuracy": float((pred == labels).float().mean()), "per_class": per, "num_samples": len(labels),
-              "num_steps": num_steps, "guidance_scale": guidance_scale}
+              "num_steps": num_steps, "guidance_scale": guidance_scale, "clip_x0": clip_x0}
     if return_images:
         result["images"], result["labels"] = torch.cat(images), labels
     return result
@@ -81,11 +83,12 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance-scale", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--no-clip", action="store_true", help="do not clip the predicted x0 to [-1, 1] at each step")
     parser.add_argument("--grid", help="write a PNG grid of the samples (one row per class) here")
     args = parser.parse_args(argv)
     result = conditional_sample_accuracy(
         load_diffusion(args.diffusion), load_classifier(args.classifier), args.per_class, args.steps,
-        args.guidance_scale, args.seed, return_images=bool(args.grid),
+        args.guidance_scale, args.seed, return_images=bool(args.grid), clip_x0=not args.no_clip,
     )
     if args.grid:
         from torchvision.utils import save_image

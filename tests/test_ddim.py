@@ -50,3 +50,15 @@ def test_sample_with_oracle_eps_recovers_image():
     a_T = ALPHAS[steps[-1]]
     x_T = a_T.sqrt() * x0 + (1 - a_T).sqrt() * noise
     assert torch.allclose(ddim_sample(eps_fn, ALPHAS, x_T, steps), x0, atol=1e-10)
+
+
+def test_clipped_step_keeps_x0_in_range_and_is_plain_when_inside():
+    x0 = torch.rand(2, 1, 4, 4, dtype=torch.float64) * 2 - 1
+    noise = torch.randn_like(x0)
+    a_t, a_s = torch.tensor([0.5, 0.5], dtype=torch.float64), torch.tensor([0.9, 1.0], dtype=torch.float64)
+    x_t = a_t.sqrt().view(-1, 1, 1, 1) * x0 + (1 - a_t).sqrt().view(-1, 1, 1, 1) * noise
+    assert torch.allclose(ddim_step(x_t, noise, a_t, a_s, clip_x0=True), ddim_step(x_t, noise, a_t, a_s))
+    far = ddim_step(x_t, noise - 3.0, a_t, torch.ones(2, dtype=torch.float64), clip_x0=True)  # lands on x0
+    assert far.abs().max() <= 1.0 + 1e-12
+    clean = torch.ones(2, dtype=torch.float64)  # from the clean level, eps plays no role
+    assert torch.allclose(ddim_step(x0, noise, clean, a_t, clip_x0=True), ddim_step(x0, noise, clean, a_t))
