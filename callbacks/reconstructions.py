@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Dict, List
 
 import lightning as L
-import torch
 
 from callbacks._common import gather_to_rank_zero, output_folder, save_figure
 

@@ -1,6 +1,5 @@
 """The committed checkpoints of the embedded benchmark load and meet their figures."""
 
-import pytest
 import torch
 
 from diffguard_pl.config import DiffGuardConfig, GuidanceConfig

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from diffguard_pl.config import CutoutConfig, DiffGuardConfig, DiffusionConfig, GuidanceConfig
-from diffguard_pl.ddim import alpha_bar, predict_x0, spaced_timesteps
+from diffguard_pl.ddim import spaced_timesteps
 from diffguard_pl.guidance import clean_estimate, cutout, cutout_params, guided_eps, log_prob_grad
 from diffguard_pl.models import ClassifierSpec, DiffusionModel, build_classifier, build_scheduler, build_unet
 from diffguard_pl.pipeline import DiffGuardPipeline
