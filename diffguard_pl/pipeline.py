@@ -50,6 +50,7 @@ class DiffGuardPipeline:
         self.diffusion.unet.eval()
         self.cfg = cfg
         self.timesteps = spaced_timesteps(diffusion.num_train_timesteps, cfg.num_steps)[: cfg.depth]
+        self._tables: dict = {}  # per device: level -> (timestep, alpha_bar), not rebuilt every step
         self.perceptual = perceptual_from(cfg.distances, cfg.perceptual_size)
         self.aes = AdaptiveEarlyStop(cfg.aes, cfg.perceptual_size)
 
@@ -90,13 +91,20 @@ class DiffGuardPipeline:
             raise FloatingPointError("the classifier returned NaN or Inf logits")
         return at_least_float32(logits), at_least_float32(feats)
 
+    def _level_table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """(timestep, alpha_bar) per level index + 1 (index 0 = the clean level), built once per device."""
+        if device not in self._tables:
+            timesteps = torch.cat([torch.tensor([-1]), self.timesteps])
+            alphas = alpha_bar(self.diffusion.alphas_cumprod, timesteps)
+            self._tables[device] = (timesteps.to(device), alphas.to(device))
+        return self._tables[device]
+
     def _alpha(self, level: torch.Tensor) -> torch.Tensor:
-        """alpha_bar at level indices (-1 = clean) as float64, on the pipeline's device."""
-        return alpha_bar(self.diffusion.alphas_cumprod, self._timestep(level))
+        """alpha_bar at level indices (-1 = clean) as float64, on the level tensor's device."""
+        return self._level_table(level.device)[1][level + 1]
 
     def _timestep(self, level: torch.Tensor) -> torch.Tensor:
-        padded = torch.cat([torch.tensor([-1]), self.timesteps]).to(level.device)
-        return padded[level + 1]
+        return self._level_table(level.device)[0][level + 1]
 
     def _condition(self, labels: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
         """UNet class labels: ``labels`` for a conditional model (null class where None), else None."""
