@@ -4,9 +4,13 @@ Runs evaluate.py with split=val (InD val against each OOD set's val split)
 over a small grid and prints near / far AUROC of every DiffGuard distance
 and of the fused detector. Test splits are never read.
 
-    python benchmarks/tune_digits_val.py [key=value ...]   # extra overrides apply to every run
+    python benchmarks/tune_digits_val.py [--config FILE] [--grid key=v1,v2 ...] [key=value ...]
+
+``--grid`` replaces the default grid (depth x classifier-guidance scale of
+conf/digits_gdm.yaml); extra overrides apply to every run.
 """
 
+import argparse
 import itertools
 import json
 import subprocess
@@ -20,12 +24,19 @@ GRID = {
 }
 
 
-def main(extra: list[str]) -> None:
+def main(argv: list[str]) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", default=None, help="preset to tune (default: evaluate.py's default)")
+    parser.add_argument("--grid", action="append", default=None, help="key=v1,v2,... (repeatable)")
+    args, extra = parser.parse_known_args(argv)
+    grid = GRID if args.grid is None else {k: v.split(",") for k, v in (item.split("=", 1) for item in args.grid)}
+    preset = [f"--config={args.config}"] if args.config else []
+    tag = Path(args.config).stem if args.config else "default"
     rows = []
-    for values in itertools.product(*GRID.values()):
-        overrides = [f"{k}={v}" for k, v in zip(GRID, values)]
-        out = ROOT / "outputs" / "tune" / "_".join(f"{k.split('.')[-1]}{v}" for k, v in zip(GRID, values))
-        cmd = [sys.executable, str(ROOT / "evaluate.py"), "split=val", f"output_dir={out}",
+    for values in itertools.product(*grid.values()):
+        overrides = [f"{k}={v}" for k, v in zip(grid, values)]
+        out = ROOT / "outputs" / "tune" / tag / "_".join(f"{k.split('.')[-1]}{v}" for k, v in zip(grid, values))
+        cmd = [sys.executable, str(ROOT / "evaluate.py"), *preset, "split=val", f"output_dir={out}",
                "trainer.enable_progress_bar=false", *overrides, *extra]
         subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
         results = json.loads((out / "results.json").read_text())

@@ -30,12 +30,31 @@ def _check_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
 
 @dataclass
 class DataConfig:
-    """Which benchmark to build and how its images are preprocessed."""
+    """Which benchmark to build and how its images are preprocessed.
+
+    benchmark digits: the embedded Digits-OOD benchmark (built from installed packages).
+    benchmark cifar10 / imagenet: OpenOOD v1.5 image lists under ``root`` (the folder holding
+    benchmark_imglist/, images_classic/, images_largescale/), see diffguard_pl/data/files.py.
+    benchmark lists: your own image lists or folders, described by ``definition``::
+
+        definition:
+          num_classes: 10
+          ind: {train: {list: lists/train.txt, data_dir: images}, val: {...}, test: {...}}
+          ood: {my_set: {group: far, val: null, test: {folder: my_set_images}}}
+    """
 
     benchmark: str = "digits"
-    resolution: int = 16  # every set is resized to resolution x resolution
+    resolution: int = 16  # every set is resized to resolution x resolution (the diffusion model's size)
     channels: int = 1  # 1 (grayscale) or 3 (RGB)
     seed: int = 0  # fixes splits and the generated OOD sets
+    root: Optional[str] = None  # data root of file benchmarks (cifar10, imagenet, lists)
+    definition: Optional[Dict[str, Any]] = None  # benchmark=lists: sets as list files or folders (see above)
+    preprocess: Optional[str] = None  # resize | resize_center_crop; None: the benchmark's standard one
+    resize: Optional[int] = None  # resize_center_crop: shorter side before the crop; None: the standard ratio
+    on_error: str = "raise"  # raise: bad list lines / unreadable images stop the run; skip: dropped and counted
+    allow_grayscale: bool = False  # convert grayscale images in an RGB benchmark (counted in results.json)
+    verify_files: Optional[bool] = None  # decode every image up front; None: only with on_error=skip
+    decode_workers: int = 4  # threads that verify images up front
     ind_classes: List[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5])
     near_ood_classes: List[int] = field(default_factory=lambda: [6, 7, 8, 9])
     val_fraction: float = 0.15  # of the InD images, stratified by class
@@ -47,8 +66,15 @@ class DataConfig:
     num_workers: int = 0
 
     def __post_init__(self) -> None:
-        _check_choice("data.benchmark", self.benchmark, ["digits"])
+        _check_choice("data.benchmark", self.benchmark, ["digits", "cifar10", "imagenet", "lists"])
         _check_choice("data.channels", self.channels, [1, 3])
+        _check_choice("data.on_error", self.on_error, ["raise", "skip"])
+        if self.preprocess is not None:
+            _check_choice("data.preprocess", self.preprocess, ["resize", "resize_center_crop"])
+        if self.benchmark != "digits" and self.root is None:
+            raise ConfigError(f"data.benchmark={self.benchmark} reads image files: set data.root=/path/to/data")
+        if self.benchmark == "lists" and self.definition is None:
+            raise ConfigError("data.benchmark=lists needs data.definition (num_classes, ind, ood; see DataConfig)")
         if self.resolution < 8:
             raise ConfigError(f"data.resolution={self.resolution} is too small; use 8 or more")
         if set(self.ind_classes) & set(self.near_ood_classes):
@@ -162,10 +188,46 @@ class RunConfig:
 
 
 @dataclass
+class CoTrainConfig:
+    """Co-training (task=cotrain) and joint training (task=joint) of the classifier with a diffusion model.
+
+    Each step, InD training images are noised to x_t at timesteps drawn uniformly
+    from [t_min, t_max] (the diffusion model's training schedule, inclusive); the
+    diffusion model's clean estimate x0_pred(x_t), mapped to [0, 1], is classified
+    as well as the real image. Classifier loss: (1 - weight) * CE(real) + weight *
+    CE(clean estimate). cotrain keeps the diffusion model frozen; joint also
+    fine-tunes it with denoising MSE + ce_weight * CE(classifier(x0_pred), y),
+    the gradient flowing through the UNet (its own optimiser, diffusion_lr).
+    """
+
+    diffusion_path: str = "checkpoints/digits/diffusion_uncond"  # diffusers folder to load
+    t_min: int = 0
+    t_max: int = 700  # the embedded preset's synthesis starts at timestep 680 (depth 35 of 50)
+    weight: float = 0.5  # share of the clean-estimate term in the classifier's loss
+    clean: str = "x0_pred"  # what the classifier sees: x0_pred | blend (f x0_pred + (1-f) x_t, as guidance does)
+    clamp: bool = False  # clamp the clean estimate to [-1, 1]; guidance does not, so off by default
+    diffusion_lr: float = 1e-4  # joint: AdamW lr of the UNet (same warmup / schedule as optim)
+    diffusion_weight_decay: float = 0.0
+    ce_weight: float = 0.01  # joint: weight of the classifier's CE in the UNet's loss
+    ema_decay: float = 0.99  # joint: EMA of the fine-tuned UNet (starts at the loaded weights), exported; 0 = raw
+
+    def __post_init__(self) -> None:
+        _check_choice("cotrain.clean", self.clean, ["x0_pred", "blend"])
+        if not 0 <= self.t_min <= self.t_max:
+            raise ConfigError(f"cotrain.t_min={self.t_min}, cotrain.t_max={self.t_max}: need 0 <= t_min <= t_max")
+        if not 0.0 <= self.weight <= 1.0:
+            raise ConfigError(f"cotrain.weight={self.weight} must lie in [0, 1]")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"cotrain.ema_decay={self.ema_decay} must lie in [0, 1)")
+        if self.ce_weight < 0:
+            raise ConfigError(f"cotrain.ce_weight={self.ce_weight} must be >= 0")
+
+
+@dataclass
 class TrainConfig(RunConfig):
     """Root schema of ``train.py``."""
 
-    task: str = MISSING  # classifier | diffusion
+    task: str = MISSING  # classifier | diffusion | cotrain (classifier, frozen diffusion) | joint (both)
     output_dir: str = "outputs/train"
     resume: Optional[str] = None  # a Lightning checkpoint (e.g. OUTPUT/checkpoints/last.ckpt)
     monitor: Optional[str] = None  # e.g. val/loss: export the best checkpoint by this metric, not the last
@@ -173,10 +235,11 @@ class TrainConfig(RunConfig):
     optim: OptimConfig = field(default_factory=OptimConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    cotrain: CoTrainConfig = field(default_factory=CoTrainConfig)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_choice("task", self.task, ["classifier", "diffusion"])
+        _check_choice("task", self.task, ["classifier", "diffusion", "cotrain", "joint"])
         _check_choice("monitor_mode", self.monitor_mode, ["min", "max"])
 
 
@@ -196,14 +259,44 @@ class CutoutConfig:
 
 
 @dataclass
-class GuidanceConfig:
-    """Classifier guidance: eps_hat = eps - scale * sqrt(1 - a_t) * grad log p(y | x_clean)."""
+class CFGConfig:
+    """Classifier-free guidance with distinct semantic guidance (DSG), the paper's LDM path.
 
-    scale: float = 3.0
-    clean: str = "blend"  # what the classifier sees: x0_pred | blend (f x0_pred + (1-f) x_t) | noisy (x_t)
-    cutout: CutoutConfig = field(default_factory=CutoutConfig)
+    eps = eps_u + omega * (eps_c - eps_u) inside the DSG mask, eps_u outside.
+    The mask: Grad-CAM of the classifier for the label (ReLU, resized to the
+    image, min-max normalised per image) above ``cam_threshold``, resized
+    (nearest) to the denoiser's resolution and fixed over all steps. With
+    ``dsg: false`` the mask covers the whole image.
+    """
+
+    omega: float = 10.0  # released LDM setting
+    dsg: bool = True
+    cam_layer: Optional[str] = None  # a module name in the timm model (e.g. layer4); None: its last feature stage
+    cam_threshold: float = 0.3  # released setting
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.cam_threshold < 1.0:
+            raise ConfigError(f"diffguard.guidance.cfg.cam_threshold={self.cam_threshold} must lie in [0, 1)")
+
+
+@dataclass
+class GuidanceConfig:
+    """How synthesis follows the label.
+
+    mode classifier (the paper's GDM path): eps_hat = eps - scale * sqrt(1 - a_t) * grad log p(y | x_clean),
+    with clean grad and cutout; a class-conditional denoiser also receives the label.
+    mode cfg (the paper's LDM path): classifier-free guidance of a class-conditional
+    denoiser with a null class, optionally restricted by DSG (see :class:`CFGConfig`).
+    """
+
+    mode: str = "classifier"  # classifier | cfg
+    scale: float = 3.0  # classifier mode
+    clean: str = "blend"  # what the classifier sees: x0_pred | blend (f x0_pred + (1-f) x_t) | noisy (x_t)
+    cutout: CutoutConfig = field(default_factory=CutoutConfig)
+    cfg: CFGConfig = field(default_factory=CFGConfig)
+
+    def __post_init__(self) -> None:
+        _check_choice("diffguard.guidance.mode", self.mode, ["classifier", "cfg"])
         _check_choice("diffguard.guidance.clean", self.clean, ["x0_pred", "blend", "noisy"])
 
 
@@ -268,14 +361,30 @@ class DiffGuardConfig:
 
 @dataclass
 class ModelPaths:
-    classifier: str = "checkpoints/digits/classifier"  # portable classifier folder
-    diffusion: str = "checkpoints/digits/diffusion_uncond"  # diffusers folder
+    """Where the models are.
+
+    ``classifier``: a portable folder (classifier.json + model.safetensors), or a weights file (timm,
+    torchvision or OpenOOD state dict, .pth / .ckpt / .safetensors), which then needs ``classifier_arch``
+    and takes the ``classifier_*`` keys below (number of classes: the benchmark's).
+    ``diffusion``: a diffusers folder (pixel or latent, UNet or DiT), or a Hugging Face Hub id
+    (e.g. google/ddpm-cifar10-32) already in the local cache (nothing is downloaded).
+    """
+
+    classifier: str = "checkpoints/digits/classifier"
+    diffusion: str = "checkpoints/digits/diffusion_uncond"
+    classifier_arch: Optional[str] = None  # timm name, e.g. resnet50 (torchvision layout), openood_resnet18_32x32
+    classifier_input_size: Optional[int] = None  # default: data.resolution
+    classifier_mean: Optional[List[float]] = None  # default: 0.5 per channel
+    classifier_std: Optional[List[float]] = None
+    diffusion_num_classes: Optional[int] = None  # override what the checkpoint says (conditional models)
+    diffusion_null_class: Optional[int] = None
 
 
 @dataclass
 class BaselineConfig:
     knn_k: int = 10
     vim_dim: Optional[int] = None  # principal-space dimension; None: the module's rule
+    train_samples: Optional[int] = None  # fit KNN / ViM on this many InD train images (chosen by id hash); None: all
 
 
 @dataclass
@@ -295,6 +404,8 @@ class EvalConfig(RunConfig):
     split: str = "test"  # test: report on test splits; val: on validation splits (for tuning, never test)
     resume: bool = True  # skip samples already finished in output_dir/shards by a run with the same config
     shard: Optional[str] = None  # "i/n": evaluate only samples whose index modulo n is i (merge with diffguard_pl.merge)
+    dry_run: bool = False  # check every file and model, print the plan (sets, counts, steps, UNet evaluations), stop
+    score_folder: Optional[str] = None  # score the images of a folder (no labels): scores + in / out decisions as CSV
     models: ModelPaths = field(default_factory=ModelPaths)
     diffguard: DiffGuardConfig = field(default_factory=DiffGuardConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)

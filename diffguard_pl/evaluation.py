@@ -20,23 +20,60 @@ from diffguard_pl import config as config_lib
 from diffguard_pl import shards
 from diffguard_pl.baselines import BaselineStats, fit_baselines
 from diffguard_pl.config import ConfigError, EvalConfig
-from diffguard_pl.data import Benchmark, ImageSet, build_benchmark
+from diffguard_pl.data import Benchmark, ImageSet, build_benchmark, sample_seed
 from diffguard_pl.data.sampler import ShardSampler
-from diffguard_pl.models import Classifier, load_classifier, load_diffusion
+from diffguard_pl.models import Classifier, ClassifierSpec, DiffusionModel, build_classifier, load_classifier, load_diffusion
 from diffguard_pl.modules.evaluator import DiffGuardEvaluator
 from diffguard_pl.pipeline import DiffGuardPipeline
 from diffguard_pl.results import finalize, format_table, write_json, write_scores_csv
 from diffguard_pl.training import build_logger, finish_logger, trainer_kwargs
 
 
+def load_models(cfg: EvalConfig, benchmark: Benchmark) -> tuple[Classifier, DiffusionModel]:
+    """The classifier (portable folder, or weights file + ``models.classifier_*``) and the diffusion model."""
+    m = cfg.models
+    path = Path(m.classifier)
+    if path.is_file():
+        if m.classifier_arch is None:
+            raise ConfigError(f"models.classifier={path} is a weights file: set models.classifier_arch "
+                              f"(a timm name, e.g. resnet50 or openood_resnet18_32x32)")
+        channels = benchmark.channels
+        spec = ClassifierSpec(
+            arch=m.classifier_arch, num_classes=benchmark.num_classes, in_chans=channels,
+            input_size=m.classifier_input_size or benchmark.resolution,
+            mean=list(m.classifier_mean) if m.classifier_mean is not None else [0.5] * channels,
+            std=list(m.classifier_std) if m.classifier_std is not None else [0.5] * channels,
+        )
+        classifier = build_classifier(spec, path).eval()
+    else:
+        classifier = load_classifier(path)
+    if classifier.spec.num_classes != benchmark.num_classes:
+        raise ConfigError(f"the classifier at {path} has {classifier.spec.num_classes} classes but benchmark "
+                          f"{benchmark.name} has {benchmark.num_classes}: check models.classifier / data.benchmark")
+    diffusion = load_diffusion(m.diffusion, m.diffusion_num_classes, m.diffusion_null_class)
+    return classifier, diffusion
+
+
+def baseline_train_subset(train: ImageSet, limit: Optional[int], seed: int = 0):
+    """At most ``limit`` InD train samples, chosen by the hash of their ids (independent of order and count)."""
+    if limit is None or len(train) <= limit:
+        return train
+    order = sorted(range(len(train)), key=lambda i: sample_seed(train.ids[i], seed))
+    return train.subset(sorted(order[:limit]))
+
+
 @torch.no_grad()
 def fit_classifier_baselines(classifier: Classifier, train: ImageSet, cfg: EvalConfig) -> BaselineStats:
     """KNN / ViM statistics from the classifier's features on the InD training split."""
     logits, feats = [], []
-    for start in range(0, len(train), cfg.data.eval_batch_size):
-        lo, fe = classifier.eval().forward_with_features(train.images[start : start + cfg.data.eval_batch_size])
-        logits.append(lo)
-        feats.append(fe)
+    subset = baseline_train_subset(train, cfg.baselines.train_samples, cfg.data.seed)
+    loader = DataLoader(subset, batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers)
+    classifier = classifier.eval()
+    device = next(classifier.parameters()).device
+    for batch in loader:
+        lo, fe = classifier.forward_with_features(batch["image"].to(device))
+        logits.append(lo.float())
+        feats.append(fe.float())
     head = classifier.model.get_classifier()
     return fit_baselines(
         torch.cat(feats), torch.cat(logits), head.weight, head.bias,
@@ -83,11 +120,33 @@ def build_trainer(cfg: EvalConfig, logger) -> L.Trainer:
     )
 
 
-def write_outputs(results: dict, records: dict, groups: dict, output_dir: Path) -> None:
+def write_outputs(results: dict, records: dict, groups: dict, output_dir: Path, cfg: EvalConfig,
+                  benchmark: Benchmark) -> None:
+    if cfg.data.benchmark != "digits":
+        from diffguard_pl.data.files import data_report
+
+        results["data"] = data_report(benchmark)  # skipped lines / images, grayscale conversions
     write_json(results, output_dir / "results.json")
     write_scores_csv(records, output_dir / "scores.csv")
+    if cfg.score_folder is not None:
+        from diffguard_pl.folder import write_folder_scores
+
+        write_folder_scores(records, output_dir)
+        return
     print(format_table(results, groups))
     print(f"wrote {output_dir / 'results.json'} and {output_dir / 'scores.csv'}")
+
+
+def folder_images(cfg: EvalConfig, benchmark: Benchmark):
+    """The images of ``score_folder`` as one unlabelled set, preprocessed like the benchmark's."""
+    from diffguard_pl.data.datamodule import file_transform
+    from diffguard_pl.data.files import folder_set, standard_transform
+
+    transform = (standard_transform("resize", cfg.data.resolution) if cfg.data.benchmark == "digits"
+                 else file_transform(cfg.data))
+    return folder_set(cfg.score_folder, "folder", transform=transform, channels=benchmark.channels,
+                      resolution=cfg.data.resolution, convert_grayscale=cfg.data.allow_grayscale or benchmark.channels == 1,
+                      on_error=cfg.data.on_error, verify_files=cfg.data.verify_files, workers=cfg.data.decode_workers)
 
 
 def evaluate(cfg: EvalConfig, benchmark: Optional[Benchmark] = None) -> Optional[dict]:
@@ -100,10 +159,14 @@ def evaluate(cfg: EvalConfig, benchmark: Optional[Benchmark] = None) -> Optional
     output_dir.mkdir(parents=True, exist_ok=True)
     L.seed_everything(cfg.seed, workers=True)
 
-    classifier = load_classifier(cfg.models.classifier)
-    diffusion = load_diffusion(cfg.models.diffusion)
     benchmark = benchmark or build_benchmark(cfg.data)
-    groups = {name: s.group for name, s in benchmark.ood.items()}
+    classifier, diffusion = load_models(cfg, benchmark)
+    if cfg.dry_run:
+        from diffguard_pl.plan import print_plan
+
+        print_plan(cfg, benchmark, classifier, diffusion)
+        return None
+    groups = {} if cfg.score_folder else {name: s.group for name, s in benchmark.ood.items()}
     tree = shards.result_config(cfg)
     header = {"fingerprint": shards.fingerprint(tree), "config": tree, "groups": groups,
               "score": cfg.diffguard.score, "split": cfg.split}
@@ -118,7 +181,11 @@ def evaluate(cfg: EvalConfig, benchmark: Optional[Benchmark] = None) -> Optional
         finished = {}
     config_lib.save(cfg, output_dir / "config.yaml")
 
-    sets = evaluation_sets(benchmark, cfg.limit_per_set, cfg.split)
+    if cfg.score_folder is not None:  # InD validation (for the threshold) and the folder
+        sets = [s if cfg.limit_per_set is None or len(s) <= cfg.limit_per_set else s.subset(range(cfg.limit_per_set))
+                for s in (benchmark.val, folder_images(cfg, benchmark))]
+    else:
+        sets = evaluation_sets(benchmark, cfg.limit_per_set, cfg.split)
     ids = [sample_id for s in sets for sample_id in s.ids]
     part = shards.parse_shard(cfg.shard)
     wanted = [i for i in range(len(ids)) if part is None or i % part[1] == part[0]]
@@ -128,7 +195,7 @@ def evaluate(cfg: EvalConfig, benchmark: Optional[Benchmark] = None) -> Optional
         print(f"resuming: {len(wanted) - len(todo)} of {len(wanted)} samples already finished in {output_dir}")
     if not todo:
         results = finalize(previous, cfg.diffguard.score, groups, cfg.split, 0.0, 0)
-        write_outputs(results, previous, groups, output_dir)
+        write_outputs(results, previous, groups, output_dir, cfg, benchmark)
         return results
 
     pipeline = DiffGuardPipeline(diffusion, classifier, cfg.diffguard)
@@ -154,5 +221,5 @@ def evaluate(cfg: EvalConfig, benchmark: Optional[Benchmark] = None) -> Optional
         finish_logger(logger)
     if not trainer.is_global_zero:
         return None
-    write_outputs(results, evaluator.all_records, groups, output_dir)
+    write_outputs(results, evaluator.all_records, groups, output_dir, cfg, benchmark)
     return results

@@ -116,3 +116,17 @@ def guided_eps(
     grad = log_prob_grad(classifier, x_clean, labels, crop_params)
     sigma = (1 - a_t).sqrt().to(eps.dtype).view(-1, *([1] * (eps.ndim - 1)))
     return eps - cfg.scale * sigma * grad
+
+
+def cfg_eps(
+    eps_c: torch.Tensor, eps_u: torch.Tensor, omega: float, mask: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """Classifier-free guidance: eps_u + omega * (eps_c - eps_u), and eps_u outside ``mask`` (DSG).
+
+    ``mask`` is [N, 1, H, W] in {0, 1} (or None: everywhere). omega = 1 gives
+    the conditional branch, omega = 0 the unconditional one.
+    """
+    guided = omega * eps_c + (1.0 - omega) * eps_u  # the same sum, exact at omega = 1 and 0
+    if mask is None:
+        return guided
+    return torch.where(mask.to(torch.bool), guided, eps_u)

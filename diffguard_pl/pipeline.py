@@ -5,11 +5,21 @@
     out["scores"]["l2"], out["pred"]     # per-sample OOD scores (higher = more OOD) and predictions
 
 Stages of a call: check inputs; classify the input (label y, logits, features);
-DDIM-invert the input for ``depth`` of the ``num_steps`` spaced steps; synthesise
-back from exactly that level under label y (classifier guidance with clean grad
-and cutout; the label also goes to the UNet when it is class-conditional),
-batched with an unguided reconstruction from the same latent when that is the
-reference; score the distance between the synthesis and the reference.
+encode it when the model is a latent one; DDIM-invert for ``depth`` of the
+``num_steps`` spaced steps; synthesise back from exactly that level under
+label y, batched with an unguided reconstruction from the same latent when
+that is the reference; decode; score the distance between the synthesis and
+the reference.
+
+Guidance (``diffguard.guidance.mode``):
+- classifier: classifier guidance with clean grad and cutout; the label also
+  goes to the denoiser when it is class-conditional.
+- cfg: classifier-free guidance, eps_u + omega (eps_c - eps_u), the
+  conditional and unconditional rows in the same denoiser batch; with DSG
+  only inside the Grad-CAM mask of the label (computed once per image before
+  the steps), eps_u outside.
+
+Inversion always runs with the null class of a conditional model.
 
 Levels: the input is level -1 (alpha_bar = 1). Inversion step k goes from
 level t_{k-1} to t_k with eps evaluated at timestep t_k; synthesis step from
@@ -27,36 +37,59 @@ import torch
 from diffguard_pl.aes import AdaptiveEarlyStop
 from diffguard_pl.config import DiffGuardConfig
 from diffguard_pl.ddim import alpha_bar, ddim_step, spaced_timesteps
-from diffguard_pl.guidance import at_least_float32, cutout_params, guided_eps
+from diffguard_pl.cam import dsg_mask, grad_cam
+from diffguard_pl.guidance import at_least_float32, cfg_eps, cutout_params, guided_eps
 from diffguard_pl.models.classifier import Classifier
 from diffguard_pl.models.diffusion import DiffusionModel
-from diffguard_pl.scores import CLASSIFIER, PIXEL, classifier_distances, perceptual_from, pixel_distances
+from diffguard_pl.scores import (
+    CLASSIFIER, PIXEL, check_perceptual_files, classifier_distances, perceptual_from, pixel_distances,
+)
 
 
 class DiffGuardPipeline:
-    def __init__(self, diffusion: DiffusionModel, classifier: Classifier, cfg: DiffGuardConfig):
+    def __init__(self, diffusion: DiffusionModel, classifier: Classifier, cfg: DiffGuardConfig,
+                 load_perceptual: bool = True):
         if diffusion.conditional and classifier.spec.num_classes > diffusion.num_classes:
             raise ValueError(
                 f"the classifier has {classifier.spec.num_classes} classes but the conditional diffusion model "
                 f"only {diffusion.num_classes}"
             )
-        if classifier.spec.in_chans != diffusion.in_channels:
+        if classifier.spec.in_chans != diffusion.image_channels:
             raise ValueError(
                 f"classifier takes {classifier.spec.in_chans}-channel images, diffusion model "
-                f"{diffusion.in_channels}-channel ones"
+                f"{diffusion.image_channels}-channel ones"
             )
+        self.cfg_mode = cfg.guidance.mode == "cfg"
+        if self.cfg_mode and (not diffusion.conditional or diffusion.null_class is None):
+            raise ValueError(
+                "diffguard.guidance.mode=cfg needs a class-conditional diffusion model with a null class; "
+                "this one is unconditional or has no null class (use guidance.mode=classifier)"
+            )
+        if diffusion.latent and cfg.clip_x0:
+            raise ValueError("diffguard.clip_x0=true clips to the image range [-1, 1]; a latent model has none")
+        if diffusion.latent and cfg.aes.enabled and cfg.aes.dists is not None:
+            raise ValueError("diffguard.aes.dists compares images; a latent model's AES compares latents (use psnr)")
         self.diffusion = diffusion
         self.classifier = classifier.eval()
         self.diffusion.unet.eval()
         self.cfg = cfg
         self.timesteps = spaced_timesteps(diffusion.num_train_timesteps, cfg.num_steps)[: cfg.depth]
         self._tables: dict = {}  # per device: level -> (timestep, alpha_bar), not rebuilt every step
-        self.perceptual = perceptual_from(cfg.distances, cfg.perceptual_size)
-        self.aes = AdaptiveEarlyStop(cfg.aes, cfg.perceptual_size)
+        # load_perceptual=False (dry runs: the pipeline cannot run) checks the DISTS / LPIPS files, loads nothing.
+        self.perceptual = perceptual_from(cfg.distances, cfg.perceptual_size, load_perceptual)
+        if load_perceptual:
+            self.aes = AdaptiveEarlyStop(cfg.aes, cfg.perceptual_size)
+        else:
+            check_perceptual_files(["dists"] if cfg.aes.enabled and cfg.aes.dists is not None else [])
 
     @property
     def device(self) -> torch.device:
         return next(self.classifier.parameters()).device
+
+    @property
+    def synthesis_rows(self) -> int:
+        """Denoiser rows per synthesis step and sample, without the reference: 2 with CFG, else 1."""
+        return 2 if self.cfg_mode else 1
 
     def to(self, device: torch.device | str) -> "DiffGuardPipeline":
         self.diffusion.to(device)
@@ -68,11 +101,11 @@ class DiffGuardPipeline:
     # ------------------------------------------------------------------ stages
 
     def check_inputs(self, images: torch.Tensor, ids: Sequence[str]) -> None:
-        size, channels = self.diffusion.sample_size, self.diffusion.in_channels
+        size, channels = self.diffusion.image_size, self.diffusion.image_channels
         if images.ndim != 4 or images.shape[1] != channels or tuple(images.shape[-2:]) != (size, size):
             raise ValueError(
                 f"DiffGuard expects images of shape [N, {channels}, {size}, {size}] (the diffusion model's "
-                f"in_channels and sample_size), got {list(images.shape)}; set data.channels / data.resolution "
+                f"image channels and size), got {list(images.shape)}; set data.channels / data.resolution "
                 f"to match the model"
             )
         if len(ids) != images.shape[0]:
@@ -91,6 +124,14 @@ class DiffGuardPipeline:
             raise FloatingPointError("the classifier returned NaN or Inf logits")
         return at_least_float32(logits), at_least_float32(feats)
 
+    def dsg_masks(self, images01: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]:
+        """DSG masks [N, 1, h, w] at the denoiser's resolution for ``labels``, or None without DSG."""
+        cfg = self.cfg.guidance.cfg
+        if not (self.cfg_mode and cfg.dsg):
+            return None
+        cam = grad_cam(self.classifier, images01, labels, cfg.cam_layer)
+        return dsg_mask(cam, cfg.cam_threshold, self.diffusion.sample_size)
+
     def _level_table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """(timestep, alpha_bar) per level index + 1 (index 0 = the clean level), built once per device."""
         if device not in self._tables:
@@ -107,12 +148,27 @@ class DiffGuardPipeline:
         return self._level_table(level.device)[0][level + 1]
 
     def _condition(self, labels: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
-        """UNet class labels: ``labels`` for a conditional model (null class where None), else None."""
+        """Denoiser class labels: ``labels`` for a conditional model (null class where None), else None."""
         if not self.diffusion.conditional:
             return None
         if labels is None:
             return torch.full((n,), self.diffusion.null_class, dtype=torch.long, device=self.device)
         return labels
+
+    def _unconditional(self, labels: Optional[torch.Tensor], idx: torch.Tensor) -> Optional[torch.Tensor]:
+        """Labels of rows that run "without a label" (inversion, reference): the null class where there is one.
+
+        A conditional model without a null class (e.g. guided-diffusion's class-conditional ADM) runs
+        them under the label itself.
+        """
+        if not self.diffusion.conditional or self.diffusion.null_class is not None:
+            return self._condition(None, len(idx))
+        if labels is None:
+            raise ValueError(
+                "this class-conditional diffusion model has no null class, so inversion needs the label "
+                "(pass labels, or use an unconditional model / one trained with a null class)"
+            )
+        return labels[idx]
 
     def run(
         self,
@@ -123,6 +179,7 @@ class DiffGuardPipeline:
         latent: Optional[torch.Tensor] = None,
         depth: Optional[torch.Tensor] = None,
         invert_only: bool = False,
+        masks: Optional[torch.Tensor] = None,
     ) -> dict:
         """Invert and synthesise every sample on its own schedule, all in shared UNet batches.
 
@@ -135,7 +192,8 @@ class DiffGuardPipeline:
         rule; synthesis starts at exactly the level the inversion reached.
 
         With ``latent`` and ``depth`` given (an earlier inversion), only the
-        synthesis runs; with ``invert_only`` only the inversion. Returns
+        synthesis runs; with ``invert_only`` only the inversion. ``masks``
+        are the DSG masks of the CFG mode (None: guidance everywhere). Returns
         model-space ``synthesis`` and ``reference``, per-sample ``depth``,
         ``latent`` (where synthesis started) and the per-step ``curves`` of
         the inversion (NaN after a sample stopped).
@@ -143,7 +201,8 @@ class DiffGuardPipeline:
         n, cap = x0.shape[0], len(self.timesteps)
         device = self.device
         guidance = self.cfg.guidance
-        crops = cutout_params(ids, cap, guidance.cutout, self.cfg.seed) if guidance.cutout.num > 0 else None
+        use_crops = not self.cfg_mode and guidance.cutout.num > 0
+        crops = cutout_params(ids, cap, guidance.cutout, self.cfg.seed) if use_crops else None
         if latent is None:
             x, level = x0.clone(), torch.full((n,), -1, dtype=torch.long, device=device)
             phase = torch.zeros(n, dtype=torch.long, device=device)  # 0 invert, 1 synthesise, 2 done
@@ -157,22 +216,31 @@ class DiffGuardPipeline:
 
         while bool((phase < 2).any()):
             inv, syn = (phase == 0).nonzero().flatten(), (phase == 1).nonzero().flatten()
-            # One UNet call: inverting rows (null class), synthesising rows (label), reference rows (null class).
+            # One denoiser call: inverting rows (null class), synthesising rows (label), with CFG their
+            # unconditional twins (null class), and reference rows (null class).
             rows, steps = [x[inv], x[syn]], [level[inv] + 1, level[syn]]
             syn_labels = None if labels is None else labels[syn]
-            conds = [self._condition(None, len(inv)), self._condition(syn_labels, len(syn))]
-            if with_reference:
-                rows, steps = rows + [x_ref[syn]], steps + [level[syn]]
-                conds.append(self._condition(None, len(syn)))
+            conds = [self._unconditional(labels, inv), self._condition(syn_labels, len(syn))]
+            extra = (["uncond"] if self.cfg_mode else []) + (["reference"] if with_reference else [])
+            for name in extra:
+                rows.append(x_ref[syn] if name == "reference" else x[syn])
+                steps.append(level[syn])
+                conds.append(self._unconditional(labels, syn))
             with torch.no_grad():
                 class_labels = None if conds[0] is None else torch.cat(conds)
                 eps = self.diffusion.eps(torch.cat(rows), self._timestep(torch.cat(steps)), class_labels)
-            eps_inv, eps_syn, eps_ref = eps.split([len(inv), len(syn), len(eps) - len(inv) - len(syn)])
+            eps_inv, eps_syn, *eps_extra = eps.split([len(r) for r in rows])
+            eps_extra = dict(zip(extra, eps_extra))
+            eps_ref = eps_extra.get("reference")
 
             if len(syn):
                 a_t, a_s = self._alpha(level[syn]), self._alpha(level[syn] - 1)
-                step_crops = None if crops is None else crops[syn.cpu(), level[syn].cpu()].to(device)
-                eps_syn = guided_eps(eps_syn, x[syn], a_t, labels[syn], self.classifier, guidance, step_crops)
+                if self.cfg_mode:
+                    step_masks = None if masks is None else masks[syn]
+                    eps_syn = cfg_eps(eps_syn, eps_extra["uncond"], guidance.cfg.omega, step_masks)
+                else:
+                    step_crops = None if crops is None else crops[syn.cpu(), level[syn].cpu()].to(device)
+                    eps_syn = guided_eps(eps_syn, x[syn], a_t, labels[syn], self.classifier, guidance, step_crops)
                 clip = self.cfg.clip_x0
                 with torch.no_grad():
                     x[syn] = ddim_step(x[syn], eps_syn, a_t, a_s, clip)
@@ -196,16 +264,20 @@ class DiffGuardPipeline:
                     x_ref[stopped] = x[stopped]
         return {"synthesis": x, "reference": x_ref, "depth": depth, "latent": latent, "curves": curves}
 
-    def invert(self, x0: torch.Tensor, ids: Sequence[str]) -> dict:
-        """Inversion only (see :meth:`run`): ``latent``, ``depth`` and ``curves`` per sample."""
-        return self.run(x0, ids, None, False, invert_only=True)
+    def invert(self, x0: torch.Tensor, ids: Sequence[str], labels: Optional[torch.Tensor] = None) -> dict:
+        """Inversion only (see :meth:`run`): ``latent``, ``depth`` and ``curves`` per sample.
+
+        ``labels`` are needed only by a conditional model without a null class.
+        """
+        return self.run(x0, ids, labels, False, invert_only=True)
 
     def synthesize(
-        self, latent: torch.Tensor, labels: torch.Tensor, ids: Sequence[str], with_reference: bool
+        self, latent: torch.Tensor, labels: torch.Tensor, ids: Sequence[str], with_reference: bool,
+        masks: Optional[torch.Tensor] = None,
     ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
         """Guided synthesis from ``latent`` at level t_{depth-1} (see :meth:`run`)."""
         depth = torch.full((latent.shape[0],), len(self.timesteps), dtype=torch.long, device=self.device)
-        out = self.run(latent, ids, labels, with_reference, latent=latent, depth=depth)
+        out = self.run(latent, ids, labels, with_reference, latent=latent, depth=depth, masks=masks)
         return out["synthesis"], out["reference"]
 
     @torch.no_grad()
@@ -245,19 +317,20 @@ class DiffGuardPipeline:
         images = images.to(self.device, at_least_float32(next(self.classifier.parameters())).dtype)
         logits, feats = self.classify(images)
         pred = logits.argmax(dim=1)
+        masks = self.dsg_masks(images, pred)
 
-        x0 = images * 2 - 1
+        x0 = self.diffusion.encode(images * 2 - 1)
         with_reference = self.cfg.reference == "unguided"
-        run = self.run(x0, ids, pred, with_reference)
-        synthesis01 = ((run["synthesis"] + 1) / 2).clamp(0, 1)
+        run = self.run(x0, ids, pred, with_reference, masks=masks)
+        synthesis01 = self.to_images(run["synthesis"])
         if with_reference:
-            reference01 = ((run["reference"] + 1) / 2).clamp(0, 1)
+            reference01 = self.to_images(run["reference"])
             ref_logits, ref_feats = self.classify(reference01)
         else:
             reference01, ref_logits, ref_feats = images, logits, feats
         scores = self.score(synthesis01, reference01, ref_logits, ref_feats)
         depth = run["depth"].cpu()
-        unet_evals = depth * (2 + int(with_reference))
+        unet_evals = depth * (1 + self.synthesis_rows + int(with_reference))
 
         out = {
             "logits": logits,
@@ -270,23 +343,33 @@ class DiffGuardPipeline:
             "unet_evals": unet_evals,
             "curves": {name: value.cpu() for name, value in run["curves"].items()},
         }
+        if masks is not None:
+            out["masks"] = masks
         if oracle_labels is not None:
-            out["oracle_scores"] = self._oracle(x0, run, oracle_labels.to(self.device), pred, ids,
+            out["oracle_scores"] = self._oracle(images, x0, run, oracle_labels.to(self.device), pred, ids,
                                                 (reference01, ref_logits, ref_feats), scores, unet_evals)
         return out
 
-    def _oracle(self, x0, run: dict, oracle_labels, pred, ids: List[str], reference: tuple,
+    def to_images(self, z: torch.Tensor) -> torch.Tensor:
+        """Model space (images or latents) to images in [0, 1]."""
+        return ((self.diffusion.decode(z) + 1) / 2).clamp(0, 1)
+
+    def _oracle(self, images, x0, run: dict, oracle_labels, pred, ids: List[str], reference: tuple,
                 scores: Dict[str, torch.Tensor], unet_evals: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Scores with the oracle label; only samples whose oracle label differs are re-synthesised."""
+        """Scores with the oracle label; only samples whose oracle label differs are re-synthesised.
+
+        With DSG the mask is recomputed for the oracle label.
+        """
         redo = (oracle_labels >= 0) & (oracle_labels != pred)
         oracle = {name: value.clone() for name, value in scores.items()}
         if redo.any():
             idx = redo.nonzero().flatten()
+            masks = self.dsg_masks(images[idx], oracle_labels[idx])
             again = self.run(x0[idx], [ids[i] for i in idx.tolist()], oracle_labels[idx], False,
-                             latent=run["latent"][idx], depth=run["depth"][idx])
-            synthesis01 = ((again["synthesis"] + 1) / 2).clamp(0, 1)
+                             latent=run["latent"][idx], depth=run["depth"][idx], masks=masks)
+            synthesis01 = self.to_images(again["synthesis"])
             redone = self.score(synthesis01, *(r[idx] for r in reference))
             for name, value in redone.items():
                 oracle[name][idx] = value
-            unet_evals[idx.cpu()] += run["depth"][idx].cpu()
+            unet_evals[idx.cpu()] += run["depth"][idx].cpu() * self.synthesis_rows
         return oracle

@@ -18,6 +18,7 @@ import torch
 
 from diffguard_pl.data.benchmark import sample_seed
 from diffguard_pl.ddim import ddim_sample, spaced_timesteps
+from diffguard_pl.guidance import cfg_eps
 from diffguard_pl.models import Classifier, DiffusionModel, load_classifier, load_diffusion
 
 
@@ -31,10 +32,12 @@ def cfg_eps_fn(model: DiffusionModel, labels: torch.Tensor, guidance_scale: floa
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         if guidance_scale == 1.0:
             return model.eps(x, t, labels)
+        if model.null_class is None:
+            raise ValueError("guidance_scale != 1 needs a null class, and this model has none; use 1")
         null = torch.full_like(labels, model.null_class)
         both = model.eps(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))
         eps_c, eps_u = both.chunk(2)
-        return eps_u + guidance_scale * (eps_c - eps_u)
+        return cfg_eps(eps_c, eps_u, guidance_scale)
 
     return eps_fn
 

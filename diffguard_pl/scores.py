@@ -73,6 +73,19 @@ def hub_checkpoint_dir() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints"
 
 
+def check_perceptual_files(names: Sequence[str]) -> None:
+    """Raise, naming the file and folder, when a weights file of a perceptual distance is not in the hub cache."""
+    folder = hub_checkpoint_dir()
+    for name in names:
+        for filename in PERCEPTUAL_FILES.get(name, ()):
+            if not (folder / filename).is_file():
+                raise MissingCheckpointError(
+                    f"distance {name!r} needs {filename} in the torch hub cache {folder} "
+                    f"(set TORCH_HOME to move it); nothing is downloaded at run time. Copy the file there "
+                    f"from a machine with internet, or drop {name!r} from diffguard.distances."
+                )
+
+
 class PerceptualDistances(torch.nn.Module):
     """piq DISTS / LPIPS from local weights only.
 
@@ -86,15 +99,7 @@ class PerceptualDistances(torch.nn.Module):
         import piq
 
         self.size = size
-        folder = hub_checkpoint_dir()
-        for name in names:
-            for filename in PERCEPTUAL_FILES[name]:
-                if not (folder / filename).is_file():
-                    raise MissingCheckpointError(
-                        f"distance {name!r} needs {filename} in the torch hub cache {folder} "
-                        f"(set TORCH_HOME to move it); nothing is downloaded at run time. Copy the file there "
-                        f"from a machine with internet, or drop {name!r} from diffguard.distances."
-                    )
+        check_perceptual_files(names)
         builders = {"dists": lambda: piq.DISTS(reduction="none"), "lpips": lambda: piq.LPIPS(reduction="none")}
         self.metrics = torch.nn.ModuleDict({name: builders[name]() for name in names}).eval()
 
@@ -111,6 +116,10 @@ class PerceptualDistances(torch.nn.Module):
         return {name: metric(x, y).flatten() for name, metric in self.metrics.items()}
 
 
-def perceptual_from(names: Sequence[str], size: int) -> Optional[PerceptualDistances]:
+def perceptual_from(names: Sequence[str], size: int, load: bool = True) -> Optional[PerceptualDistances]:
+    """The perceptual distances among ``names`` (None if none); ``load=False`` only checks their files."""
     wanted = [n for n in names if n in PERCEPTUAL]
+    if not load:
+        check_perceptual_files(wanted)
+        return None
     return PerceptualDistances(wanted, size) if wanted else None

@@ -25,9 +25,12 @@ from diffguard_pl.config import ConfigError
 SHARD_DIR = "shards"
 # Keys that never change a sample's score: where and how the run executes and logs.
 NEUTRAL_KEYS = (
-    "output_dir", "logger", "wandb", "trainer", "callbacks", "resume", "shard",
-    "data.eval_batch_size", "data.batch_size", "data.num_workers", "limit_per_set", "split", "oracle",
-)
+    "output_dir", "logger", "wandb", "callbacks", "resume", "shard", "dry_run",
+    "data.eval_batch_size", "data.batch_size", "data.num_workers", "data.decode_workers", "limit_per_set", "split",
+    "oracle", *(f"trainer.{k}" for k in ("accelerator", "devices", "num_nodes", "strategy", "max_steps", "max_epochs",
+                                          "log_every_n_steps", "check_val_every_n_epoch", "limit_train_batches",
+                                          "limit_val_batches", "enable_progress_bar", "deterministic")),
+)  # trainer.precision is not neutral: it changes the scores
 
 
 def _drop(tree: dict, dotted: str) -> None:
@@ -38,10 +41,16 @@ def _drop(tree: dict, dotted: str) -> None:
 
 
 def _model_files(path: str) -> List[dict]:
-    """Size and modification time of a model folder's files: a retrained model changes the fingerprint."""
-    root = Path(path)
-    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
-    return [{"file": str(p.relative_to(root)), "size": p.stat().st_size, "mtime": int(p.stat().st_mtime)} for p in files]
+    """Size and modification time of a model folder's (or file's) files: a retrained model changes the fingerprint."""
+    from diffguard_pl.models.diffusion import resolve_model_path
+
+    try:
+        root = resolve_model_path(path)  # a Hub id: its snapshot in the local cache
+    except FileNotFoundError:
+        return []
+    files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root] if root.is_file() else []
+    return [{"file": str(p.relative_to(root)) if p != root else p.name, "size": p.stat().st_size,
+             "mtime": int(p.stat().st_mtime)} for p in files]
 
 
 def result_config(cfg) -> dict:
@@ -49,7 +58,8 @@ def result_config(cfg) -> dict:
     tree = OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True)
     for key in NEUTRAL_KEYS:
         _drop(tree, key)
-    tree["model_files"] = {name: _model_files(path) for name, path in tree.get("models", {}).items()}
+    paths = {name: tree["models"][name] for name in ("classifier", "diffusion") if name in tree.get("models", {})}
+    tree["model_files"] = {name: _model_files(path) for name, path in paths.items()}
     return tree
 
 

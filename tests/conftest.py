@@ -49,3 +49,28 @@ def eval_argv(out, models, *extra):
             f"models.classifier={models / 'classifier'}", f"models.diffusion={models / 'diffusion'}",
             "limit_per_set=6", "diffguard.num_steps=4", "diffguard.depth=2", "data.eval_batch_size=16",
             "trainer.enable_progress_bar=false", *extra]
+
+
+@pytest.fixture(scope="session")
+def latent_stack(tmp_path_factory, benchmark):
+    """Tiny latent diffusion models saved with save_pretrained (loaded back through from_pretrained in tests).
+
+    ``unet_kl``: a class-conditional UNet2DModel on 8 x 8 x 2 latents of an AutoencoderKL briefly trained on
+    InD train images (150 steps); ``dit_vq``: a learned-sigma DiT on the latents of a random VQModel.
+    """
+    from diffguard_pl.config import DiffusionConfig
+    from diffguard_pl.models import DiffusionModel, build_scheduler, build_unet, save_diffusion
+    from diffguard_pl.models.builders import fit_autoencoder, tiny_autoencoder, tiny_dit
+
+    folder = tmp_path_factory.mktemp("latent")
+    cfg = DiffusionConfig(conditional=True, block_out_channels=[32, 32], attention_levels=[False, True],
+                          layers_per_block=1)
+    scheduler = build_scheduler(cfg)
+    torch.manual_seed(0)
+    vae = fit_autoencoder(tiny_autoencoder(kind="kl"), benchmark.train.images, steps=150)
+    unet = build_unet(cfg, 2, 8, 6)
+    save_diffusion(DiffusionModel(unet, scheduler.alphas_cumprod.double(), 6, 6, vae), scheduler, folder / "unet_kl")
+    torch.manual_seed(1)
+    dit, vq = tiny_dit(num_classes=6), tiny_autoencoder(kind="vq")
+    save_diffusion(DiffusionModel(dit, scheduler.alphas_cumprod.double(), 6, 6, vq), scheduler, folder / "dit_vq")
+    return folder

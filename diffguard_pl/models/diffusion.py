@@ -1,21 +1,33 @@
-"""Diffusion models: a diffusers UNet2DModel plus its noise schedule.
+"""Diffusion models: a diffusers denoiser, its noise schedule and, for latent models, an autoencoder.
 
-Checkpoints are diffusers pipeline folders (``model_index.json``, ``unet/``,
-``scheduler/``), the layout of real checkpoints such as google/ddpm-cifar10-32,
-so the embedded models load through exactly the same ``from_pretrained`` path.
-A class-conditional model reserves its last class-embedding row as the null
+Checkpoints are diffusers pipeline folders, the layout of real checkpoints, so
+the embedded models load through exactly the same ``from_pretrained`` path:
+
+- pixel space: ``unet/`` (UNet2DModel) + ``scheduler/`` (e.g. google/ddpm-cifar10-32);
+- latent space: a denoiser in ``unet/`` (UNet2DModel with class embeddings) or
+  ``transformer/`` (DiTTransformer2DModel, e.g. facebook/DiT-XL-2-256) plus an
+  autoencoder in ``vae/`` (AutoencoderKL) or ``vqvae/`` (VQModel, e.g. the LDM
+  cin256 models) + ``scheduler/``. Images are encoded as
+  ``(mean - shift_factor) * scaling_factor`` (the autoencoder's config) and
+  decoded back for scoring.
+
+A class-conditional UNet reserves its last class-embedding row as the null
 class (used for classifier-free guidance); ``diffguard.json`` in the folder
-records that, and a config can state it for checkpoints that lack the file.
+records that, and a config can state it for checkpoints that lack the file. A
+DiT's null class is ``num_embeds_ada_norm`` (the label table's extra row).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
+import diffusers
+import torch.nn as nn
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from diffguard_pl.config import DiffusionConfig
@@ -51,31 +63,62 @@ def build_scheduler(cfg: DiffusionConfig) -> DDPMScheduler:
     )
 
 
+DENOISERS = ("UNet2DModel", "DiTTransformer2DModel", "Transformer2DModel")
+AUTOENCODERS = ("AutoencoderKL", "VQModel")
+
+
 @dataclass
 class DiffusionModel:
-    """A denoiser with its schedule. Images live in [-1, 1] inside the model.
+    """A denoiser with its schedule (and autoencoder for a latent model). Model space is [-1, 1] images or latents.
 
-    ``num_classes`` is the number of real classes of a conditional model (None
-    for unconditional); its null class id is ``null_class``.
+    ``unet`` is the denoiser: a UNet2DModel or a DiT. ``num_classes`` is the
+    number of real classes of a conditional model (None for unconditional);
+    its null class id is ``null_class``. ``vae`` (AutoencoderKL or VQModel)
+    makes it a latent model: :meth:`encode` / :meth:`decode` map between
+    images in [-1, 1] and the denoiser's space.
     """
 
-    unet: UNet2DModel
+    unet: nn.Module
     alphas_cumprod: torch.Tensor  # [T] float64
     num_classes: Optional[int] = None
     null_class: Optional[int] = None
+    vae: Optional[nn.Module] = None
 
     @property
     def conditional(self) -> bool:
         return self.num_classes is not None
 
     @property
+    def is_dit(self) -> bool:
+        return "Transformer" in type(self.unet).__name__
+
+    @property
+    def latent(self) -> bool:
+        return self.vae is not None
+
+    @property
     def in_channels(self) -> int:
+        """Channels of the denoiser's input (latent channels for a latent model)."""
         return int(self.unet.config.in_channels)
 
     @property
     def sample_size(self) -> int:
+        """Side of the denoiser's input (the latent side for a latent model)."""
         size = self.unet.config.sample_size
         return int(size if isinstance(size, int) else size[0])
+
+    @property
+    def image_channels(self) -> int:
+        return int(self.vae.config.in_channels) if self.latent else self.in_channels
+
+    @property
+    def downsampling(self) -> int:
+        """Image side / denoiser side: 2 ** (autoencoder levels - 1) for a latent model, else 1."""
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.latent else 1
+
+    @property
+    def image_size(self) -> int:
+        return self.sample_size * self.downsampling
 
     @property
     def num_train_timesteps(self) -> int:
@@ -83,11 +126,48 @@ class DiffusionModel:
 
     def to(self, device: torch.device | str) -> "DiffusionModel":
         self.unet.to(device)
+        if self.vae is not None:
+            self.vae.to(device)
         return self
+
+    def modules(self) -> list:
+        return [m for m in (self.unet, self.vae) if m is not None]
+
+    def _scale(self) -> tuple[float, float]:
+        config = self.vae.config
+        shift = getattr(config, "shift_factor", None)
+        return float(getattr(config, "scaling_factor", 1.0) or 1.0), float(shift or 0.0)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] to model space (identity for a pixel-space model).
+
+        AutoencoderKL: the posterior mean (deterministic), VQModel: the
+        pre-quantisation latents, both shifted and scaled by the config.
+        """
+        if not self.latent:
+            return images
+        scale, shift = self._scale()
+        encoded = self.vae.encode(images)
+        z = encoded.latent_dist.mode() if hasattr(encoded, "latent_dist") else encoded.latents
+        return (z - shift) * scale
+
+    @torch.no_grad()
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """Model space to images in [-1, 1] (not clamped); identity for a pixel-space model."""
+        if not self.latent:
+            return z
+        scale, shift = self._scale()
+        images = self.vae.decode(z / scale + shift).sample
+        if not torch.isfinite(images).all():
+            raise FloatingPointError("the autoencoder's decoder returned NaN or Inf; check the vae checkpoint")
+        return images
 
     def eps(self, x: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Predicted noise. ``t`` is one timestep per sample; learned-sigma outputs keep the first C channels."""
         if self.conditional and class_labels is None:
+            if self.null_class is None:
+                raise ValueError("this class-conditional diffusion model has no null class: pass class labels")
             class_labels = torch.full((x.shape[0],), self.null_class, dtype=torch.long, device=x.device)
         out = self.unet(x, t, class_labels=class_labels if self.conditional else None).sample
         channels = x.shape[1]
@@ -101,45 +181,98 @@ class DiffusionModel:
 
 
 def save_diffusion(model: DiffusionModel, scheduler: DDPMScheduler, directory: str | Path) -> Path:
+    """Write a diffusers folder: ``unet/`` or ``transformer/``, ``vae/`` or ``vqvae/``, ``scheduler/``."""
     directory = Path(directory)
-    DDPMPipeline(unet=model.unet, scheduler=scheduler).save_pretrained(str(directory))
+    if not model.latent and not model.is_dit:
+        DDPMPipeline(unet=model.unet, scheduler=scheduler).save_pretrained(str(directory))
+    else:
+        directory.mkdir(parents=True, exist_ok=True)
+        denoiser = "transformer" if model.is_dit else "unet"
+        components = {denoiser: model.unet, "scheduler": scheduler}
+        if model.latent:
+            components["vqvae" if type(model.vae).__name__ == "VQModel" else "vae"] = model.vae
+        index = {"_class_name": "DiffGuardLatentPipeline", "_diffusers_version": diffusers.__version__}
+        for name, component in components.items():
+            component.save_pretrained(str(directory / name))
+            index[name] = ["diffusers", type(component).__name__]
+        (directory / "model_index.json").write_text(json.dumps(index, indent=2))
     meta = {"num_classes": model.num_classes, "null_class": model.null_class}
     (directory / META_FILE).write_text(json.dumps(meta, indent=2))
     return directory
 
 
+def _load_component(directory: Path, allowed: tuple, what: str) -> nn.Module:
+    name = json.loads((directory / "config.json").read_text()).get("_class_name", "UNet2DModel")
+    if name not in allowed:
+        raise ValueError(f"{directory}: a {name} cannot serve as the {what}; supported: {', '.join(allowed)}")
+    return getattr(diffusers, name).from_pretrained(str(directory), low_cpu_mem_usage=False).eval()
+
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def resolve_model_path(path: str | Path) -> Path:
+    """A local folder as it is; a Hub id (``org/name``) from the local Hugging Face cache, never downloaded."""
+    if Path(path).exists() or not HUB_ID.match(str(path)):
+        return Path(path)
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.constants import HF_HUB_CACHE
+
+    try:
+        return Path(snapshot_download(str(path), local_files_only=True))
+    except Exception as error:  # LocalEntryNotFoundError and friends: not in the cache
+        raise MissingCheckpointError(
+            f"{path} is neither a local folder nor a model in the Hugging Face cache {HF_HUB_CACHE} "
+            f"({type(error).__name__}). Nothing is downloaded at run time: on a machine with internet run "
+            f"`huggingface-cli download {path}` (and copy the cache folder here, or set HF_HOME), or pass the "
+            f"path of a diffusers folder."
+        ) from None
+
+
 def load_diffusion(
     directory: str | Path, num_classes: Optional[int] = None, null_class: Optional[int] = None
 ) -> DiffusionModel:
-    """Load a diffusers folder (pipeline layout with unet/ and scheduler/, or a bare UNet folder).
+    """Load a diffusers folder (pipeline layout, or a bare UNet folder); see the module docstring.
 
     ``num_classes`` / ``null_class`` override what ``diffguard.json`` says; for
-    a conditional checkpoint without that file they default to
-    ``num_class_embeds - 1`` and ``num_class_embeds - 1``.
+    a conditional UNet checkpoint without that file they default to
+    ``num_class_embeds - 1`` and ``num_class_embeds - 1``; for a DiT to
+    ``num_embeds_ada_norm`` for both.
     """
-    directory = Path(directory)
-    if (directory / "unet" / "config.json").is_file():
-        unet_dir, scheduler_dir = directory / "unet", directory / "scheduler"
-    elif (directory / "config.json").is_file():
-        unet_dir, scheduler_dir = directory, directory
-    else:
+    directory = resolve_model_path(directory)
+    denoiser_dir = next((directory / sub for sub in ("unet", "transformer") if (directory / sub / "config.json").is_file()),
+                        directory if (directory / "config.json").is_file() else None)
+    if denoiser_dir is None:
         raise MissingCheckpointError(
-            f"No diffusers model at {directory} (expected unet/config.json or config.json). "
-            f"Train one with `python train.py --config conf/train_diffusion_uncond.yaml output_dir=OUT` "
-            f"and use OUT/diffusion, or convert a guided-diffusion checkpoint."
+            f"No diffusers model at {directory} (expected unet/config.json, transformer/config.json or "
+            f"config.json). Train one with `python train.py --config conf/train_diffusion_uncond.yaml output_dir=OUT` "
+            f"and use OUT/diffusion, or convert a guided-diffusion checkpoint with `python -m diffguard_pl.convert`."
         )
-    unet = UNet2DModel.from_pretrained(str(unet_dir), low_cpu_mem_usage=False).eval()
+    unet = _load_component(denoiser_dir, DENOISERS, "denoiser")
+    vae_dir = next((directory / sub for sub in ("vae", "vqvae") if (directory / sub / "config.json").is_file()), None)
+    vae = None if vae_dir is None else _load_component(vae_dir, AUTOENCODERS, "autoencoder")
+    scheduler_dir = directory / "scheduler" if denoiser_dir != directory else directory
     if (scheduler_dir / "scheduler_config.json").is_file():
         scheduler = DDPMScheduler.from_pretrained(str(scheduler_dir))
     else:
         scheduler = DDPMScheduler()  # diffusers' default linear schedule, as ADM and DDPM use
     meta_path = directory / META_FILE
     meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
-    embeds = unet.config.num_class_embeds
+    if type(unet).__name__ == "UNet2DModel":
+        embeds = unet.config.num_class_embeds
+        default_classes = None if embeds is None else embeds - 1
+    else:
+        embeds = unet.config.num_embeds_ada_norm
+        default_classes = embeds
     if num_classes is None:
-        num_classes = meta.get("num_classes", None if embeds is None else embeds - 1)
+        num_classes = meta.get("num_classes", default_classes)
     if null_class is None:
         null_class = meta.get("null_class", None if num_classes is None else num_classes)
     if num_classes is not None and embeds is None:
-        raise ValueError(f"{directory}: num_classes={num_classes} given, but the UNet has no class embedding")
-    return DiffusionModel(unet, scheduler.alphas_cumprod.double(), num_classes, null_class)
+        raise ValueError(f"{directory}: num_classes={num_classes} given, but the denoiser has no class embedding")
+    if vae is not None and int(vae.config.latent_channels) != int(unet.config.in_channels):
+        raise ValueError(
+            f"{directory}: the autoencoder has {vae.config.latent_channels} latent channels but the denoiser takes "
+            f"{unet.config.in_channels}"
+        )
+    return DiffusionModel(unet, scheduler.alphas_cumprod.double(), num_classes, null_class, vae)

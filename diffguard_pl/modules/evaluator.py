@@ -38,6 +38,7 @@ class DiffGuardEvaluator(L.LightningModule):
         self.pipeline = pipeline
         # Registered so that Lightning moves them to the device; the pipeline holds the same objects.
         self.unet = pipeline.diffusion.unet
+        self.vae = pipeline.diffusion.vae
         self.classifier = pipeline.classifier
         self.perceptual = pipeline.perceptual
         self.baselines = baselines

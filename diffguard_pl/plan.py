@@ -1,0 +1,55 @@
+"""``evaluate.py dry_run=true``: check that every file is there and every model loads, print the plan, stop.
+
+By the time :func:`print_plan` runs, the benchmark's lists were read (every
+listed file checked to exist) and both models were loaded; here the pipeline
+is built (which checks the perceptual-distance weights files and the
+model / classifier compatibility) and the work is counted.
+"""
+
+from __future__ import annotations
+
+from diffguard_pl.config import EvalConfig
+from diffguard_pl.data import Benchmark
+from diffguard_pl.evaluation import evaluation_sets
+from diffguard_pl.models import Classifier, DiffusionModel
+
+
+def unet_evals_per_image(cfg: EvalConfig, synthesis_rows: int) -> int:
+    """Denoiser evaluations per image at full depth (AES can only lower it), oracle re-synthesis not counted."""
+    d = cfg.diffguard
+    return d.depth * (1 + synthesis_rows + int(d.reference == "unguided"))
+
+
+def print_plan(cfg: EvalConfig, benchmark: Benchmark, classifier: Classifier, diffusion: DiffusionModel) -> dict:
+    from diffguard_pl.pipeline import DiffGuardPipeline
+
+    pipeline = DiffGuardPipeline(diffusion, classifier, cfg.diffguard, load_perceptual=False)
+    d, g = cfg.diffguard, cfg.diffguard.guidance
+    sets = evaluation_sets(benchmark, cfg.limit_per_set, cfg.split)
+    per_image = unet_evals_per_image(cfg, pipeline.synthesis_rows)
+    total = sum(len(s) for s in sets)
+    kind = type(diffusion.unet).__name__ + (f" + {type(diffusion.vae).__name__}" if diffusion.latent else "")
+    lines = [
+        f"dry run: every file and model is in place ({cfg.models.diffusion}, {cfg.models.classifier})",
+        f"diffusion: {kind}, images {diffusion.image_channels}x{diffusion.image_size}x{diffusion.image_size}, "
+        f"denoiser input {diffusion.in_channels}x{diffusion.sample_size}x{diffusion.sample_size}, "
+        + ("unconditional" if not diffusion.conditional
+           else f"{diffusion.num_classes} classes, null class {diffusion.null_class}"),
+        f"classifier: {classifier.spec.arch}, {classifier.spec.num_classes} classes at {classifier.spec.input_size} px",
+        f"benchmark {benchmark.name}: InD train {len(benchmark.train)} (baselines fit on "
+        f"{min(len(benchmark.train), cfg.baselines.train_samples or len(benchmark.train))})",
+    ]
+    for s in sets:
+        group = "" if s.name == "ind" else f" ({benchmark.ood[s.name].group})"
+        lines.append(f"  {s.name}{group} {s.split}: {len(s)} images")
+    guidance = (f"classifier guidance, scale {g.scale}, clean {g.clean}, {g.cutout.num} cutouts" if g.mode == "classifier"
+                else f"CFG omega {g.cfg.omega}, DSG {'on, CAM threshold ' + str(g.cfg.cam_threshold) if g.cfg.dsg else 'off'}")
+    lines += [
+        f"DDIM: {d.num_steps} spaced steps, inversion depth {d.depth}"
+        + (f" (AES: stops earlier by {', '.join(k for k in ('psnr', 'ssim', 'dists') if getattr(d.aes, k) is not None)})"
+           if d.aes.enabled else ""),
+        f"synthesis: {guidance}; reference {d.reference}; score {d.score}",
+        f"denoiser evaluations: at most {per_image} per image, {per_image * total:,} for {total:,} images",
+    ]
+    print("\n".join(lines))
+    return {"images": total, "unet_evals_per_image": per_image, "sets": {f"{s.name}/{s.split}": len(s) for s in sets}}
