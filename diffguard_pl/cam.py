@@ -4,8 +4,9 @@
 
 where A is the activation of one layer (default: the timm model's last
 feature stage, ``feature_info[-1]["module"]``, e.g. ``layer4`` of a ResNet).
-The map is resized (bilinear) to the image, min-max normalised per image and
-thresholded; the mask is then resized (nearest) to the denoiser's resolution.
+The map is resized (bilinear) to the image (for a centre-cropping classifier:
+to the crop, placed where the crop came from, zero outside), min-max
+normalised per image and thresholded; the mask is then resized (nearest) to the denoiser's resolution.
 
 One forward and one backward pass per image; the forward hook is removed
 before returning, also after an error. The classifier must be in eval mode,
@@ -67,7 +68,7 @@ def grad_cam(
         handle.remove()
     weights = grad.mean(dim=(2, 3), keepdim=True)
     cam = F.relu((weights * activation.detach()).sum(dim=1, keepdim=True))
-    cam = F.interpolate(cam, size=images01.shape[-2:], mode="bilinear", align_corners=False)
+    cam = classifier.view_to_image(cam, tuple(images01.shape[-2:]))  # resized, or placed where a crop came from
     low = cam.amin(dim=(2, 3), keepdim=True)
     high = cam.amax(dim=(2, 3), keepdim=True)
     return (cam - low) / (high - low).clamp_min(1e-7)

@@ -329,6 +329,30 @@ class AESConfig:
             raise ConfigError(f"diffguard.aes.min_depth={self.min_depth} must be at least 1")
 
 
+@dataclass
+class RuntimeConfig:
+    """How the pipeline executes on its device: speed settings, not the method (benchmarks/throughput.py).
+
+    ``autocast`` none | bf16 | fp16: the denoiser, the autoencoder and the classifier's forward passes (label,
+    guidance, classifier distances) run under ``torch.autocast`` on the pipeline's device type; the DDIM updates,
+    the guidance arithmetic, Grad-CAM / the DSG masks and the distances stay in float32. It changes scores
+    slightly, so it is part of the results' fingerprint. ``channels_last``: the models' 4-D weights and inputs
+    in channels-last memory format (faster convolutions on GPUs). ``compile``: ``torch.compile`` of the denoiser
+    (the first batches pay the compilation). ``cudnn_benchmark``: ``torch.backends.cudnn.benchmark`` while the
+    pipeline runs on CUDA. ``inference_mode``: denoiser calls, inversion and scoring under
+    ``torch.inference_mode`` (classifier guidance and Grad-CAM leave it for their gradients); false: ``no_grad``.
+    """
+
+    autocast: str = "none"
+    channels_last: bool = False
+    compile: bool = False
+    cudnn_benchmark: bool = True  # only on CUDA
+    inference_mode: bool = True
+
+    def __post_init__(self) -> None:
+        _check_choice("diffguard.runtime.autocast", self.autocast, ["none", "bf16", "fp16"])
+
+
 DISTANCES = ["l1", "l2", "psnr", "ssim", "logit_l1", "feature_cos", "dists", "lpips"]
 
 
@@ -346,6 +370,7 @@ class DiffGuardConfig:
     clip_x0: bool = False  # clip predicted x0 to [-1, 1] in synthesis steps (guided-diffusion's clip_denoised)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     aes: AESConfig = field(default_factory=AESConfig)
+    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # speed settings (autocast, compile, ...)
 
     def __post_init__(self) -> None:
         if not 1 <= self.depth <= self.num_steps:
@@ -376,6 +401,7 @@ class ModelPaths:
     classifier_input_size: Optional[int] = None  # default: data.resolution
     classifier_mean: Optional[List[float]] = None  # default: 0.5 per channel
     classifier_std: Optional[List[float]] = None
+    classifier_view: str = "resize"  # resize | center_crop: how a larger image reaches classifier_input_size
     diffusion_num_classes: Optional[int] = None  # override what the checkpoint says (conditional models)
     diffusion_null_class: Optional[int] = None
 

@@ -43,6 +43,7 @@ def load_models(cfg: EvalConfig, benchmark: Benchmark) -> tuple[Classifier, Diff
             input_size=m.classifier_input_size or benchmark.resolution,
             mean=list(m.classifier_mean) if m.classifier_mean is not None else [0.5] * channels,
             std=list(m.classifier_std) if m.classifier_std is not None else [0.5] * channels,
+            view=m.classifier_view,
         )
         classifier = build_classifier(spec, path).eval()
     else:

@@ -2,8 +2,8 @@
 
 Outputs in ``cfg.output_dir``: ``config.yaml`` (the resolved config),
 ``checkpoints/`` (Lightning checkpoints for resuming), ``classifier/`` or
-``diffusion/`` (the portable model), ``logs/`` (CSV metrics) or ``wandb/``,
-and ``metrics.json`` (final validation / test figures).
+``diffusion/`` (the portable model; task=joint writes both), ``logs/`` (CSV
+metrics) or ``wandb/``, and ``metrics.json`` (final validation / test figures).
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from diffguard_pl.config import TrainConfig, TrainerConfig
 from diffguard_pl.data import Benchmark, BenchmarkDataModule
 from diffguard_pl.models.classifier import ClassifierSpec
 from diffguard_pl.models.diffusion import build_scheduler, build_unet
-from diffguard_pl.modules import ClassifierModule, DiffusionModule
+from diffguard_pl.modules import ClassifierModule, DiffusionModule, JointModule
+from diffguard_pl.modules.cotrain import load_diffusion_with_scheduler
 
 
 def build_logger(cfg, output_dir: Path):
@@ -66,14 +67,20 @@ def classifier_spec(cfg: TrainConfig, benchmark: Benchmark) -> ClassifierSpec:
 
 
 def build_module(cfg: TrainConfig, benchmark: Benchmark) -> L.LightningModule:
+    classifier_args = dict(
+        pretrained_path=cfg.classifier.pretrained_path,
+        label_smoothing=cfg.classifier.label_smoothing,
+        augment_shift=cfg.classifier.augment_shift,
+    )
     if cfg.task == "classifier":
-        return ClassifierModule(
-            classifier_spec(cfg, benchmark),
-            cfg.optim,
-            pretrained_path=cfg.classifier.pretrained_path,
-            label_smoothing=cfg.classifier.label_smoothing,
-            augment_shift=cfg.classifier.augment_shift,
-        )
+        return ClassifierModule(classifier_spec(cfg, benchmark), cfg.optim, **classifier_args)
+    if cfg.task in ("cotrain", "joint"):
+        diffusion, scheduler = load_diffusion_with_scheduler(cfg.cotrain.diffusion_path)
+        if cfg.task == "cotrain":
+            return ClassifierModule(classifier_spec(cfg, benchmark), cfg.optim, diffusion=diffusion,
+                                    cotrain=cfg.cotrain, **classifier_args)
+        return JointModule(classifier_spec(cfg, benchmark), cfg.optim, diffusion, scheduler, cfg.cotrain,
+                           label_dropout=cfg.diffusion.label_dropout, **classifier_args)
     num_classes = benchmark.num_classes if cfg.diffusion.conditional else None
     return DiffusionModule(
         build_unet(cfg.diffusion, benchmark.channels, benchmark.resolution, num_classes),
@@ -132,13 +139,14 @@ def train(cfg: TrainConfig, benchmark: Optional[Benchmark] = None) -> dict:
     datamodule = BenchmarkDataModule(cfg.data, benchmark=benchmark)
     datamodule.setup()
     module = build_module(cfg, datamodule.benchmark)
-    export_dir = output_dir / ("classifier" if cfg.task == "classifier" else "diffusion")
+    export_dir = {"classifier": output_dir / "classifier", "cotrain": output_dir / "classifier",
+                  "diffusion": output_dir / "diffusion", "joint": output_dir}[cfg.task]  # joint: both folders
     logger = build_logger(cfg, output_dir)
     try:
         trainer = build_trainer(cfg, output_dir, logger, export_dir)
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-        if cfg.task == "classifier":
+        if cfg.task != "diffusion":
             (tested,) = trainer.test(module, datamodule=datamodule, verbose=False)
             metrics.update({k: float(v) for k, v in tested.items()})
         metrics["global_step"] = int(trainer.global_step)

@@ -258,3 +258,22 @@ def test_classifier_resizes_larger_images_to_its_input_size():
     with torch.no_grad():
         torch.testing.assert_close(classifier(big), classifier(small), atol=1e-5, rtol=1e-5)
     assert classifier.prepare(big).shape == (3, 3, 32, 32)
+
+
+def test_center_crop_view_gives_the_standard_imagenet_crop_and_places_maps_back():
+    from diffguard_pl.cam import grad_cam
+
+    torch.manual_seed(0)
+    spec = ClassifierSpec("diffguard_resnet_tiny", num_classes=4, in_chans=3, input_size=24, mean=[0.5] * 3,
+                          std=[0.5] * 3, view="center_crop")
+    classifier = build_classifier(spec).eval()
+    images = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(classifier(images), classifier(images[..., 4:28, 4:28]))
+    cam = grad_cam(classifier, images, torch.tensor([0, 3]))
+    assert cam.shape == (2, 1, 32, 32)
+    outside = torch.ones(32, 32, dtype=torch.bool)
+    outside[4:28, 4:28] = False
+    assert (cam[..., outside] == 0).all() and cam[..., 4:28, 4:28].max() == 1
+    with pytest.raises(ValueError, match="centre-crop"):
+        classifier(torch.rand(1, 3, 16, 16))

@@ -66,7 +66,15 @@ def test_missing_config_file_is_named(tmp_path):
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "conf").glob("train_*.yaml")))
 def test_shipped_configs_load(name):
     cfg = load(files=[ROOT / "conf" / name])
-    assert cfg.task in ("classifier", "diffusion")
+    assert cfg.task in ("classifier", "diffusion", "cotrain", "joint")
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "conf").glob("*.yaml") if not p.name.startswith("train_")))
+def test_shipped_evaluation_presets_load(name):
+    from diffguard_pl.config import EvalConfig
+
+    cfg = config_lib.load(EvalConfig, [f"--config={ROOT / 'conf' / name}"], None)
+    assert cfg.diffguard.depth <= cfg.diffguard.num_steps
 
 
 def test_saved_config_round_trips(tmp_path):

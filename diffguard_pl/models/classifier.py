@@ -146,6 +146,13 @@ class ClassifierSpec:
     std: List[float]
     timm_kwargs: Dict[str, Any] = field(default_factory=dict)
     class_names: Optional[List[str]] = None
+    # How an image of another size reaches input_size: "resize" (bilinear, antialiased) or "center_crop" (the
+    # central input_size square of a larger image: ImageNet's resize 256 / crop 224 from a 256 px image).
+    view: str = "resize"
+
+    def __post_init__(self) -> None:
+        if self.view not in ("resize", "center_crop"):
+            raise ValueError(f"classifier view {self.view!r} is not one of resize, center_crop")
 
 
 def create_timm_model(arch: str, num_classes: int, in_chans: int, **kwargs: Any) -> nn.Module:
@@ -225,8 +232,22 @@ class Classifier(nn.Module):
             )
         size = self.spec.input_size
         if images.shape[-2:] != (size, size):
-            images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+            if self.spec.view == "center_crop":
+                images = _center_crop(images, size)
+            else:
+                images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
         return (images - self.mean) / self.std
+
+    def view_to_image(self, maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+        """Maps over the classifier's view [N, C, h, w] placed on an image of ``size`` (bilinear; 0 outside a crop)."""
+        if self.spec.view != "center_crop" or size == (self.spec.input_size, self.spec.input_size):
+            return F.interpolate(maps, size=size, mode="bilinear", align_corners=False)
+        crop = self.spec.input_size
+        if min(size) < crop:
+            raise ValueError(f"a {size} image is smaller than the classifier's {crop} px centre crop")
+        inside = F.interpolate(maps, size=(crop, crop), mode="bilinear", align_corners=False)
+        top, left = (size[0] - crop) // 2, (size[1] - crop) // 2
+        return F.pad(inside, (left, size[1] - crop - left, top, size[0] - crop - top))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         return self.model(self.prepare(images))
@@ -284,6 +305,14 @@ def _common_prefix_hint(keys: list[str], own: set) -> str:
         if all(k.startswith(prefix) for k in keys) and {k[len(prefix) :] for k in keys} & own:
             return f" The keys carry the prefix {prefix!r} (a training checkpoint?); save the inner model's state dict."
     return ""
+
+
+def _center_crop(images: torch.Tensor, size: int) -> torch.Tensor:
+    height, width = images.shape[-2:]
+    if height < size or width < size:
+        raise ValueError(f"cannot centre-crop {size} px from {height}x{width} images (classifier view center_crop)")
+    top, left = (height - size) // 2, (width - size) // 2
+    return images[..., top : top + size, left : left + size]
 
 
 def _load_backbone(model: nn.Module, state: dict[str, torch.Tensor], source: str, arch: str = "?") -> None:

@@ -2,5 +2,6 @@
 
 from diffguard_pl.modules.classifier_module import ClassifierModule
 from diffguard_pl.modules.diffusion_module import DiffusionModule
+from diffguard_pl.modules.joint_module import JointModule
 
-__all__ = ["ClassifierModule", "DiffusionModule"]
+__all__ = ["ClassifierModule", "DiffusionModule", "JointModule"]
