@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 OUT ?= outputs
 
-.PHONY: setup demo sample-check test test-all checkpoints clean
+.PHONY: setup demo demo-cfg sample-check cotrain-bench test test-all checkpoints clean
 
 setup: $(VENV)/.installed
 
@@ -18,6 +18,14 @@ $(VENV)/.installed: setup.cfg pyproject.toml
 # Main job: DiffGuard and the baselines on the embedded Digits-OOD benchmark (committed checkpoints).
 demo: setup
 	$(PY) evaluate.py --config conf/digits_gdm.yaml output_dir=$(OUT)/digits_gdm
+
+# The classifier-free path (CFG + DSG) on the same benchmark with the committed class-conditional model.
+demo-cfg: setup
+	$(PY) evaluate.py --config conf/digits_cfg.yaml output_dir=$(OUT)/digits_cfg
+
+# Co-training / joint training and their DiffGuard evaluations (README: "Co-training"), about an hour on 2 cores.
+cotrain-bench: setup
+	$(PY) benchmarks/cotrain_digits.py --train --evaluate --ablations
 
 # How often the class-conditional model draws the class it is asked for (50 DDIM steps).
 sample-check: setup
