@@ -7,9 +7,10 @@
 
 In one run on one device, for each path (``--paths``):
 
-- ``gdm``: classifier guidance (clean grad, cutout), AES off;
-- ``gdm_aes``: the same with adaptive early stop;
-- ``cfg_dsg``: classifier-free guidance with DSG (a class-conditional model, Grad-CAM masks),
+- ``gdm``: classifier guidance (clean grad, cutout), AES off (``conf/digits_gdm.yaml``);
+- ``gdm_aes``: the same with adaptive early stop (PSNR threshold 7.80 dB, calibrated on InD validation);
+- ``cfg_dsg``: classifier-free guidance with DSG (``conf/digits_cfg.yaml``: the class-conditional model,
+  Grad-CAM masks),
 
 it measures the bare denoiser forward at the evaluation batch size, the classifier's forward + backward over
 the configured cutout crops of that batch, and the whole pipeline (``DiffGuardPipeline.__call__``:
@@ -340,7 +341,8 @@ class Models:
         from diffguard_pl.models import load_classifier, load_diffusion
 
         if not self.paper:
-            classifier = self._keep(f"classifier:{cfg.models.classifier}", lambda: load_classifier(cfg.models.classifier))
+            classifier = self._keep(f"classifier:{cfg.models.classifier}",
+                                    lambda: load_classifier(cfg.models.classifier))
             diffusion = self._keep(f"diffusion:{cfg.models.diffusion}", lambda: load_diffusion(cfg.models.diffusion))
             return diffusion, classifier.eval()
         classifier = self._keep("classifier", self._resnet50)
@@ -553,7 +555,8 @@ def compare_results(dir_a: str, dir_b: str) -> dict:
     report["samples"], report["same_prediction"] = len(common), same_pred
     report["throughput"] = {"a": res_a.get("throughput"), "b": res_b.get("throughput")}
     print(f"{len(common)} samples, same prediction for {same_pred}; score gaps (median relative, Spearman): "
-          + ", ".join(f"{c.split('/')[1]} {v['median_rel']:.2e} {v['spearman']:.4f}" for c, v in report["scores"].items()))
+          + ", ".join(f"{c.split('/')[1]} {v['median_rel']:.2e} {v['spearman']:.4f}"
+                      for c, v in report["scores"].items()))
     return report
 
 
@@ -586,7 +589,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument("--compare", nargs=2, metavar=("OUT_A", "OUT_B"), default=None,
                         help="only compare two evaluate.py output folders (e.g. fp32 and bf16): AUROC, FPR@95, scores")
     parser.add_argument("--json", default=None, help="write the results to this file (after every path)")
-    parser.add_argument("overrides", nargs="*", help="config overrides for every path, e.g. diffguard.runtime.autocast=bf16")
+    parser.add_argument("overrides", nargs="*",
+                        help="config overrides for every path, e.g. diffguard.runtime.autocast=bf16")
     args = parser.parse_intermixed_args(argv)
     if args.compare:
         report = compare_results(*args.compare)
@@ -610,13 +614,14 @@ def main(argv: Optional[List[str]] = None) -> dict:
     notes: List[str] = []
     models = Models(args.paper_scale, args.tiny_arch, device)
     report = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "device": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                   else f"cpu ({platform.processor() or platform.machine()})"),
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
         "paper_scale": args.paper_scale,
         "tiny_arch": args.tiny_arch,
         "overrides": list(args.overrides),
-        "command": " ".join([os.path.basename(sys.executable), "benchmarks/throughput.py", *(argv if argv is not None else sys.argv[1:])]),
+        "command": " ".join(["python", "benchmarks/throughput.py", *(argv if argv is not None else sys.argv[1:])]),
         "notes": notes,
         "paths": {},
         "scaling": {},
@@ -670,7 +675,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
         if "classifier_fwd_bwd_ms" in bare:
             formula += result["guidance_steps_per_image"] * bare["classifier_fwd_bwd_ms"] / 1e3 / batch
         decodes = 1 + int(cfg.diffguard.reference == "unguided")
-        formula += (bare.get("grad_cam_ms", 0.0) + bare.get("encode_ms", 0.0) + decodes * bare.get("decode_ms", 0.0)) / 1e3 / batch
+        other_ms = bare.get("grad_cam_ms", 0.0) + bare.get("encode_ms", 0.0) + decodes * bare.get("decode_ms", 0.0)
+        formula += other_ms / 1e3 / batch
         result["ratio_formula"] = result["seconds_per_image"] / formula
         result["runtime"] = describe_runtime(cfg)
         result["settings"] = {"num_steps": cfg.diffguard.num_steps, "depth": cfg.diffguard.depth,
@@ -682,16 +688,20 @@ def main(argv: Optional[List[str]] = None) -> dict:
         r = result
         print(f"  UNet evaluations / image {r['unet_evals_per_image']:.1f} (mean depth {r['mean_depth']:.2f}), "
               f"guidance steps / image {r['guidance_steps_per_image']:.1f}, {r['unet_calls']} denoiser calls")
-        print(f"  bare UNet forward at {batch} rows: {bare['bare_unet_ms']:.2f} ms ({bare['bare_unet_ms'] / batch:.3f} ms/row)"
+        print(f"  bare UNet forward at {batch} rows: {bare['bare_unet_ms']:.2f} ms "
+              f"({bare['bare_unet_ms'] / batch:.3f} ms/row)"
               + (f"; classifier fwd+bwd over {bare['classifier_rows']} crops: {bare['classifier_fwd_bwd_ms']:.2f} ms"
                  if "classifier_fwd_bwd_ms" in bare else "")
               + (f"; Grad-CAM of {batch} images: {bare['grad_cam_ms']:.2f} ms" if "grad_cam_ms" in bare else "")
-              + (f"; encode {bare['encode_ms']:.2f} ms, decode {bare['decode_ms']:.2f} ms" if "encode_ms" in bare else ""))
+              + (f"; encode {bare['encode_ms']:.2f} ms, decode {bare['decode_ms']:.2f} ms"
+                 if "encode_ms" in bare else ""))
         if r["model_breakdown_seconds"]:
-            print("  model time by group (s): " + ", ".join(f"{k} {v:.3f}" for k, v in r["model_breakdown_seconds"].items()))
+            print("  model time by group (s): "
+                  + ", ".join(f"{k} {v:.3f}" for k, v in r["model_breakdown_seconds"].items()))
         print(f"  pipeline {r['pipeline_seconds']:.3f} s, model replay {r['model_seconds']:.3f} s -> "
               f"{r['images_per_second']:.2f} images/s, overhead ratio {r['overhead_ratio']:.3f} "
-              f"(median {r['ratio_median']:.3f}, formula {r['ratio_formula']:.3f}), peak memory {r['peak_memory_mb']:.0f} MB",
+              f"(median {r['ratio_median']:.3f}, formula {r['ratio_formula']:.3f}), "
+              f"peak memory {r['peak_memory_mb']:.0f} MB",
               flush=True)
         save()
         del pipe, quick_pipe
@@ -708,11 +718,12 @@ def main(argv: Optional[List[str]] = None) -> dict:
                 measured[key] = measure(pipe, images, ids, batch, repeats, device, breakdown=False,
                                         quick_pipe=quick_pipe)
             r = measured[key]
-            report["scaling"][str(b)] = {k: r[k] for k in ("images", "images_per_second", "overhead_ratio",
-                                                          "ratio_median", "seconds_per_image", "model_seconds_per_image",
-                                                          "peak_memory_mb")}
+            keys = ("images", "images_per_second", "overhead_ratio", "ratio_median", "seconds_per_image",
+                    "model_seconds_per_image", "peak_memory_mb")
+            report["scaling"][str(b)] = {k: r[k] for k in keys}
             print(f"  batch {b:4d}: {r['images']} images, {r['images_per_second']:.2f} images/s, "
-                  f"model-only {1 / r['model_seconds_per_image']:.2f} images/s, overhead ratio {r['overhead_ratio']:.3f}",
+                  f"model-only {1 / r['model_seconds_per_image']:.2f} images/s, "
+                  f"overhead ratio {r['overhead_ratio']:.3f}",
                   flush=True)
             save()
             del pipe, quick_pipe

@@ -172,7 +172,8 @@ class DiffGuardPipeline:
             yield
             return
         before = torch.backends.cudnn.benchmark
-        torch.backends.cudnn.benchmark = self.runtime.cudnn_benchmark and not torch.are_deterministic_algorithms_enabled()
+        deterministic = torch.are_deterministic_algorithms_enabled()
+        torch.backends.cudnn.benchmark = self.runtime.cudnn_benchmark and not deterministic
         try:
             yield
         finally:
