@@ -88,7 +88,12 @@ def evaluation_sets(benchmark: Benchmark, limit: Optional[int], split: str = "te
         sets = [benchmark.val] + [s.val for s in benchmark.ood.values()]
     else:
         sets = [benchmark.val, benchmark.test] + [s.test for s in benchmark.ood.values()]
-    return [s if limit is None or len(s) <= limit else s.subset(range(limit)) for s in sets]
+    return [limited(s, limit) for s in sets]
+
+
+def limited(image_set: ImageSet, limit: Optional[int]) -> ImageSet:
+    """The first ``limit`` samples of a set (all with None)."""
+    return image_set if limit is None or len(image_set) <= limit else image_set.subset(range(limit))
 
 
 def headline_metrics(results: dict) -> dict:
@@ -183,8 +188,7 @@ def evaluate(cfg: EvalConfig, benchmark: Optional[Benchmark] = None) -> Optional
     config_lib.save(cfg, output_dir / "config.yaml")
 
     if cfg.score_folder is not None:  # InD validation (for the threshold) and the folder
-        sets = [s if cfg.limit_per_set is None or len(s) <= cfg.limit_per_set else s.subset(range(cfg.limit_per_set))
-                for s in (benchmark.val, folder_images(cfg, benchmark))]
+        sets = [limited(s, cfg.limit_per_set) for s in (benchmark.val, folder_images(cfg, benchmark))]
     else:
         sets = evaluation_sets(benchmark, cfg.limit_per_set, cfg.split)
     ids = [sample_id for s in sets for sample_id in s.ids]
