@@ -5,6 +5,7 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 # each independent of the others (a failing or timed-out part leaves the rest running):
 #   1 embedded models, fp32, batch 256: the three paths + batch scaling 1/8/64/256  -> $OUT/embedded_fp32.json
 #   2 embedded models, bf16 autocast, batch 256: the three paths                     -> $OUT/embedded_bf16.json
+#   2b host-device synchronisations per batch at two depths (must not grow)          -> $OUT/sync_check.json
 #   3 evaluate.py on the whole embedded benchmark, fp32 and bf16, and their AUROCs   -> $OUT/auroc_compare.json
 #   4 paper scale, released GDM settings: ADM-256 + ResNet-50 (random), bf16 + channels_last, 16 images
 #                                                                                    -> $OUT/paper_gdm_bf16.json
@@ -56,6 +57,8 @@ $PY -c "import torch, diffusers, timm, lightning; print('torch', torch.__version
 part embedded_fp32 80 $PY benchmarks/throughput.py --device $DEV $EMB --json "$OUT/embedded_fp32.json"
 part embedded_bf16 50 $PY benchmarks/throughput.py --device $DEV $EMB_BF16 --json "$OUT/embedded_bf16.json" \
   diffguard.runtime.autocast=bf16
+
+part sync_check 40 $PY benchmarks/sync_check.py --json "$OUT/sync_check.json"
 
 # 3: the whole embedded benchmark through evaluate.py, fp32 and bf16, then their AUROCs side by side.
 COMMON="$EVAL trainer.devices=1 trainer.enable_progress_bar=false callbacks.curves=false callbacks.reconstructions=0 \

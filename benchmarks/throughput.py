@@ -36,13 +36,26 @@ That is the issue's ``UNet evaluations x bare UNet time + guidance steps x class
 taken over the actual row counts, plus the Grad-CAM, autoencoder and label terms. Everything else (DDIM
 arithmetic, bookkeeping, cutout resampling, per-step PSNR / SSIM curves, distances) is overhead. The models
 run under the same ``diffguard.runtime`` settings in both (autocast, channels_last, compile, inference mode,
-cudnn.benchmark). Pipeline and replay alternate for ``--repeats`` rounds after one warm-up of each; the ratio
-uses the fastest round of each (``ratio_median``: the median of the per-round ratios). The per-step curves
+cudnn.benchmark). After one warm-up of each, ``--repeats`` rounds pair them batch by batch: every batch goes
+through the pipeline and right after it the replay of that batch's model calls, so slow drifts of a shared
+machine's speed hit both alike. The ratio is total pipeline time / total replay time over the rounds
+(``ratio_median``: the median of the per-round ratios; ``ratio_fastest``: fastest round over fastest round);
+images/s come from the fastest pipeline round. The per-step curves
 (``diffguard.aes.record_curves``) stay as configured (on by default, as in ``evaluate.py``); pass
 ``diffguard.aes.record_curves=false`` to measure without them. For a cross-check the script also prints
 ``ratio_formula``: pipeline time over (UNet evaluations x bare per-row time at the evaluation batch size +
 guidance steps x classifier forward + backward per image at that batch size + Grad-CAM and autoencoder
 encode / decode per image at that batch size); it ignores that synthesis calls batch 2N or 3N rows.
+
+The floor. The model calls' arithmetic is counted with ``torch.utils.flop_counter`` (convolutions, matrix
+products and attention, forward and backward; each distinct call shape counted once and multiplied by its
+count), and the device's dense matrix-product rate in the compute dtype (float32, on CUDA with TF32 allowed as
+cuDNN convolutions use it by default; or the autocast dtype) is measured in the same run (``--no-floor``
+skips both). The script prints GFLOP per image, the rate the model replay reaches as a fraction of that
+matrix-product rate, and ``floor images/s`` = matrix-product rate / FLOP per image: the speed of these models if every FLOP ran at the dense matrix-product rate. It is an estimate of
+the hardware's limit, not a strict bound: convolution kernels can beat the matrix-product rate by some 10-20%
+(fractions above 100% happen), while normalisations, activations and the DDIM arithmetic are memory-bound and
+count no FLOPs.
 
 Batch-size scaling (``--scaling 1,8,64``): images/s of the ``--scaling-path`` at each batch size (at least
 ``--scaling-images`` images each), with its overhead ratio.
@@ -142,6 +155,47 @@ def best_time(fn, device: torch.device, repeats: int) -> float:
     return best
 
 
+COMPUTE_DTYPES = {"none": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def matmul_rate(device: torch.device, dtype: torch.dtype) -> float:
+    """The device's dense matrix-product rate (FLOP/s) in ``dtype``: the best of five timings at two sizes.
+
+    Each timing repeats the product for at least about 4 GFLOP (CPU) or 10 TFLOP (CUDA), so short products
+    are not dominated by the timer.
+    """
+    sizes, work = ((4096, 8192), 1e13) if device.type == "cuda" else ((1024, 2048), 4e9)
+    g = torch.Generator().manual_seed(0)
+    # On CUDA, float32 convolutions run in TF32 by default (cudnn.allow_tf32): rate the products the same way.
+    tf32 = device.type == "cuda" and dtype == torch.float32 and torch.backends.cudnn.allow_tf32
+    before = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = tf32 or before
+    try:
+        return _best_matmul_rate(device, dtype, sizes, work, g)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def _best_matmul_rate(device, dtype, sizes, work, g) -> float:
+    best = 0.0
+    for n in sizes:
+        a, b = (torch.randn(n, n, generator=g).to(device=device, dtype=dtype) for _ in range(2))
+        reps = max(1, round(work / (2 * n**3)))
+
+        def run(a=a, b=b, reps=reps):
+            for _ in range(reps):
+                torch.mm(a, b)
+
+        best = max(best, 2 * n**3 * reps / best_time(run, device, repeats=5))
+    return best
+
+
+def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of the CPU flash-attention kernel (not in torch's table): the two products q k^T and p v."""
+    b, h, s_q, d = query
+    return 2 * b * h * s_q * key[-2] * (d + value[-1])
+
+
 # --------------------------------------------------------------------------- recording and replaying model calls
 
 
@@ -159,9 +213,9 @@ class Recorder:
 
         eps = diffusion.eps  # an instance attribute outside the (possibly compiled) denoiser
 
-        def record_eps(x, t, class_labels=None):
+        def record_eps(x, t, class_labels=None, **kwargs):
             events.append(("unet", tuple(x.shape), class_labels is not None))
-            return eps(x, t, class_labels)
+            return eps(x, t, class_labels, **kwargs)
 
         diffusion.eps = record_eps
         self._undo.append(lambda: delattr(diffusion, "eps"))
@@ -250,7 +304,14 @@ class Replay:
             self._inputs[event] = value
         return self._inputs[event]
 
-    def run_event(self, event: tuple) -> None:
+    def prepare(self) -> None:
+        """Draw the random inputs of every recorded call now (outside any timing)."""
+        for event in self.events:
+            self.inputs(event)
+
+    def run_event(self, event: tuple, counting: bool = False) -> None:
+        """Run one recorded call. ``counting``: under the FLOP counter, whose module tracker cannot hook a leaf
+        that ``autograd.grad`` differentiates, so the crops go through one copy first (no FLOPs)."""
         pipe, kind = self.pipe, event[0]
         args = self.inputs(event)
         if kind == "unet":
@@ -261,7 +322,7 @@ class Replay:
             crops, labels = args
             with torch.enable_grad(), pipe.autocast():
                 leaf = crops.detach().requires_grad_(True)
-                log_probs = torch.log_softmax(at_least_float32(pipe.classifier(leaf)), dim=1)
+                log_probs = torch.log_softmax(at_least_float32(pipe.classifier(leaf.clone() if counting else leaf)), dim=1)
                 torch.autograd.grad(log_probs.gather(1, labels.view(-1, 1)).sum(), leaf)
         elif kind == "cam":
             images, labels = args
@@ -278,6 +339,32 @@ class Replay:
             for event in self.events:
                 if kinds is None or event[0] in kinds:
                     self.run_event(event)
+
+    def flops(self) -> float:
+        """FLOPs of all the recorded calls: each distinct call counted once under torch's FLOP counter, times its count.
+
+        A compiled denoiser is counted through its eager forward (the same arithmetic).
+        """
+        from collections import Counter
+
+        from torch.utils.flop_counter import FlopCounterMode
+
+        mapping = {}
+        cpu_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+        if cpu_attention is not None:
+            mapping[cpu_attention] = _cpu_attention_flops
+        unet = self.pipe.diffusion.unet
+        compiled = getattr(unet, "_compiled_call_impl", None)
+        unet._compiled_call_impl = None
+        total = 0.0
+        try:
+            for event, times in Counter(self.events).items():
+                with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+                    self.run_event(event, counting=True)
+                total += float(counter.get_total_flops()) * times
+        finally:
+            unet._compiled_call_impl = compiled
+        return total
 
     def breakdown(self) -> Dict[str, float]:
         """Seconds per group of calls (each group replayed on its own, synchronised)."""
@@ -453,49 +540,77 @@ def bare_model_times(pipe: DiffGuardPipeline, batch: int, device: torch.device, 
 
 
 def measure(pipe: DiffGuardPipeline, images: torch.Tensor, ids: List[str], batch: int, repeats: int,
-            device: torch.device, breakdown: bool = True, quick_pipe: Optional[DiffGuardPipeline] = None) -> dict:
-    """Warm up, then ``repeats`` rounds of (pipeline pass, replay of its model calls); see the module docstring.
+            device: torch.device, breakdown: bool = True, quick_pipe: Optional[DiffGuardPipeline] = None,
+            peak_rate: Optional[float] = None) -> dict:
+    """Warm up, then ``repeats`` rounds of paired passes; see the module docstring.
 
-    ``quick_pipe`` (a pipeline with the same models and a depth of 2): a short warm-up with the same shapes
-    instead of a whole untimed pass; the model calls are then recorded during the first timed pass.
+    In a round every batch goes through the pipeline and, right after it, the replay of that batch's model
+    calls, so slow drifts of a shared machine's speed hit both alike. ``quick_pipe`` (a pipeline with the
+    same models and a depth of 2): a short warm-up with the same shapes instead of a whole untimed pass; the
+    model calls are then recorded during the first timed round (its replays run after each batch, as always).
     """
     images = images.to(device)
+    n = len(images)
+    bounds = [(i, min(i + batch, n)) for i in range(0, n, batch)]
     recorder = Recorder(pipe)
-    if quick_pipe is None:
-        with recorder:  # warm-up of the pipeline, recording its model calls
-            stats = run_pipeline(pipe, images, ids, batch)
+    replays: List[Optional[Replay]] = [None] * len(bounds)
+    stats: dict = {}
+
+    def pipeline_batch(b: int, record: bool) -> dict:
+        lo, hi = bounds[b]
+        if not record:
+            return pipe(images[lo:hi], ids[lo:hi])
+        first = len(recorder.events)
+        with recorder:
+            out = pipe(images[lo:hi], ids[lo:hi])
+        replays[b] = Replay(pipe, recorder.events[first:], seed=b)  # its inputs are drawn outside the timing
+        return out
+
+    def collect(outputs: List[dict]) -> dict:
+        evals = torch.cat([o["unet_evals"].float() for o in outputs])
+        depths = torch.cat([o["depth"].float() for o in outputs])
+        return {"unet_evals_per_image": float(evals.mean()), "mean_depth": float(depths.mean())}
+
+    parts = {}
+    if quick_pipe is None:  # warm-up: one untimed pass of each, recording the model calls
+        stats = collect([pipeline_batch(b, record=True) for b in range(len(bounds))])
+        sync(device)
+        for replay in replays:
+            replay.prepare()
+        everything = Replay(pipe, recorder.events)
+        parts = everything.breakdown() if breakdown else {}
+        for replay in replays:
+            replay()
+        sync(device)
     else:
         run_pipeline(quick_pipe, images[:batch], ids[:batch], batch)
-    sync(device)
-    replay, parts = None, {}
-    if quick_pipe is None:
-        replay = Replay(pipe, recorder.events)
-        parts = replay.breakdown() if breakdown else {}  # also the replay's warm-up
-        if not breakdown:
-            replay()
+        sync(device)
     pipe_times, model_times, peak = [], [], 0.0
-    for _ in range(repeats):
+    for round_index in range(repeats):
+        record = replays[0] is None
         reset_peak(device)
-        sync(device)
-        start = time.perf_counter()
-        if replay is None:
-            with recorder:
-                stats = run_pipeline(pipe, images, ids, batch)
-        else:
-            run_pipeline(pipe, images, ids, batch)
-        sync(device)
-        pipe_times.append(time.perf_counter() - start)
+        pipe_total, model_total, outputs = 0.0, 0.0, []
+        for b in range(len(bounds)):
+            sync(device)
+            start = time.perf_counter()
+            out = pipeline_batch(b, record)
+            sync(device)
+            pipe_total += time.perf_counter() - start
+            outputs.append(out)
+            replays[b].prepare()
+            start = time.perf_counter()
+            replays[b]()
+            sync(device)
+            model_total += time.perf_counter() - start
+        if record:
+            stats = collect(outputs)
         peak = max(peak, peak_mb(device))
-        if replay is None:
-            replay = Replay(pipe, recorder.events)
-        start = time.perf_counter()
-        replay()
-        sync(device)
-        model_times.append(time.perf_counter() - start)
-    n = len(images)
-    guide_rows = sum(e[1][0] for e in recorder.events if e[0] == "guide")
+        pipe_times.append(pipe_total)
+        model_times.append(model_total)
+    events = recorder.events
+    guide_rows = sum(e[1][0] for e in events if e[0] == "guide")
     crops = max(pipe.cfg.guidance.cutout.num, 1)
-    unet_rows = sum(e[1][0] for e in recorder.events if e[0] == "unet")
+    unet_rows = sum(e[1][0] for e in events if e[0] == "unet")
     result = {
         "images": n,
         "batch_size": batch,
@@ -503,7 +618,7 @@ def measure(pipe: DiffGuardPipeline, images: torch.Tensor, ids: List[str], batch
         "unet_rows_per_image_replayed": unet_rows / n,
         "guidance_steps_per_image": guide_rows / crops / n if pipe.cfg.guidance.mode == "classifier" else 0.0,
         "mean_depth": stats["mean_depth"],
-        "unet_calls": sum(1 for e in recorder.events if e[0] == "unet"),
+        "unet_calls": sum(1 for e in events if e[0] == "unet"),
         "pipeline_seconds": min(pipe_times),
         "model_seconds": min(model_times),
         "pipeline_seconds_all": pipe_times,
@@ -511,11 +626,19 @@ def measure(pipe: DiffGuardPipeline, images: torch.Tensor, ids: List[str], batch
         "images_per_second": n / min(pipe_times),
         "seconds_per_image": min(pipe_times) / n,
         "model_seconds_per_image": min(model_times) / n,
-        "overhead_ratio": min(pipe_times) / min(model_times),
+        "overhead_ratio": sum(pipe_times) / sum(model_times),
         "ratio_median": statistics.median(p / m for p, m in zip(pipe_times, model_times)),
+        "ratio_fastest": min(pipe_times) / min(model_times),
         "peak_memory_mb": peak,
         "model_breakdown_seconds": parts,
     }
+    if peak_rate:
+        flops = Replay(pipe, events).flops()
+        result["model_gflop_per_image"] = flops / n / 1e9
+        result["model_gflops_per_second"] = flops / min(model_times) / 1e9
+        result["fraction_of_matmul_rate"] = flops / min(model_times) / peak_rate
+        result["floor_images_per_second"] = peak_rate / (flops / n)
+        result["pipeline_fraction_of_floor"] = result["images_per_second"] / result["floor_images_per_second"]
     return result
 
 
@@ -583,6 +706,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument("--scaling-images", type=int, default=8, help="at least this many images per scaling point")
     parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (CPU)")
     parser.add_argument("--no-breakdown", action="store_true", help="skip the per-model-group replay")
+    parser.add_argument("--no-floor", action="store_true", help="skip the FLOP count and the matmul-rate floor")
     parser.add_argument("--warmup", choices=["full", "quick"], default=None,
                         help="full: one untimed pass (default); quick: a depth-2 pass with the same shapes, the "
                         "model calls recorded in the first timed pass (default with --paper-scale)")
@@ -656,6 +780,22 @@ def main(argv: Optional[List[str]] = None) -> dict:
             return paper_images(count, pipe.diffusion.image_size)
         return embedded_images(cfg, count)
 
+    rates: Dict[str, float] = {}
+
+    def peak_rate(cfg) -> Optional[float]:
+        """The matmul rate in the path's compute dtype (measured once per dtype), None with --no-floor."""
+        if args.no_floor:
+            return None
+        name = cfg.diffguard.runtime.autocast
+        if name not in rates:
+            rates[name] = matmul_rate(device, COMPUTE_DTYPES[name])
+            report["matmul_gflops_per_second"] = {k: v / 1e9 for k, v in rates.items()}
+            print(f"  {device.type} matmul rate in {COMPUTE_DTYPES[name]}: {rates[name] / 1e9:.1f} GFLOP/s "
+                  f"(dense square products, best timing"
+                  f"{'; TF32 allowed, as for cuDNN convolutions' if device.type == 'cuda' and name == 'none' else ''})",
+                  flush=True)
+        return rates[name]
+
     print(f"device: {report['device']}, torch {torch.__version__}, {torch.get_num_threads()} threads"
           + (f", load average {report['load_average'][0]:.2f}" if device.type == "cpu" else ""), flush=True)
     measured: dict = {}
@@ -667,7 +807,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
               f"depth {cfg.diffguard.depth}, reference {cfg.diffguard.reference}, runtime {describe_runtime(cfg)}",
               flush=True)
         result = measure(pipe, images, ids, batch, repeats, device, breakdown=not args.no_breakdown,
-                         quick_pipe=quick_pipe)
+                         quick_pipe=quick_pipe, peak_rate=peak_rate(cfg))
         bare = bare_model_times(pipe, batch, device, repeats=3)
         result.update(bare)
         per_row_unet = bare["bare_unet_ms"] / 1e3 / batch
@@ -700,9 +840,14 @@ def main(argv: Optional[List[str]] = None) -> dict:
                   + ", ".join(f"{k} {v:.3f}" for k, v in r["model_breakdown_seconds"].items()))
         print(f"  pipeline {r['pipeline_seconds']:.3f} s, model replay {r['model_seconds']:.3f} s -> "
               f"{r['images_per_second']:.2f} images/s, overhead ratio {r['overhead_ratio']:.3f} "
-              f"(median {r['ratio_median']:.3f}, formula {r['ratio_formula']:.3f}), "
+              f"(median {r['ratio_median']:.3f}, fastest {r['ratio_fastest']:.3f}, formula {r['ratio_formula']:.3f}), "
               f"peak memory {r['peak_memory_mb']:.0f} MB",
               flush=True)
+        if "model_gflop_per_image" in r:
+            print(f"  floor: {r['model_gflop_per_image']:.3f} GFLOP / image in the model calls; the replay runs them at "
+                  f"{r['model_gflops_per_second']:.1f} GFLOP/s = {100 * r['fraction_of_matmul_rate']:.0f}% of the "
+                  f"matmul rate; floor {r['floor_images_per_second']:.2f} images/s, the pipeline reaches "
+                  f"{100 * r['pipeline_fraction_of_floor']:.0f}% of it", flush=True)
         save()
         del pipe, quick_pipe
 
@@ -716,14 +861,17 @@ def main(argv: Optional[List[str]] = None) -> dict:
             if key not in measured:
                 images, ids = images_for(cfg, pipe, count)
                 measured[key] = measure(pipe, images, ids, batch, repeats, device, breakdown=False,
-                                        quick_pipe=quick_pipe)
+                                        quick_pipe=quick_pipe, peak_rate=peak_rate(cfg))
             r = measured[key]
-            keys = ("images", "images_per_second", "overhead_ratio", "ratio_median", "seconds_per_image",
-                    "model_seconds_per_image", "peak_memory_mb")
-            report["scaling"][str(b)] = {k: r[k] for k in keys}
+            keys = ("images", "images_per_second", "overhead_ratio", "ratio_median", "ratio_fastest", "seconds_per_image",
+                    "model_seconds_per_image", "peak_memory_mb", "model_gflops_per_second", "fraction_of_matmul_rate")
+            report["scaling"][str(b)] = {k: r[k] for k in keys if k in r}
             print(f"  batch {b:4d}: {r['images']} images, {r['images_per_second']:.2f} images/s, "
                   f"model-only {1 / r['model_seconds_per_image']:.2f} images/s, "
-                  f"overhead ratio {r['overhead_ratio']:.3f}",
+                  f"overhead ratio {r['overhead_ratio']:.3f}"
+                  + (f"; model calls at {r['model_gflops_per_second']:.1f} GFLOP/s "
+                     f"({100 * r['fraction_of_matmul_rate']:.0f}% of the matmul rate)"
+                     if "model_gflops_per_second" in r else ""),
                   flush=True)
             save()
             del pipe, quick_pipe
@@ -734,6 +882,11 @@ def main(argv: Optional[List[str]] = None) -> dict:
             entry["model_speedup_vs_first"] = first["model_seconds_per_image"] / entry["model_seconds_per_image"]
             print(f"  batch {b} / batch {scaling[0]}: {entry['speedup_vs_first']:.2f}x images/s "
                   f"(the model calls alone: {entry['model_speedup_vs_first']:.2f}x)")
+        if "fraction_of_matmul_rate" in first:
+            print("  the model calls run at "
+                  + ", ".join(f"{100 * report['scaling'][str(b)]['fraction_of_matmul_rate']:.0f}% (batch {b})"
+                              for b in scaling)
+                  + " of the matmul rate: batching can lift them to about 100%, no further")
         save()
     for note in notes:
         print(f"note: {note}")

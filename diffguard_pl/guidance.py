@@ -53,20 +53,31 @@ def cutout_params(ids: Sequence[str], num_steps: int, cfg: CutoutConfig, seed: i
     return params
 
 
+def crop_affine(params: torch.Tensor) -> torch.Tensor:
+    """Crop parameters [..., 3] (side, left, top fractions) -> the affine maps [..., 2, 3] of ``affine_grid``.
+
+    The crop of side s at (left, top) maps output coordinates u in [-1, 1] to
+    input coordinates s * u + (2 * left + s - 1) (likewise vertically).
+    """
+    side, left, top = params.unbind(-1)
+    zero = torch.zeros_like(side)
+    row_x = torch.stack([side, zero, 2 * left + side - 1], dim=-1)
+    row_y = torch.stack([zero, side, 2 * top + side - 1], dim=-1)
+    return torch.stack([row_x, row_y], dim=-2)
+
+
 def cutout(images: torch.Tensor, params: torch.Tensor, size: int) -> torch.Tensor:
     """Crop and resize: images [N, C, H, W], params [N, K, 3] -> crops [N * K, C, size, size] (sample-major).
 
-    One batched ``grid_sample``; differentiable with respect to ``images``.
+    ``params`` may also be their affine maps [N, K, 2, 3] (:func:`crop_affine`), which the pipeline builds
+    once for all steps. One batched ``grid_sample``; differentiable with respect to ``images``.
     """
-    n, k = params.shape[:2]
-    side, left, top = (params[..., j].to(images.dtype).reshape(-1) for j in range(3))
-    theta = torch.zeros(n * k, 2, 3, dtype=images.dtype, device=images.device)
-    theta[:, 0, 0] = side.to(images.device)
-    theta[:, 1, 1] = side.to(images.device)
-    theta[:, 0, 2] = (2 * left + side - 1).to(images.device)  # crop centre in [-1, 1] coordinates
-    theta[:, 1, 2] = (2 * top + side - 1).to(images.device)
+    theta = crop_affine(params) if params.ndim == 3 else params
+    n, k = theta.shape[:2]
+    theta = theta.reshape(n * k, 2, 3).to(device=images.device, dtype=images.dtype)
     grid = F.affine_grid(theta, [n * k, images.shape[1], size, size], align_corners=False)
-    source = images.repeat_interleave(k, dim=0)
+    # Each image k times, sample-major (repeat_interleave with a count may read its size back from the device).
+    source = images.unsqueeze(1).expand(-1, k, *images.shape[1:]).reshape(n * k, *images.shape[1:])
     return F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
@@ -85,6 +96,8 @@ def log_prob_grad(
 ) -> torch.Tensor:
     """grad of sum_crops log p(y | crop) with respect to x_clean (model space, [-1, 1]).
 
+    ``crop_params``: [N, K, 3] crop parameters or their affine maps [N, K, 2, 3] (see :func:`cutout`).
+
     The classifier must be in eval mode, so samples do not interact.
     """
     with torch.enable_grad():
@@ -93,7 +106,7 @@ def log_prob_grad(
         if crop_params is not None and crop_params.shape[1] > 0:
             k = crop_params.shape[1]
             images01 = cutout(images01, crop_params, classifier.spec.input_size)
-            labels = labels.repeat_interleave(k)
+            labels = labels.view(-1, 1).expand(-1, k).reshape(-1)  # each label k times, sample-major
         log_probs = torch.log_softmax(at_least_float32(classifier(images01)), dim=1)
         selected = log_probs.gather(1, labels.view(-1, 1)).sum()
         (grad,) = torch.autograd.grad(selected, x)
@@ -109,7 +122,7 @@ def guided_eps(
     cfg: GuidanceConfig,
     crop_params: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
-    """eps_hat = eps - scale * sqrt(1 - a_t) * grad log p(y | x_clean); ``crop_params`` [N, K, 3] or None."""
+    """eps_hat = eps - scale * sqrt(1 - a_t) * grad log p(y | x_clean); ``crop_params`` as in :func:`cutout` or None."""
     if cfg.scale == 0:
         return eps
     x_clean = clean_estimate(x_t, eps, a_t, cfg.clean)

@@ -49,9 +49,9 @@ from diffguard_pl.aes import AdaptiveEarlyStop
 from diffguard_pl.config import DiffGuardConfig
 from diffguard_pl.ddim import alpha_bar, ddim_step, spaced_timesteps
 from diffguard_pl.cam import dsg_mask, grad_cam
-from diffguard_pl.guidance import at_least_float32, cfg_eps, cutout_params, guided_eps
+from diffguard_pl.guidance import at_least_float32, cfg_eps, crop_affine, cutout_params, guided_eps
 from diffguard_pl.models.classifier import Classifier
-from diffguard_pl.models.diffusion import DiffusionModel
+from diffguard_pl.models.diffusion import NONFINITE_EPS, DiffusionModel
 from diffguard_pl.scores import (
     CLASSIFIER, PIXEL, check_perceptual_files, classifier_distances, perceptual_from, pixel_distances,
 )
@@ -111,6 +111,8 @@ class DiffGuardPipeline:
         self._cpu_timesteps = torch.cat([torch.tensor([-1]), self.timesteps])
         self._cpu_alphas = alpha_bar(self.diffusion.alphas_cumprod.cpu(), self._cpu_timesteps)
         self._prepared = False  # channels_last / compile applied to the models
+        self._run_device: Optional[torch.device] = None  # set while a run is in progress
+        self._finite: List[torch.Tensor] = []  # per denoiser call of the current run: eps all finite (device)
         self._full_cache: dict = {}  # (value, n, device) -> constant long tensor (timesteps, null labels)
         # load_perceptual=False (dry runs: the pipeline cannot run) checks the DISTS / LPIPS files, loads nothing.
         self.perceptual = perceptual_from(cfg.distances, cfg.perceptual_size, load_perceptual)
@@ -121,6 +123,9 @@ class DiffGuardPipeline:
 
     @property
     def device(self) -> torch.device:
+        """The models' device (looked up once per run while one is in progress: the models cannot move then)."""
+        if self._run_device is not None:
+            return self._run_device
         return next(self.classifier.parameters()).device
 
     @property
@@ -168,16 +173,17 @@ class DiffGuardPipeline:
         (``trainer.deterministic``); the previous value is restored afterwards.
         """
         self.prepare_models()
-        if self.device.type != "cuda":
-            yield
-            return
+        outer_device = self._run_device
+        self._run_device = next(self.classifier.parameters()).device
         before = torch.backends.cudnn.benchmark
-        deterministic = torch.are_deterministic_algorithms_enabled()
-        torch.backends.cudnn.benchmark = self.runtime.cudnn_benchmark and not deterministic
+        if self._run_device.type == "cuda":
+            deterministic = torch.are_deterministic_algorithms_enabled()
+            torch.backends.cudnn.benchmark = self.runtime.cudnn_benchmark and not deterministic
         try:
             yield
         finally:
             torch.backends.cudnn.benchmark = before
+            self._run_device = outer_device
 
     def _model_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.runtime.channels_last and x.ndim == 4:
@@ -295,6 +301,12 @@ class DiffGuardPipeline:
             return None
         return torch.full((n,), self.diffusion.null_class, dtype=torch.long, device=self.device)
 
+    def _eps(self, x: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor]) -> torch.Tensor:
+        """The denoiser's eps; its NaN / Inf check is collected as a device flag and read once, after the run."""
+        eps = self.diffusion.eps(x, t, class_labels, check_finite=False)
+        self._finite.append(torch.isfinite(eps).all())
+        return eps
+
     def _full(self, value: int, n: int) -> torch.Tensor:
         """A cached device tensor of ``n`` copies of the integer ``value`` (timesteps, labels, depths)."""
         key = (value, n, self.device)
@@ -331,7 +343,7 @@ class DiffGuardPipeline:
                     class_labels = (labels if label_free else null) if conditional else None
                     t = self._full(int(self._cpu_timesteps[k + 2]), n)
                     with self.autocast():
-                        eps = self.diffusion.eps(self._model_input(x), t, class_labels)
+                        eps = self._eps(self._model_input(x), t, class_labels)
                     x.copy_(ddim_step(x, eps.to(x.dtype), a(k), a(k + 1)))
                     quality = self.aes.quality(x, x0)
                     for name, value in quality.items():
@@ -369,7 +381,7 @@ class DiffGuardPipeline:
                         twins = labels if label_free else null
                         syn_conds = syn_labels if parts == 1 else torch.cat([syn_labels] + [twins] * len(extra))
                     with self.autocast():
-                        eps = self.diffusion.eps(batch, t, syn_conds if conditional else None)
+                        eps = self._eps(batch, t, syn_conds if conditional else None)
                     eps = eps.to(x.dtype)
                 eps_syn, *eps_rest = eps.split(n) if parts > 1 else [eps]
                 eps_extra = dict(zip(extra, eps_rest))
@@ -394,12 +406,23 @@ class DiffGuardPipeline:
         level.fill_(k)
 
     def _run(self, x0, ids, labels, with_reference, latent, depth, invert_only, masks) -> dict:
+        self._finite = []
+        try:
+            out = self._run_steps(x0, ids, labels, with_reference, latent, depth, invert_only, masks)
+            if self._finite and not bool(torch.stack(self._finite).all()):  # the run's one read of these flags
+                raise FloatingPointError(NONFINITE_EPS)
+        finally:
+            self._finite = []
+        return out
+
+    def _run_steps(self, x0, ids, labels, with_reference, latent, depth, invert_only, masks) -> dict:
         n, cap = x0.shape[0], len(self.timesteps)
         device = self.device
         guidance = self.cfg.guidance
         guide = not self.cfg_mode and guidance.scale != 0  # guided_eps returns eps unchanged at scale 0
         use_crops = guide and guidance.cutout.num > 0
-        crops = cutout_params(ids, cap, guidance.cutout, self.cfg.seed) if use_crops else None
+        # Crop maps [N, cap, K, 2, 3] for every step, on the CPU (the uniform loop copies them once).
+        crops = crop_affine(cutout_params(ids, cap, guidance.cutout, self.cfg.seed)).to(x0.dtype) if use_crops else None
         conditional = self.diffusion.conditional
         # Labels of rows that run "without a label" (inversion, CFG twins, reference): see _unconditional.
         label_free = conditional and self.diffusion.null_class is None
@@ -458,7 +481,7 @@ class DiffGuardPipeline:
                 t = self._cpu_timesteps[torch.cat(steps) + 1].to(device, non_blocking=True)
                 class_labels = (conds[0] if len(conds) == 1 else torch.cat(conds)) if conditional else None
                 with self.autocast():
-                    eps = self.diffusion.eps(batch, t, class_labels)
+                    eps = self._eps(batch, t, class_labels)
                 eps = eps.to(x.dtype)
             parts = list(eps.split(sizes)) if len(sizes) > 1 else [eps]
             eps_inv = parts.pop(0) if ni else None

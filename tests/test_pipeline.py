@@ -190,3 +190,17 @@ def test_missing_perceptual_weights_name_file_and_folder(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError) as info:
         DiffGuardPipeline(small_diffusion(), small_classifier(), cfg)
     assert "dists_weights.pt" in str(info.value) and str(tmp_path) in str(info.value)
+
+
+def test_crop_maps_give_the_crops_of_their_parameters():
+    from diffguard_pl.guidance import crop_affine
+
+    images = torch.rand(3, 2, 16, 16, dtype=torch.float64)
+    params = cutout_params(["a", "b", "c"], 4, CutoutConfig(num=5))  # [3, 4 steps, 5 crops, 3]
+    maps = crop_affine(params)
+    assert maps.shape == (3, 4, 5, 2, 3)
+    for step in range(4):
+        assert torch.equal(cutout(images, params[:, step], 8), cutout(images, maps[:, step], 8))
+    # Side 1/2 at (left 1/4, top 1/2): scale 1/2, centre (2 left + side - 1, 2 top + side - 1) = (0, 1/2).
+    one = crop_affine(torch.tensor([[0.5, 0.25, 0.5]], dtype=torch.float64))
+    assert torch.equal(one, torch.tensor([[[0.5, 0.0, 0.0], [0.0, 0.5, 0.5]]], dtype=torch.float64))

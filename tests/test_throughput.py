@@ -78,7 +78,32 @@ def test_benchmark_reports_ratios_on_a_tiny_cpu_run(throughput, tmp_path, capsys
     assert report["paths"]["cfg_dsg"]["guidance_steps_per_image"] == 0.0
     assert "grad_cam" in report["paths"]["cfg_dsg"]["model_breakdown_seconds"]
     assert report["paths"]["gdm"]["classifier_rows"] == 4 * 4  # batch x cutouts (digits preset: 4)
-    assert set(report["scaling"]) == {"1", "2"} and report["scaling"]["2"]["speedup_vs_first"] > 0
+    assert set(report["scaling"]) == {"1", "2"}
+    assert report["scaling"]["2"]["speedup_vs_first"] > 0
+    assert report["matmul_gflops_per_second"]["none"] > 0
+    for name in ("gdm", "gdm_aes", "cfg_dsg"):  # the floor: FLOPs of the model calls against the matmul rate
+        r = report["paths"][name]
+        for key in ("model_gflop_per_image", "model_gflops_per_second", "fraction_of_matmul_rate",
+                    "floor_images_per_second", "pipeline_fraction_of_floor"):
+            assert math.isfinite(r[key]) and r[key] > 0, (name, key)
+        assert "floor:" in printed
+
+
+def test_flop_count_of_the_replay(throughput, benchmark):
+    """Each distinct call counted once and scaled by its count; FLOPs grow linearly with the rows; the CPU
+    attention kernel (absent from torch's table) is counted as its two products."""
+    cfg = preset("digits_cfg.yaml")
+    pipe = DiffGuardPipeline(load_diffusion(cfg.models.diffusion), load_classifier(cfg.models.classifier),
+                             cfg.diffguard)
+    unet = ("unet", (2, 1, 16, 16), True)
+    one = throughput.Replay(pipe, [unet]).flops()
+    assert one > 0
+    assert throughput.Replay(pipe, [unet, unet, unet]).flops() == 3 * one
+    assert throughput.Replay(pipe, [("unet", (4, 1, 16, 16), True)]).flops() == 2 * one
+    guide = ("guide", (8, 1, 16, 16))
+    assert throughput.Replay(pipe, [unet, guide]).flops() > one
+    b, h, s, d = 2, 4, 64, 32
+    assert throughput._cpu_attention_flops((b, h, s, d), (b, h, s, d), (b, h, s, d)) == 2 * (2 * b * h * s * s * d)
 
 
 def test_paper_scale_paths_run_with_shrunken_architectures(throughput, tmp_path):

@@ -163,8 +163,13 @@ class DiffusionModel:
             raise FloatingPointError("the autoencoder's decoder returned NaN or Inf; check the vae checkpoint")
         return images
 
-    def eps(self, x: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
-        """Predicted noise. ``t`` is one timestep per sample; learned-sigma outputs keep the first C channels."""
+    def eps(self, x: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor] = None,
+            check_finite: bool = True) -> torch.Tensor:
+        """Predicted noise. ``t`` is one timestep per sample; learned-sigma outputs keep the first C channels.
+
+        ``check_finite=False`` leaves the NaN / Inf check to the caller (the pipeline checks once per run,
+        so that its steps never wait for the device).
+        """
         if self.conditional and class_labels is None:
             if self.null_class is None:
                 raise ValueError("this class-conditional diffusion model has no null class: pass class labels")
@@ -173,11 +178,12 @@ class DiffusionModel:
         channels = x.shape[1]
         if out.shape[1] == 2 * channels:
             out = out[:, :channels]
-        if not torch.isfinite(out).all():
-            raise FloatingPointError(
-                "the diffusion model returned NaN or Inf; check the checkpoint and the input range ([-1, 1])"
-            )
+        if check_finite and not torch.isfinite(out).all():
+            raise FloatingPointError(NONFINITE_EPS)
         return out
+
+
+NONFINITE_EPS = "the diffusion model returned NaN or Inf; check the checkpoint and the input range ([-1, 1])"
 
 
 def save_diffusion(model: DiffusionModel, scheduler: DDPMScheduler, directory: str | Path) -> Path:
