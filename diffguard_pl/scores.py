@@ -61,7 +61,7 @@ def ssim(x: torch.Tensor, y: torch.Tensor, kernel_size: int = 11, sigma: float =
     costs a few kernels per call (the per-step curves of the inversion call it
     every step).
     """
-    n, c, h, w = x.shape
+    c, h, w = x.shape[1:]
     side = min(h, w)
     size = min(kernel_size, side - (1 - side % 2))
     window = _gaussian_window(size, sigma, x.dtype, x.device)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from diffguard_pl.config import CutoutConfig, DiffGuardConfig, DiffusionConfig, GuidanceConfig
+from diffguard_pl.config import AESConfig, CutoutConfig, DiffGuardConfig, DiffusionConfig, GuidanceConfig
 from diffguard_pl.ddim import spaced_timesteps
 from diffguard_pl.guidance import clean_estimate, cutout, cutout_params, guided_eps, log_prob_grad
 from diffguard_pl.models import ClassifierSpec, DiffusionModel, build_classifier, build_scheduler, build_unet
@@ -204,3 +204,38 @@ def test_crop_maps_give_the_crops_of_their_parameters():
     # Side 1/2 at (left 1/4, top 1/2): scale 1/2, centre (2 left + side - 1, 2 top + side - 1) = (0, 1/2).
     one = crop_affine(torch.tensor([[0.5, 0.25, 0.5]], dtype=torch.float64))
     assert torch.equal(one, torch.tensor([[[0.5, 0.0, 0.0], [0.0, 0.5, 0.5]]], dtype=torch.float64))
+
+
+class LateNaNUNet(RecordingUNet):
+    """Finite eps except for the rows of one sample position from the ``bad_call``-th call on."""
+
+    def __init__(self, eps, bad_call, bad_row):
+        super().__init__(eps)
+        self.bad_call, self.bad_row = bad_call, bad_row
+
+    def forward(self, x, t, class_labels=None):
+        out = super().forward(x, t, class_labels).sample.clone()
+        if len(self.calls) > self.bad_call:
+            out[self.bad_row] = float("nan")
+        return type("Out", (), {"sample": out})()
+
+
+@pytest.mark.parametrize("aes", [False, True])
+def test_nan_appearing_mid_run_fails_the_batch(aes):
+    """The denoiser's NaN check is read once per run (no per-step device reads), yet a NaN that appears in a
+    later step, in one row, still fails the batch with the denoiser's message, in both loops."""
+    images = torch.stack([torch.zeros(1, 16, 16), torch.rand(1, 16, 16)])
+    eps = torch.randn(2, 1, 16, 16, generator=torch.Generator().manual_seed(0))
+    cfg, bad_call = unguided(num_steps=10, depth=6), 4
+    if aes:  # the samples stop at depths 2 and 3: from the third call on they are in different phases
+        eps[0] *= 3
+        eps[1] *= 0.05
+        cfg, bad_call = unguided(num_steps=10, depth=6, aes=AESConfig(enabled=True, psnr=20.0, min_depth=1)), 2
+    finite = DiffGuardPipeline(DiffusionModel(RecordingUNet(eps), ALPHAS), small_classifier(), cfg)(images, ["a", "b"])
+    assert torch.isfinite(finite["scores"]["l2"]).all()
+    if aes:
+        assert finite["depth"].tolist() == [2, 3]
+    unet = LateNaNUNet(eps, bad_call=bad_call, bad_row=0)
+    with pytest.raises(FloatingPointError, match="diffusion model returned NaN"):
+        DiffGuardPipeline(DiffusionModel(unet, ALPHAS), small_classifier(), cfg)(images, ["a", "b"])
+    assert len(unet.calls) > bad_call  # the NaN came after the first calls, and the run went on to its end

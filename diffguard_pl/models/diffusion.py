@@ -34,6 +34,7 @@ from diffguard_pl.config import DiffusionConfig
 from diffguard_pl.models.classifier import MissingCheckpointError
 
 META_FILE = "diffguard.json"
+NONFINITE_EPS = "the diffusion model returned NaN or Inf; check the checkpoint and the input range ([-1, 1])"
 
 
 def build_unet(cfg: DiffusionConfig, channels: int, resolution: int, num_classes: Optional[int]) -> UNet2DModel:
@@ -181,9 +182,6 @@ class DiffusionModel:
         if check_finite and not torch.isfinite(out).all():
             raise FloatingPointError(NONFINITE_EPS)
         return out
-
-
-NONFINITE_EPS = "the diffusion model returned NaN or Inf; check the checkpoint and the input range ([-1, 1])"
 
 
 def save_diffusion(model: DiffusionModel, scheduler: DDPMScheduler, directory: str | Path) -> Path:
