@@ -5,12 +5,13 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 # each independent of the others (a failing or timed-out part leaves the rest running):
 #   1 embedded models, fp32, batch 256: the three paths + batch scaling 1/8/64/256  -> $OUT/embedded_fp32.json
 #   2 embedded models, bf16 autocast, batch 256: the three paths                     -> $OUT/embedded_bf16.json
-#   2b host-device synchronisations per batch at two depths (must not grow)          -> $OUT/sync_check.json
-#   3 evaluate.py on the whole embedded benchmark, fp32 and bf16, and their AUROCs   -> $OUT/auroc_compare.json
-#   4 paper scale, released GDM settings: ADM-256 + ResNet-50 (random), bf16 + channels_last, 16 images
+#   3 paper scale, released GDM settings: ADM-256 + ResNet-50 (random), bf16 + channels_last, 16 images
 #                                                                                    -> $OUT/paper_gdm_bf16.json
-#   5 paper scale, DiT-XL/2 + SD-VAE + ResNet-50 (random), CFG + DSG, bf16, 32 images -> $OUT/paper_dit_bf16.json
-#   then, while time is left: 6 the DiT path at batch 64, 7 the GDM path without channels_last.
+#   4 paper scale, DiT-XL/2 + SD-VAE + ResNet-50 (random), CFG + DSG, bf16, 32 images -> $OUT/paper_dit_bf16.json
+#   5 host-device synchronisations per batch at two depths (must not grow)           -> $OUT/sync_check.json
+#   6 evaluate.py on the whole embedded benchmark, fp32 and bf16, and their AUROCs   -> $OUT/auroc_compare.json
+#   then, while time is left: 7 the DiT path at batch 64, 8 the GDM path without channels_last.
+# Every throughput part also prints the floor (FLOPs of the model calls against the measured matmul rate).
 # Everything is printed to stdout as well. CPU smoke test of the same script (tiny settings, a few minutes):
 #     SMOKE=1 OUT=/tmp/gpu_check bash benchmarks/gpu_check.sh
 set -x
@@ -58,9 +59,15 @@ part embedded_fp32 80 $PY benchmarks/throughput.py --device $DEV $EMB --json "$O
 part embedded_bf16 50 $PY benchmarks/throughput.py --device $DEV $EMB_BF16 --json "$OUT/embedded_bf16.json" \
   diffguard.runtime.autocast=bf16
 
+# 3-4: paper-scale architectures with random weights (no checkpoints needed).
+part paper_gdm_bf16 140 $PY benchmarks/throughput.py --paper-scale --device $DEV --paths gdm --images $GDM_IMAGES \
+  $PAPER --json "$OUT/paper_gdm_bf16.json" diffguard.runtime.autocast=bf16 diffguard.runtime.channels_last=true
+part paper_dit_bf16 60 $PY benchmarks/throughput.py --paper-scale --device $DEV --paths cfg_dsg --images $DIT_IMAGES \
+  $PAPER --json "$OUT/paper_dit_bf16.json" diffguard.runtime.autocast=bf16
+
 part sync_check 40 $PY benchmarks/sync_check.py --json "$OUT/sync_check.json"
 
-# 3: the whole embedded benchmark through evaluate.py, fp32 and bf16, then their AUROCs side by side.
+# 6: the whole embedded benchmark through evaluate.py, fp32 and bf16, then their AUROCs side by side.
 COMMON="$EVAL trainer.devices=1 trainer.enable_progress_bar=false callbacks.curves=false callbacks.reconstructions=0 \
 callbacks.score_plots=false resume=false"
 rm -rf "$OUT/auroc_fp32" "$OUT/auroc_bf16"
@@ -70,13 +77,7 @@ part auroc_compare 15 $PY benchmarks/throughput.py --compare "$OUT/auroc_fp32" "
   --json "$OUT/auroc_compare.json"
 rm -rf "$OUT"/auroc_*/shards || true
 
-# 4-5: paper-scale architectures with random weights (no checkpoints needed).
-part paper_gdm_bf16 140 $PY benchmarks/throughput.py --paper-scale --device $DEV --paths gdm --images $GDM_IMAGES \
-  $PAPER --json "$OUT/paper_gdm_bf16.json" diffguard.runtime.autocast=bf16 diffguard.runtime.channels_last=true
-part paper_dit_bf16 60 $PY benchmarks/throughput.py --paper-scale --device $DEV --paths cfg_dsg --images $DIT_IMAGES \
-  $PAPER --json "$OUT/paper_dit_bf16.json" diffguard.runtime.autocast=bf16
-
-# 6-7: extras while time is left.
+# 7-8: extras while time is left.
 part paper_dit_bf16_b64 60 $PY benchmarks/throughput.py --paper-scale --device $DEV --paths cfg_dsg --images $DIT_BIG \
   --batch-size $DIT_BIG $PAPER --json "$OUT/paper_dit_bf16_b64.json" diffguard.runtime.autocast=bf16
 part paper_gdm_bf16_nocl 150 $PY benchmarks/throughput.py --paper-scale --device $DEV --paths gdm --images $GDM_IMAGES \
