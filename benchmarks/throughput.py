@@ -52,10 +52,10 @@ products and attention, forward and backward; each distinct call shape counted o
 count), and the device's dense matrix-product rate in the compute dtype (float32, on CUDA with TF32 allowed as
 cuDNN convolutions use it by default; or the autocast dtype) is measured in the same run (``--no-floor``
 skips both). The script prints GFLOP per image, the rate the model replay reaches as a fraction of that
-matrix-product rate, and ``floor images/s`` = matrix-product rate / FLOP per image: the speed of these models if every FLOP ran at the dense matrix-product rate. It is an estimate of
-the hardware's limit, not a strict bound: convolution kernels can beat the matrix-product rate by some 10-20%
-(fractions above 100% happen), while normalisations, activations and the DDIM arithmetic are memory-bound and
-count no FLOPs.
+matrix-product rate, and ``floor images/s`` = matrix-product rate / FLOP per image: the speed of these
+models if every FLOP ran at the dense matrix-product rate. It is an estimate of the hardware's limit, not a
+strict bound: convolution kernels can beat the matrix-product rate by some 10-20% (fractions above 100%
+happen), while normalisations, activations and the DDIM arithmetic are memory-bound and count no FLOPs.
 
 Batch-size scaling (``--scaling 1,8,64``): images/s of the ``--scaling-path`` at each batch size (at least
 ``--scaling-images`` images each), with its overhead ratio.
@@ -310,8 +310,11 @@ class Replay:
             self.inputs(event)
 
     def run_event(self, event: tuple, counting: bool = False) -> None:
-        """Run one recorded call. ``counting``: under the FLOP counter, whose module tracker cannot hook a leaf
-        that ``autograd.grad`` differentiates, so the crops go through one copy first (no FLOPs)."""
+        """Run one recorded call.
+
+        ``counting``: under the FLOP counter, whose module tracker cannot hook a leaf that ``autograd.grad``
+        differentiates, so the crops go through one copy first (no FLOPs).
+        """
         pipe, kind = self.pipe, event[0]
         args = self.inputs(event)
         if kind == "unet":
@@ -322,7 +325,8 @@ class Replay:
             crops, labels = args
             with torch.enable_grad(), pipe.autocast():
                 leaf = crops.detach().requires_grad_(True)
-                log_probs = torch.log_softmax(at_least_float32(pipe.classifier(leaf.clone() if counting else leaf)), dim=1)
+                logits = pipe.classifier(leaf.clone() if counting else leaf)
+                log_probs = torch.log_softmax(at_least_float32(logits), dim=1)
                 torch.autograd.grad(log_probs.gather(1, labels.view(-1, 1)).sum(), leaf)
         elif kind == "cam":
             images, labels = args
@@ -341,7 +345,7 @@ class Replay:
                     self.run_event(event)
 
     def flops(self) -> float:
-        """FLOPs of all the recorded calls: each distinct call counted once under torch's FLOP counter, times its count.
+        """FLOPs of the recorded calls: each distinct call counted once under torch's FLOP counter, times its count.
 
         A compiled denoiser is counted through its eager forward (the same arithmetic).
         """
@@ -577,8 +581,7 @@ def measure(pipe: DiffGuardPipeline, images: torch.Tensor, ids: List[str], batch
         sync(device)
         for replay in replays:
             replay.prepare()
-        everything = Replay(pipe, recorder.events)
-        parts = everything.breakdown() if breakdown else {}
+        parts = Replay(pipe, recorder.events).breakdown() if breakdown else {}
         for replay in replays:
             replay()
         sync(device)
@@ -586,7 +589,7 @@ def measure(pipe: DiffGuardPipeline, images: torch.Tensor, ids: List[str], batch
         run_pipeline(quick_pipe, images[:batch], ids[:batch], batch)
         sync(device)
     pipe_times, model_times, peak = [], [], 0.0
-    for round_index in range(repeats):
+    for _ in range(repeats):
         record = replays[0] is None
         reset_peak(device)
         pipe_total, model_total, outputs = 0.0, 0.0, []
@@ -844,8 +847,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
               f"peak memory {r['peak_memory_mb']:.0f} MB",
               flush=True)
         if "model_gflop_per_image" in r:
-            print(f"  floor: {r['model_gflop_per_image']:.3f} GFLOP / image in the model calls; the replay runs them at "
-                  f"{r['model_gflops_per_second']:.1f} GFLOP/s = {100 * r['fraction_of_matmul_rate']:.0f}% of the "
+            print(f"  floor: {r['model_gflop_per_image']:.3f} GFLOP / image in the model calls; the replay runs "
+                  f"them at {r['model_gflops_per_second']:.1f} GFLOP/s = {100 * r['fraction_of_matmul_rate']:.0f}% of the "
                   f"matmul rate; floor {r['floor_images_per_second']:.2f} images/s, the pipeline reaches "
                   f"{100 * r['pipeline_fraction_of_floor']:.0f}% of it", flush=True)
         save()
@@ -863,8 +866,9 @@ def main(argv: Optional[List[str]] = None) -> dict:
                 measured[key] = measure(pipe, images, ids, batch, repeats, device, breakdown=False,
                                         quick_pipe=quick_pipe, peak_rate=peak_rate(cfg))
             r = measured[key]
-            keys = ("images", "images_per_second", "overhead_ratio", "ratio_median", "ratio_fastest", "seconds_per_image",
-                    "model_seconds_per_image", "peak_memory_mb", "model_gflops_per_second", "fraction_of_matmul_rate")
+            keys = ("images", "images_per_second", "overhead_ratio", "ratio_median", "ratio_fastest",
+                    "seconds_per_image", "model_seconds_per_image", "peak_memory_mb", "model_gflops_per_second",
+                    "fraction_of_matmul_rate")
             report["scaling"][str(b)] = {k: r[k] for k in keys if k in r}
             print(f"  batch {b:4d}: {r['images']} images, {r['images_per_second']:.2f} images/s, "
                   f"model-only {1 / r['model_seconds_per_image']:.2f} images/s, "
