@@ -10,7 +10,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 #   4 paper scale, DiT-XL/2 + SD-VAE + ResNet-50 (random), CFG + DSG, bf16, 32 images -> $OUT/paper_dit_bf16.json
 #   5 host-device synchronisations per batch at two depths (must not grow)           -> $OUT/sync_check.json
 #   6 evaluate.py on the whole embedded benchmark, fp32 and bf16, and their AUROCs   -> $OUT/auroc_compare.json
-#   then, while time is left: 7 the DiT path at batch 64, 8 the GDM path without channels_last.
+#   then, while time is left: 7 the DiT path at batch 64, 8 the GDM path without channels_last;
+#   last, benchmarks/gpu_summary.py: one Markdown row per check with its target and verdict -> $OUT/summary.md
 # Every throughput part also prints the floor (FLOPs of the model calls against the measured matmul rate).
 # Everything is printed to stdout as well. CPU smoke test of the same script (tiny settings, a few minutes):
 #     SMOKE=1 OUT=/tmp/gpu_check bash benchmarks/gpu_check.sh
@@ -84,4 +85,6 @@ part paper_gdm_bf16_nocl 150 $PY benchmarks/throughput.py --paper-scale --device
   $PAPER --json "$OUT/paper_gdm_bf16_nocl.json" diffguard.runtime.autocast=bf16
 
 ls -la "$OUT"
+# The verdicts against the targets, from the JSON files above (also in $OUT/summary.md).
+$PY benchmarks/gpu_summary.py "$OUT" 2>&1 | tee "$OUT/summary.md" || true
 echo "gpu_check finished in ${SECONDS}s"

@@ -87,6 +87,27 @@ def test_benchmark_reports_ratios_on_a_tiny_cpu_run(throughput, tmp_path, capsys
                     "floor_images_per_second", "pipeline_fraction_of_floor"):
             assert math.isfinite(r[key]) and r[key] > 0, (name, key)
         assert "floor:" in printed
+    summary_verdicts(out, report, tmp_path / "gpu_check")
+
+
+def summary_verdicts(report_file, report, folder):
+    """benchmarks/gpu_summary.py on a real throughput report (as embedded_fp32.json) and a sync check that grew."""
+    spec = importlib.util.spec_from_file_location("gpu_summary", ROOT / "benchmarks" / "gpu_summary.py")
+    summary = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summary)
+    folder.mkdir()
+    (folder / "embedded_fp32.json").write_text(report_file.read_text())
+    (folder / "sync_check.json").write_text(json.dumps({
+        "gdm": {"syncs_by_depth": {"4": 15, "8": 19}, "must_stay_constant": True, "grows": True},
+        "gdm_aes": {"syncs_by_depth": {"4": 19, "8": 23}, "must_stay_constant": False, "grows": True}}))
+    rows = {row[0]: row for row in summary.summarize(folder)}
+    for name, path in report["paths"].items():
+        row = rows[f"embedded fp32 [{name}], {report['device']}, batch 4: overhead"]
+        assert row[1].startswith(f"{path['overhead_ratio']:.3f}")
+        assert row[3] == ("pass" if path["overhead_ratio"] <= 1.10 else "FAIL")
+    assert rows["synchronisations [gdm]"][3] == "FAIL" and rows["synchronisations [gdm_aes]"][3] == "-"
+    assert rows["embedded bf16"][3] == rows["fp32 vs bf16 AUROC"][3] == "not run"
+    assert summary.main([str(folder)]) == 0 and summary.main([str(folder), "--strict"]) == 1
 
 
 def test_flop_count_of_the_replay(throughput, benchmark):
