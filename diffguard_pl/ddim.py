@@ -13,7 +13,7 @@ per sample.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Optional, Tuple
 
 import torch
 
@@ -34,30 +34,52 @@ def alpha_bar(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return padded.to(t.device)[t + 1]
 
 
+Coefficients = Tuple[torch.Tensor, torch.Tensor]  # (sqrt(a), sqrt(1 - a)), see step_coefficients
+
+
 def _bcast(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return a.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
 
 
-def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor) -> torch.Tensor:
-    return (x_t - _bcast((1 - a_t).sqrt(), x_t) * eps) / _bcast(a_t.sqrt(), x_t)
+def step_coefficients(a: torch.Tensor, like: torch.Tensor) -> Coefficients:
+    """(sqrt(a), sqrt(1 - a)) of alpha_bar ``a`` (float64, one per sample or one for all), in ``like``'s dtype
+    and shaped to broadcast over its rows.
+
+    Computed in float64 and rounded once, so a table of them built once per run (as the pipeline does)
+    gives bit for bit the numbers a step computes from ``a``.
+    """
+    return _bcast(a.sqrt(), like), _bcast((1 - a).sqrt(), like)
+
+
+def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor,
+               coef_t: Optional[Coefficients] = None) -> torch.Tensor:
+    """x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t); ``coef_t`` = step_coefficients(a_t, x_t) when precomputed."""
+    root_a, root_1ma = coef_t if coef_t is not None else step_coefficients(a_t, x_t)
+    return (x_t - root_1ma * eps) / root_a
 
 
 def ddim_step(
-    x_t: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor, a_s: torch.Tensor, clip_x0: bool = False
+    x_t: torch.Tensor, eps: torch.Tensor, a_t: Optional[torch.Tensor], a_s: Optional[torch.Tensor],
+    clip_x0: bool = False, coef_t: Optional[Coefficients] = None, coef_s: Optional[Coefficients] = None,
 ) -> torch.Tensor:
     """Move ``x_t`` from level alpha_bar ``a_t`` to ``a_s`` (per sample), deterministically.
+
+    ``coef_t`` / ``coef_s``: the levels' :func:`step_coefficients` when precomputed (then ``a_t`` / ``a_s``
+    may be None); the result is the same to the bit.
 
     ``clip_x0`` clips the predicted x0 to [-1, 1] and re-derives eps from it
     (guided-diffusion's ``clip_denoised``): cleaner samples, but the step is
     then no longer exactly invertible.
     """
-    x0 = predict_x0(x_t, eps, a_t)
+    root_a_t, root_1ma_t = coef_t if coef_t is not None else step_coefficients(a_t, x_t)
+    root_a_s, root_1ma_s = coef_s if coef_s is not None else step_coefficients(a_s, x_t)
+    x0 = (x_t - root_1ma_t * eps) / root_a_t
     if clip_x0:
         x0 = x0.clamp(-1, 1)
-        derived = (x_t - _bcast(a_t.sqrt(), x_t) * x0) / _bcast((1 - a_t).clamp_min(1e-20).sqrt(), x_t)
-        noisy = (a_t < 1).to(x_t.device).view(-1, *([1] * (x_t.ndim - 1)))
-        eps = torch.where(noisy, derived, eps)  # at the clean level eps is not predicted
-    return _bcast(a_s.sqrt(), x_t) * x0 + _bcast((1 - a_s).sqrt(), x_t) * eps
+        # sqrt(1 - a_t) floored at 1e-10 (= sqrt(1e-20)) for the clean level, where eps is not predicted.
+        derived = (x_t - root_a_t * x0) / root_1ma_t.clamp_min(1e-10)
+        eps = torch.where(root_1ma_t > 0, derived, eps)
+    return root_a_s * x0 + root_1ma_s * eps
 
 
 @torch.no_grad()

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from diffguard_pl.config import CutoutConfig, GuidanceConfig
 from diffguard_pl.data.benchmark import sample_seed
-from diffguard_pl.ddim import predict_x0
+from diffguard_pl.ddim import Coefficients, predict_x0, step_coefficients
 from diffguard_pl.models.classifier import Classifier
 
 
@@ -81,13 +81,16 @@ def cutout(images: torch.Tensor, params: torch.Tensor, size: int) -> torch.Tenso
     return F.grid_sample(source, grid, mode="bilinear", padding_mode="border", align_corners=False)
 
 
-def clean_estimate(x_t: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor, mode: str) -> torch.Tensor:
+def clean_estimate(x_t: torch.Tensor, eps: torch.Tensor, a_t: Optional[torch.Tensor], mode: str,
+                   coef_t: Optional[Coefficients] = None) -> torch.Tensor:
+    """The classifier's input (see the module docstring); ``coef_t`` = step_coefficients(a_t, x_t) if precomputed."""
     if mode == "noisy":
         return x_t
-    x0 = predict_x0(x_t, eps, a_t)
+    coef_t = coef_t if coef_t is not None else step_coefficients(a_t, x_t)
+    x0 = predict_x0(x_t, eps, a_t, coef_t)
     if mode == "x0_pred":
         return x0
-    f = (1 - a_t).sqrt().to(x_t.dtype).view(-1, *([1] * (x_t.ndim - 1)))
+    f = coef_t[1]  # sqrt(1 - a_t)
     return f * x0 + (1 - f) * x_t
 
 
@@ -116,18 +119,23 @@ def log_prob_grad(
 def guided_eps(
     eps: torch.Tensor,
     x_t: torch.Tensor,
-    a_t: torch.Tensor,
+    a_t: Optional[torch.Tensor],
     labels: torch.Tensor,
     classifier: Classifier,
     cfg: GuidanceConfig,
     crop_params: Optional[torch.Tensor] = None,
+    coef_t: Optional[Coefficients] = None,
 ) -> torch.Tensor:
-    """eps_hat = eps - scale * sqrt(1 - a_t) * grad log p(y | x_clean); ``crop_params`` as in :func:`cutout` or None."""
+    """eps_hat = eps - scale * sqrt(1 - a_t) * grad log p(y | x_clean); ``crop_params`` as in :func:`cutout` or None.
+
+    ``coef_t``: step_coefficients(a_t, x_t) when precomputed (then ``a_t`` may be None); same result.
+    """
     if cfg.scale == 0:
         return eps
-    x_clean = clean_estimate(x_t, eps, a_t, cfg.clean)
+    coef_t = coef_t if coef_t is not None else step_coefficients(a_t, x_t)
+    x_clean = clean_estimate(x_t, eps, a_t, cfg.clean, coef_t)
     grad = log_prob_grad(classifier, x_clean, labels, crop_params)
-    sigma = (1 - a_t).sqrt().to(eps.dtype).view(-1, *([1] * (eps.ndim - 1)))
+    sigma = coef_t[1].to(eps.dtype)  # sqrt(1 - a_t); eps and x_t share their dtype in the pipeline
     return eps - cfg.scale * sigma * grad
 
 

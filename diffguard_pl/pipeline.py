@@ -327,9 +327,14 @@ class DiffGuardPipeline:
         """
         n, cap = x.shape[0], len(self.timesteps)
         alphas = self._level_table(self.device)[1]  # float64, index level + 1
+        # sqrt(alpha_bar) and sqrt(1 - alpha_bar) of every level, in x's dtype, computed once for the run
+        # (what each step would compute from alpha_bar, to the bit; a step then launches no scalar arithmetic).
+        root_a, root_1ma = alphas.sqrt().to(x.dtype), (1 - alphas).sqrt().to(x.dtype)  # as in step_coefficients
+        shape = (1,) * x.ndim
+        coef = [(root_a[i].view(shape), root_1ma[i].view(shape)) for i in range(cap + 1)]
 
-        def a(k: int) -> torch.Tensor:
-            return alphas[k + 1 : k + 2]  # shape [1]: broadcasts like one value per row
+        def c(k: int) -> tuple:
+            return coef[k + 1]  # one value for every row
 
         conditional, label_free = self.diffusion.conditional, self.diffusion.null_class is None
         null = self._full(self.diffusion.null_class, n) if conditional and not label_free else None
@@ -344,7 +349,7 @@ class DiffGuardPipeline:
                     t = self._full(int(self._cpu_timesteps[k + 2]), n)
                     with self.autocast():
                         eps = self._eps(self._model_input(x), t, class_labels)
-                    x.copy_(ddim_step(x, eps.to(x.dtype), a(k), a(k + 1)))
+                    x.copy_(ddim_step(x, eps.to(x.dtype), None, None, coef_t=c(k), coef_s=c(k + 1)))
                     quality = self.aes.quality(x, x0)
                     for name, value in quality.items():
                         curves[name][:, k + 1] = value.to(curves[name].dtype)
@@ -385,7 +390,7 @@ class DiffGuardPipeline:
                     eps = eps.to(x.dtype)
                 eps_syn, *eps_rest = eps.split(n) if parts > 1 else [eps]
                 eps_extra = dict(zip(extra, eps_rest))
-                a_t, a_s = a(k), a(k - 1)
+                coef_t, coef_s = c(k), c(k - 1)
                 if self.cfg_mode:
                     with self.grad_free():
                         eps_syn = cfg_eps(eps_syn, eps_extra["uncond"], guidance.cfg.omega, masks)
@@ -394,11 +399,12 @@ class DiffGuardPipeline:
                         crops = crops.to(self.device)  # one copy, then a view per step
                     step_crops = None if crops is None else crops[:, k]
                     with self.autocast():
-                        eps_syn = guided_eps(eps_syn, x, a_t, labels, self.classifier, guidance, step_crops)
+                        eps_syn = guided_eps(eps_syn, x, None, labels, self.classifier, guidance, step_crops, coef_t)
                 with self.grad_free():
-                    x.copy_(ddim_step(x, eps_syn, a_t, a_s, self.cfg.clip_x0))
+                    x.copy_(ddim_step(x, eps_syn, None, None, self.cfg.clip_x0, coef_t, coef_s))
                     if x_ref is not None:
-                        x_ref.copy_(ddim_step(x_ref, eps_extra["reference"], a_t, a_s, self.cfg.clip_x0))
+                        x_ref.copy_(ddim_step(x_ref, eps_extra["reference"], None, None, self.cfg.clip_x0,
+                                              coef_t, coef_s))
                 k -= 1
                 if k < 0:
                     u_phase = 2

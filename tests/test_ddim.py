@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from diffguard_pl.ddim import alpha_bar, ddim_sample, ddim_step, predict_x0, spaced_timesteps
+from diffguard_pl.ddim import alpha_bar, ddim_sample, ddim_step, predict_x0, spaced_timesteps, step_coefficients
 
 ALPHAS = torch.linspace(0.999, 0.01, 1000, dtype=torch.float64)
 
@@ -62,3 +62,25 @@ def test_clipped_step_keeps_x0_in_range_and_is_plain_when_inside():
     assert far.abs().max() <= 1.0 + 1e-12
     clean = torch.ones(2, dtype=torch.float64)  # from the clean level, eps plays no role
     assert torch.allclose(ddim_step(x0, noise, clean, a_t, clip_x0=True), ddim_step(x0, noise, clean, a_t))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("clip", [False, True])
+def test_precomputed_coefficients_give_the_same_step_to_the_bit(dtype, clip):
+    """The pipeline builds sqrt(a) and sqrt(1 - a) of every level once per run; steps from that table must equal
+    steps computed from alpha_bar, bit for bit (also at the clean level, where clipping keeps eps)."""
+    levels = torch.tensor([-1, 0, 10, 500, 999])
+    alphas = alpha_bar(ALPHAS, levels)
+    table = (alphas.sqrt().to(dtype), (1 - alphas).sqrt().to(dtype))
+    x, eps = torch.randn(3, 2, 4, 4, dtype=dtype) * 2, torch.randn(3, 2, 4, 4, dtype=dtype)
+    for t, s in ((1, 0), (0, 1), (3, 2), (2, 4), (4, 3)):
+        coef_t = tuple(c[t].view(1, 1, 1, 1) for c in table)
+        coef_s = tuple(c[s].view(1, 1, 1, 1) for c in table)
+        assert torch.equal(coef_t[0], step_coefficients(alphas[t : t + 1], x)[0])
+        want = ddim_step(x, eps, alphas[t : t + 1], alphas[s : s + 1], clip)
+        assert torch.equal(ddim_step(x, eps, None, None, clip, coef_t, coef_s), want)
+        assert torch.equal(predict_x0(x, eps, None, coef_t), predict_x0(x, eps, alphas[t : t + 1]))
+    if clip:  # at the clean level (a = 1) the clipped step keeps the given eps
+        clean = ddim_step(x, eps, alphas[:1], alphas[1:2], True)
+        x0 = x.clamp(-1, 1)
+        assert torch.allclose(clean, alphas[1].sqrt().to(dtype) * x0 + (1 - alphas[1]).sqrt().to(dtype) * eps)

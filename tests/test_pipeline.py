@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from diffguard_pl.config import AESConfig, CutoutConfig, DiffGuardConfig, DiffusionConfig, GuidanceConfig
-from diffguard_pl.ddim import spaced_timesteps
+from diffguard_pl.ddim import spaced_timesteps, step_coefficients
 from diffguard_pl.guidance import clean_estimate, cutout, cutout_params, guided_eps, log_prob_grad
 from diffguard_pl.models import ClassifierSpec, DiffusionModel, build_classifier, build_scheduler, build_unet
 from diffguard_pl.pipeline import DiffGuardPipeline
@@ -99,8 +99,11 @@ def test_guidance_raises_log_probability_of_the_label(clean):
     cfg = GuidanceConfig(scale=0.5, clean=clean, cutout=CutoutConfig(num=0))
     with torch.no_grad():
         before = log_p(eps)
-    after = log_p(guided_eps(eps, x_t, a_t, labels, classifier, cfg)).detach()
+    guided = guided_eps(eps, x_t, a_t, labels, classifier, cfg)
+    after = log_p(guided).detach()
     assert (after > before).all()
+    # With the coefficients precomputed (the pipeline's per-run table) the result is the same to the bit.
+    assert torch.equal(guided_eps(eps, x_t, None, labels, classifier, cfg, coef_t=step_coefficients(a_t, x_t)), guided)
 
 
 def test_guidance_gradient_is_per_sample_and_skips_the_unet():

@@ -110,6 +110,25 @@ def summary_verdicts(report_file, report, folder):
     assert summary.main([str(folder)]) == 0 and summary.main([str(folder), "--strict"]) == 1
 
 
+@pytest.mark.parametrize("name", ["digits_gdm.yaml", "digits_cfg.yaml"])
+def test_steps_launch_no_scalar_arithmetic(benchmark, name):
+    """benchmarks/op_count.py: the uniform loop takes its DDIM coefficients from the per-run table, so the
+    square roots outside the model calls do not grow with the steps (there were 12 per inversion + synthesis
+    pair before), and the model calls hold most of the operations."""
+    spec = importlib.util.spec_from_file_location("op_count", ROOT / "benchmarks" / "op_count.py")
+    op_count = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(op_count)
+    results = []
+    for depth in (3, 6):
+        cfg = preset(name, "diffguard.num_steps=8", f"diffguard.depth={depth}")
+        pipe = DiffGuardPipeline(load_diffusion(cfg.models.diffusion), load_classifier(cfg.models.classifier),
+                                 cfg.diffguard)
+        results.append(op_count.count(pipe, benchmark.test.images[:4], benchmark.test.ids[:4]))
+    assert [r["denoiser_calls"] for r in results] == [6, 12]
+    assert results[0]["outside_by_op"].get("sqrt") == results[1]["outside_by_op"].get("sqrt")
+    assert results[1]["model_per_call"] > 3 * results[1]["outside_per_call"] > 0
+
+
 def test_flop_count_of_the_replay(throughput, benchmark):
     """Each distinct call counted once and scaled by its count; FLOPs grow linearly with the rows; the CPU
     attention kernel (absent from torch's table) is counted as its two products."""
