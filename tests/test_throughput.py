@@ -169,21 +169,28 @@ def test_runtime_config_checks_the_autocast_choice():
     assert cfg.diffguard.runtime.autocast == "bf16" and cfg.diffguard.runtime.channels_last
 
 
+@pytest.mark.parametrize("autocast", ["bf16", "fp16"])
 @pytest.mark.parametrize("name", ["digits_gdm.yaml", "digits_cfg.yaml"])
-def test_bf16_autocast_stays_close_to_fp32_and_changes_the_fingerprint(benchmark, name):
+def test_autocast_stays_close_to_fp32_and_changes_the_fingerprint(benchmark, name, autocast):
     """Tolerance: the same predictions; per distance a median relative gap below 5% and a Spearman rank
-    correlation of at least 0.99 (measured: about 1% and 0.995 with 14 of 20 steps)."""
-    cfg = preset(name, "diffguard.num_steps=20", "diffguard.depth=14")
-    images, ids = mixed_images(benchmark)
-    fp32, bf16 = run(cfg, images, ids), run(cfg, images, ids, autocast="bf16")
-    assert torch.equal(fp32["pred"], bf16["pred"])
+    correlation of at least 0.99 (measured with 14 of 20 steps: bf16 0.4-1.9% and >= 0.995, fp16 0.04-0.5%
+    and >= 0.998; the guidance gradient goes through the classifier in half precision without loss scaling).
+    fp16 runs 6 of 10 steps on half the images here."""
+    if autocast == "bf16":
+        cfg = preset(name, "diffguard.num_steps=20", "diffguard.depth=14")
+        images, ids = mixed_images(benchmark)
+    else:  # float16 arithmetic is emulated on most CPUs (about 20x slower): a smaller run
+        cfg = preset(name, "diffguard.num_steps=10", "diffguard.depth=6")
+        images, ids = mixed_images(benchmark, 2)
+    fp32, low = run(cfg, images, ids), run(cfg, images, ids, autocast=autocast)
+    assert torch.equal(fp32["pred"], low["pred"])
     for distance in ("l1", "l2", "logit_l1"):
-        median, _, spearman = relative_gaps(fp32["scores"][distance], bf16["scores"][distance])
-        assert median < 0.05 and spearman >= 0.99, (distance, median, spearman)
-        assert fp32["scores"][distance].dtype == bf16["scores"][distance].dtype == torch.float32
-    bf16_cfg = copy.deepcopy(cfg)
-    bf16_cfg.diffguard.runtime.autocast = "bf16"
-    assert shards.fingerprint(shards.result_config(cfg)) != shards.fingerprint(shards.result_config(bf16_cfg))
+        median, _, spearman = relative_gaps(fp32["scores"][distance], low["scores"][distance])
+        assert 0 < median < 0.05 and spearman >= 0.99, (distance, median, spearman)
+        assert fp32["scores"][distance].dtype == low["scores"][distance].dtype == torch.float32
+    low_cfg = copy.deepcopy(cfg)
+    low_cfg.diffguard.runtime.autocast = autocast
+    assert shards.fingerprint(shards.result_config(cfg)) != shards.fingerprint(shards.result_config(low_cfg))
 
 
 @pytest.mark.parametrize("name", ["digits_gdm.yaml", "digits_cfg.yaml"])
