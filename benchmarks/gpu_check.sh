@@ -21,14 +21,14 @@ mkdir -p "$OUT"
 BUDGET=${BUDGET:-460}
 PY=python3
 if [ -n "${SMOKE:-}" ]; then
-  DEV=cpu; ACC=cpu
+  DEV=cpu
   EMB="--images 4 --batch-size 4 --scaling 1,2 --scaling-images 2 --repeats 1 diffguard.num_steps=4 diffguard.depth=2"
   EMB_BF16="--images 4 --batch-size 4 --scaling none --repeats 1 diffguard.num_steps=4 diffguard.depth=2"
   EVAL="trainer.accelerator=cpu data.eval_batch_size=64 limit_per_set=4 diffguard.num_steps=4 diffguard.depth=2"
   PAPER="--tiny-arch --repeats 1 diffguard.num_steps=4 diffguard.depth=3"
   GDM_IMAGES=2; DIT_IMAGES=2; DIT_BIG=4
 else
-  DEV=cuda; ACC=gpu
+  DEV=cuda
   EMB="--batch-size 256 --images 256 --repeats 2 --scaling 1,8,64,256 --scaling-images 4"
   EMB_BF16="--batch-size 256 --images 256 --repeats 2 --scaling none"
   EVAL="trainer.accelerator=gpu data.eval_batch_size=256"
