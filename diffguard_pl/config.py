@@ -15,12 +15,9 @@ from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+from diffguard_pl.errors import ConfigError  # noqa: F401  (re-exported: the schema's error)
 
 T = TypeVar("T")
-
-
-class ConfigError(ValueError):
-    """A configuration problem, with the offending key in the message."""
 
 
 def _check_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
@@ -66,12 +63,12 @@ class DataConfig:
     num_workers: int = 0
 
     def __post_init__(self) -> None:
-        _check_choice("data.benchmark", self.benchmark, ["digits", "cifar10", "imagenet", "lists"])
+        _check_choice("data.benchmark", self.benchmark, ["digits", "fashion", "cifar10", "imagenet", "lists"])
         _check_choice("data.channels", self.channels, [1, 3])
         _check_choice("data.on_error", self.on_error, ["raise", "skip"])
         if self.preprocess is not None:
             _check_choice("data.preprocess", self.preprocess, ["resize", "resize_center_crop"])
-        if self.benchmark != "digits" and self.root is None:
+        if self.benchmark not in ("digits", "fashion") and self.root is None:
             raise ConfigError(f"data.benchmark={self.benchmark} reads image files: set data.root=/path/to/data")
         if self.benchmark == "lists" and self.definition is None:
             raise ConfigError("data.benchmark=lists needs data.definition (num_classes, ind, ood; see DataConfig)")
@@ -245,17 +242,24 @@ class TrainConfig(RunConfig):
 
 @dataclass
 class CutoutConfig:
-    """Random square crops of the clean estimate that amplify the guidance gradient."""
+    """Random square crops of the clean estimate that amplify the guidance gradient.
+
+    mode bilinear: continuous sides and positions, resized bilinearly. mode released: the released code's
+    whole-pixel crops (sides from round(min_frac * S) to round(max_frac * S) - 1 of an S-pixel image: 224..255
+    of 256), resized by nearest neighbour.
+    """
 
     num: int = 8  # K crops per sample and step; 0 switches cutout off
     min_frac: float = 0.875  # crop side as a fraction of the image side (released: 224..256 of 256)
     max_frac: float = 1.0
+    mode: str = "bilinear"  # bilinear | released
 
     def __post_init__(self) -> None:
         if self.num < 0:
             raise ConfigError(f"diffguard.guidance.cutout.num={self.num} must be >= 0")
         if not 0.0 < self.min_frac <= self.max_frac <= 1.0:
             raise ConfigError("diffguard.guidance.cutout needs 0 < min_frac <= max_frac <= 1")
+        _check_choice("diffguard.guidance.cutout.mode", self.mode, ["bilinear", "released"])
 
 
 @dataclass
@@ -305,8 +309,9 @@ class AESConfig:
     """Adaptive early stop: a sample stops inverting once its latent drifts far enough from x0.
 
     After each inversion step, the latent x_t (mapped to [0, 1] as (x + 1) / 2,
-    not clipped) is compared with x0: PSNR in dB with peak 1, SSIM, and
-    1 - DISTS when its weights exist locally. A threshold left null is not
+    not clipped, as the released code feeds it) is compared with x0: PSNR in dB
+    with peak 1, SSIM (on the clamped images), and 1 - DISTS when its weights
+    exist locally, at ``dists_size`` pixels. A threshold left null is not
     used. ``mode`` any: stop when any used metric falls below its threshold;
     all: when all do. The released thresholds, PSNR < 48.5 with peak 255 on
     [-1, 1] tensors and 1 - DISTS < 0.38, are psnr = 48.5 - 42.11 = 6.39 here
@@ -320,6 +325,7 @@ class AESConfig:
     mode: str = "any"
     min_depth: int = 1  # never stop before this many inversion steps (the maximum is diffguard.depth)
     record_curves: bool = True  # record per-step PSNR / SSIM curves even when AES is off
+    dists_size: Optional[int] = None  # side DISTS sees (resized); None: diffguard.perceptual_size
 
     def __post_init__(self) -> None:
         _check_choice("diffguard.aes.mode", self.mode, ["any", "all"])
@@ -356,25 +362,54 @@ class RuntimeConfig:
 DISTANCES = ["l1", "l2", "psnr", "ssim", "logit_l1", "feature_cos", "dists", "lpips"]
 
 
+CLIP_X0 = ["none", "synthesis", "both"]
+
+
 @dataclass
 class DiffGuardConfig:
-    """Inversion, guided synthesis and scoring."""
+    """Inversion, guided synthesis and scoring.
+
+    ``depth`` counts inversion steps (denoiser evaluations of the inversion). The ``ladder`` decides which
+    levels they walk (diffguard_pl/ddim.py): ``symmetric`` (default) reaches the spaced timestep t_{depth-1}
+    and synthesis takes ``depth`` steps back; ``released`` (guided-diffusion's ``ddim_reverse_sample``, as the
+    released code) reaches t_depth (100 steps, depth 90: t = 900) and synthesis takes depth + 1 steps.
+    ``handoff`` exact starts synthesis at the level the inversion reached; ``released`` one level above it
+    (the released code's off-by-one, for exact reproduction only). ``clip_x0``: guided-diffusion's
+    ``clip_denoised`` in its order: x0 predicted, clipped to [-1, 1], eps re-derived from it, then classifier
+    guidance added to that eps (its gradient taken on the unclipped clean estimate); ``both`` also clips every
+    inversion step after the first.
+    """
 
     num_steps: int = 50  # spaced DDIM steps over the training schedule (released GDM: 100)
-    depth: int = 25  # inversion steps taken; synthesis starts at that level (released GDM: 90)
+    depth: int = 25  # inversion steps (released GDM: 90)
+    ladder: str = "symmetric"  # symmetric | released
+    handoff: str = "exact"  # exact | released (synthesis starts one level above the latent: the released bug)
+    timestep_offset: int = 0  # spaced timesteps are k * stride + offset (latent-diffusion's DDIM: 1)
     reference: str = "input"  # compare the synthesis with: input | unguided (reconstruction from the same latent)
     score: str = "l2"  # the distance reported as detector `diffguard`
     distances: List[str] = field(default_factory=lambda: ["l1", "l2", "psnr", "ssim", "logit_l1", "feature_cos"])
-    perceptual_size: int = 64  # images are resized to this for DISTS / LPIPS
+    perceptual_size: Optional[int] = 64  # side images are resized to for DISTS / LPIPS; None: as they are
     seed: int = 0  # combined with each sample's id for cutout randomness
-    clip_x0: bool = False  # clip predicted x0 to [-1, 1] in synthesis steps (guided-diffusion's clip_denoised)
+    clip_x0: str = "none"  # none | synthesis | both (guided-diffusion's clip_denoised, see above)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     aes: AESConfig = field(default_factory=AESConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # speed settings (autocast, compile, ...)
 
     def __post_init__(self) -> None:
-        if not 1 <= self.depth <= self.num_steps:
-            raise ConfigError(f"diffguard.depth={self.depth} must lie in [1, diffguard.num_steps={self.num_steps}]")
+        _check_choice("diffguard.ladder", self.ladder, ["symmetric", "released"])
+        _check_choice("diffguard.handoff", self.handoff, ["exact", "released"])
+        if str(self.clip_x0).lower() in ("true", "false"):
+            raise ConfigError(f"diffguard.clip_x0={self.clip_x0} is no longer a switch: use one of {CLIP_X0} "
+                              f"(both: the released order in both directions)")
+        _check_choice("diffguard.clip_x0", self.clip_x0, CLIP_X0)
+        # Levels: num_steps spaced timesteps above the clean level; the released ladder treats the input as
+        # the first of them, the released handoff starts synthesis one level higher.
+        most = self.num_steps - (self.ladder == "released") - (self.handoff == "released")
+        if not 1 <= self.depth <= most:
+            raise ConfigError(f"diffguard.depth={self.depth} must lie in [1, {most}] with diffguard.num_steps="
+                              f"{self.num_steps}, ladder={self.ladder}, handoff={self.handoff}")
+        if self.timestep_offset < 0:
+            raise ConfigError(f"diffguard.timestep_offset={self.timestep_offset} must be >= 0")
         _check_choice("diffguard.reference", self.reference, ["input", "unguided"])
         for name in self.distances:
             _check_choice("diffguard.distances", name, DISTANCES)
@@ -382,6 +417,9 @@ class DiffGuardConfig:
             raise ConfigError(f"diffguard.aes.min_depth={self.aes.min_depth} exceeds diffguard.depth={self.depth}")
         if self.score not in self.distances:
             raise ConfigError(f"diffguard.score={self.score!r} must be one of diffguard.distances {list(self.distances)}")
+        for key, value in (("perceptual_size", self.perceptual_size), ("aes.dists_size", self.aes.dists_size)):
+            if value is not None and value < 8:
+                raise ConfigError(f"diffguard.{key}={value} is too small for VGG features; use 32 or more, or null")
 
 
 @dataclass
@@ -408,9 +446,28 @@ class ModelPaths:
 
 @dataclass
 class BaselineConfig:
-    knn_k: int = 10
-    vim_dim: Optional[int] = None  # principal-space dimension; None: the module's rule
+    """KNN / ViM baselines. Left null, KNN's k and ViM's dim are tuned like OpenOOD v1.5: the grid value with
+    the best AUROC of InD validation against the pooled OOD validation splits (never test splits), ties to the
+    smaller value; without OOD validation data, k = 50 (at most the bank size) and ViM's default dim. The
+    choice and every candidate's validation AUROC are written to results.json under "baselines".
+    """
+
+    knn_k: Optional[int] = None  # k-th nearest neighbour; None: tuned on knn_k_grid
+    knn_k_grid: List[int] = field(default_factory=lambda: [50, 100, 200, 500, 1000])  # values > bank size dropped
+    vim_dim: Optional[int] = None  # principal-space dimension; None: tuned on vim_dim_grid
+    vim_dim_grid: Optional[List[int]] = None  # None: OpenOOD's {256, 1000} below D, else scaled by D / 2048
     train_samples: Optional[int] = None  # fit KNN / ViM on this many InD train images (chosen by id hash); None: all
+
+    def __post_init__(self) -> None:
+        for key in ("knn_k", "vim_dim"):
+            value = getattr(self, key)
+            if value is not None and value < 1:
+                raise ConfigError(f"baselines.{key}={value} must be >= 1, or null to tune it on validation data")
+        for key in ("knn_k_grid", "vim_dim_grid"):
+            grid = getattr(self, key)
+            if grid is not None and (not grid or any(v < 1 for v in grid)):
+                raise ConfigError(f"baselines.{key}={list(grid)} must be a non-empty list of values >= 1"
+                                  + (", or null for OpenOOD's grid" if key == "vim_dim_grid" else ""))
 
 
 @dataclass
@@ -425,7 +482,7 @@ class EvalConfig(RunConfig):
     """Root schema of ``evaluate.py``."""
 
     output_dir: str = "outputs/eval"
-    oracle: bool = False  # also evaluate with true labels for InD samples
+    oracle: str = "none"  # none | ind | paper | both: also synthesise under oracle labels (see diffguard_pl/oracle.py)
     limit_per_set: Optional[int] = None  # evaluate only the first N samples of each set (quick runs)
     split: str = "test"  # test: report on test splits; val: on validation splits (for tuning, never test)
     resume: bool = True  # skip samples already finished in output_dir/shards by a run with the same config
@@ -440,6 +497,11 @@ class EvalConfig(RunConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_choice("split", self.split, ["test", "val"])
+        if str(self.oracle).lower() in ("true", "false"):
+            raise ConfigError(f"oracle={self.oracle} is no longer a switch: use oracle=ind (true labels for InD "
+                              f"samples, the earlier oracle=true), oracle=paper (the paper's: also a random label "
+                              f"for every OOD sample), oracle=both or oracle=none")
+        _check_choice("oracle", self.oracle, ["none", "ind", "paper", "both"])
 
 
 def _describe(error: OmegaConfBaseException) -> str:

@@ -1,40 +1,63 @@
-"""Deterministic DDIM (eta = 0): the one step that both inversion and synthesis take.
+"""Deterministic DDIM (eta = 0): the step that inversion and synthesis take, and the ladder of levels they walk.
 
 With a = alpha_bar (cumulative product), a step from level t to level s is
 
     x0_pred = (x_t - sqrt(1 - a_t) * eps) / sqrt(a_t)
     x_s     = sqrt(a_s) * x0_pred + sqrt(1 - a_s) * eps
 
-Synthesis walks s < t (towards the image), inversion walks s > t (towards
-noise) with the eps predicted at x_t, which is the paper's Eq. 6. Level -1
-means the clean image (a = 1). All functions work on batches with one level
-per sample.
+Synthesis walks towards the image, inversion towards noise with the eps
+predicted at x_t (the paper's Eq. 6). Clipping (guided-diffusion's
+``clip_denoised``) clips x0_pred to [-1, 1] and re-derives eps from it,
+eps = (x_t - sqrt(a_t) * x0) / sqrt(1 - a_t), before the step.
+
+Levels (:class:`Ladder`): level 0 is the clean image (a = 1); level k >= 1 is
+the k-th spaced timestep t_{k-1} = (k - 1) * stride + offset. Two ladders:
+
+- ``symmetric``: the input sits at level 0; inversion step k goes from level
+  k - 1 to k with eps evaluated at the timestep of level k, and synthesis step
+  from level k to k - 1 evaluates eps at level k: both directions use the same
+  timestep for the same pair of levels. Depth d reaches t_{d-1}. (This is also
+  how latent-diffusion's DDIM inversion pairs them.)
+- ``released``: guided-diffusion's ``ddim_reverse_sample``, as the released
+  DiffGuard code runs it: the input is *treated as* level 1 (timestep t_0, with
+  that level's alpha_bar), and each inversion step from level k to k + 1 uses
+  eps at the timestep of level k, the level it stands on. Depth d reaches t_d
+  (100 spaced steps, depth 90: t = 900). Synthesis is the same as above and
+  ends at level 0, one step more than the inversion took.
+
+Synthesis starts at the level the inversion reached (``handoff: exact``); the
+released code started one level above it (``handoff: released``, a switch for
+exact reproduction).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional, Tuple
+from dataclasses import dataclass, field
+from typing import Callable, Dict, Optional, Tuple, Union
 
 import torch
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+Coefficients = Tuple[torch.Tensor, torch.Tensor]  # (sqrt(a), sqrt(1 - a)), see step_coefficients
+LADDERS = ("symmetric", "released")
+HANDOFFS = ("exact", "released")
 
 
-def spaced_timesteps(num_train_timesteps: int, num_steps: int) -> torch.Tensor:
-    """``num_steps`` evenly strided training timesteps, ascending: 0, k, 2k, ... (k = T // n)."""
+def spaced_timesteps(num_train_timesteps: int, num_steps: int, offset: int = 0) -> torch.Tensor:
+    """``num_steps`` evenly strided training timesteps, ascending: offset, offset + k, ... (k = T // n)."""
     if not 1 <= num_steps <= num_train_timesteps:
         raise ValueError(f"num_steps={num_steps} must lie in [1, {num_train_timesteps}]")
     stride = num_train_timesteps // num_steps
-    return torch.arange(num_steps, dtype=torch.long) * stride
+    steps = torch.arange(num_steps, dtype=torch.long) * stride + offset
+    if offset < 0 or int(steps[-1]) >= num_train_timesteps:
+        raise ValueError(f"timestep offset {offset} takes the last of {num_steps} steps past {num_train_timesteps - 1}")
+    return steps
 
 
 def alpha_bar(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-    """alpha_bar at levels ``t`` (level -1 = clean, alpha_bar = 1), as a float64 tensor."""
+    """alpha_bar at timesteps ``t`` (timestep -1 = clean, alpha_bar = 1), as a float64 tensor."""
     padded = torch.cat([alphas_cumprod.new_ones(1), alphas_cumprod.to(torch.float64)])
     return padded.to(t.device)[t + 1]
-
-
-Coefficients = Tuple[torch.Tensor, torch.Tensor]  # (sqrt(a), sqrt(1 - a)), see step_coefficients
 
 
 def _bcast(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -45,17 +68,23 @@ def step_coefficients(a: torch.Tensor, like: torch.Tensor) -> Coefficients:
     """(sqrt(a), sqrt(1 - a)) of alpha_bar ``a`` (float64, one per sample or one for all), in ``like``'s dtype
     and shaped to broadcast over its rows.
 
-    Computed in float64 and rounded once, so a table of them built once per run (as the pipeline does)
+    Computed in float64 and rounded once, so a table of them built once per run (as :class:`Ladder` does)
     gives bit for bit the numbers a step computes from ``a``.
     """
     return _bcast(a.sqrt(), like), _bcast((1 - a).sqrt(), like)
 
 
-def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, a_t: torch.Tensor,
+def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, a_t: Optional[torch.Tensor],
                coef_t: Optional[Coefficients] = None) -> torch.Tensor:
     """x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t); ``coef_t`` = step_coefficients(a_t, x_t) when precomputed."""
     root_a, root_1ma = coef_t if coef_t is not None else step_coefficients(a_t, x_t)
     return (x_t - root_1ma * eps) / root_a
+
+
+def eps_from_x0(x_t: torch.Tensor, x0: torch.Tensor, coef_t: Coefficients) -> torch.Tensor:
+    """eps = (x_t - sqrt(a_t) x0) / sqrt(1 - a_t): the noise that a given x0 implies (not at the clean level)."""
+    root_a, root_1ma = coef_t
+    return (x_t - root_a * x0) / root_1ma
 
 
 def ddim_step(
@@ -69,7 +98,7 @@ def ddim_step(
 
     ``clip_x0`` clips the predicted x0 to [-1, 1] and re-derives eps from it
     (guided-diffusion's ``clip_denoised``): cleaner samples, but the step is
-    then no longer exactly invertible.
+    then no longer exactly invertible. At the clean level (a_t = 1) eps is kept.
     """
     root_a_t, root_1ma_t = coef_t if coef_t is not None else step_coefficients(a_t, x_t)
     root_a_s, root_1ma_s = coef_s if coef_s is not None else step_coefficients(a_s, x_t)
@@ -80,6 +109,70 @@ def ddim_step(
         derived = (x_t - root_a_t * x0) / root_1ma_t.clamp_min(1e-10)
         eps = torch.where(root_1ma_t > 0, derived, eps)
     return root_a_s * x0 + root_1ma_s * eps
+
+
+@dataclass
+class Ladder:
+    """The levels of one configuration (see the module docstring), with their timesteps and coefficients.
+
+    ``timesteps[k]`` / ``alphas[k]``: the denoiser timestep and alpha_bar of level k (level 0: -1 and 1).
+    Built once; :meth:`on` gives the device tables a run reads, so no step computes a square root.
+    """
+
+    timesteps: torch.Tensor  # [levels] long, CPU
+    alphas: torch.Tensor  # [levels] float64, CPU
+    kind: str = "symmetric"
+    handoff: str = "exact"
+    _tables: Dict[tuple, tuple] = field(default_factory=dict, repr=False)
+
+    @classmethod
+    def build(cls, alphas_cumprod: torch.Tensor, num_steps: int, kind: str = "symmetric", handoff: str = "exact",
+              offset: int = 0) -> "Ladder":
+        if kind not in LADDERS or handoff not in HANDOFFS:
+            raise ValueError(f"ladder {kind!r} / handoff {handoff!r}: choose from {LADDERS} / {HANDOFFS}")
+        steps = spaced_timesteps(int(alphas_cumprod.shape[0]), num_steps, offset)
+        timesteps = torch.cat([torch.tensor([-1]), steps])
+        return cls(timesteps, alpha_bar(alphas_cumprod.cpu(), timesteps), kind, handoff)
+
+    @property
+    def num_levels(self) -> int:
+        return len(self.timesteps)
+
+    @property
+    def start(self) -> int:
+        """The level the input is treated as: 0 (symmetric) or 1 (released)."""
+        return 0 if self.kind == "symmetric" else 1
+
+    def reached(self, depth: Union[int, torch.Tensor]):
+        """The level after ``depth`` inversion steps."""
+        return self.start + depth
+
+    def synthesis_start(self, depth: Union[int, torch.Tensor]):
+        """The level synthesis starts from after ``depth`` inversion steps (one above with the released handoff)."""
+        return self.reached(depth) + (1 if self.handoff == "released" else 0)
+
+    def max_depth(self) -> int:
+        """The most inversion steps the levels allow."""
+        return self.num_levels - 1 - self.start - (1 if self.handoff == "released" else 0)
+
+    def inversion_eps_level(self, level: int) -> int:
+        """The level whose timestep the inversion step from ``level`` evaluates eps at."""
+        return level + 1 if self.kind == "symmetric" else level
+
+    def steps(self, depth: int) -> list:
+        """(input level, eps timestep, output level) of every inversion step, then every synthesis step."""
+        inversion = [(k, int(self.timesteps[self.inversion_eps_level(k)]), k + 1)
+                     for k in range(self.start, self.reached(depth))]
+        synthesis = [(k, int(self.timesteps[k]), k - 1) for k in range(self.synthesis_start(depth), 0, -1)]
+        return inversion + synthesis
+
+    def on(self, device: torch.device, dtype: torch.dtype) -> tuple:
+        """(timesteps [levels] long, sqrt(a) [levels], sqrt(1 - a) [levels]) on ``device``, ``dtype``; cached."""
+        key = (device, dtype)
+        if key not in self._tables:
+            root_a, root_1ma = self.alphas.sqrt().to(dtype), (1 - self.alphas).sqrt().to(dtype)
+            self._tables[key] = (self.timesteps.to(device), root_a.to(device), root_1ma.to(device))
+        return self._tables[key]
 
 
 @torch.no_grad()

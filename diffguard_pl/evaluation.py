@@ -4,10 +4,14 @@ Outputs in ``cfg.output_dir``: ``config.yaml``, ``results.json`` (metrics per
 detector, per OOD set, near / far means, InD accuracy, throughput),
 ``scores.csv`` (one row per sample: id, set, split, label, prediction, depth,
 UNet evaluations and every detector's score) and the logger's files.
+results.json's ``baselines`` records how KNN's k and ViM's dim were chosen
+(``diffguard_pl.baselines.tune_baselines``); a copy in ``baselines.json`` lets
+a resumed run with nothing left to compute (which fits no baselines) record it too.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Optional
 
@@ -18,7 +22,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Subset
 from callbacks import InversionCurveLogger, ReconstructionLogger, ScoreDistributionPlot
 from diffguard_pl import config as config_lib
 from diffguard_pl import shards
-from diffguard_pl.baselines import BaselineStats, fit_baselines
+from diffguard_pl.baselines import BaselineStats, tune_baselines
 from diffguard_pl.config import ConfigError, EvalConfig
 from diffguard_pl.data import Benchmark, ImageSet, build_benchmark, sample_seed
 from diffguard_pl.data.sampler import ShardSampler
@@ -64,22 +68,68 @@ def baseline_train_subset(train: ImageSet, limit: Optional[int], seed: int = 0):
 
 
 @torch.no_grad()
-def fit_classifier_baselines(classifier: Classifier, train: ImageSet, cfg: EvalConfig) -> BaselineStats:
-    """KNN / ViM statistics from the classifier's features on the InD training split."""
-    logits, feats = [], []
-    subset = baseline_train_subset(train, cfg.baselines.train_samples, cfg.data.seed)
-    loader = DataLoader(subset, batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers)
+def classifier_outputs(classifier: Classifier, image_set, cfg: EvalConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """The classifier's (logits [N, C], features [N, D]) on a set, float32 on its device (N may be 0)."""
     classifier = classifier.eval()
     device = next(classifier.parameters()).device
-    for batch in loader:
-        lo, fe = classifier.forward_with_features(batch["image"].to(device))
-        logits.append(lo.float())
-        feats.append(fe.float())
+    logits, feats = [], []
+    if image_set is not None and len(image_set) > 0:
+        loader = DataLoader(image_set, batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers)
+        for batch in loader:
+            lo, fe = classifier.forward_with_features(batch["image"].to(device))
+            logits.append(lo.float())
+            feats.append(fe.float())
+    if not logits:
+        head = classifier.model.get_classifier()
+        return head.weight.new_zeros(0, head.weight.shape[0]), head.weight.new_zeros(0, head.weight.shape[1])
+    return torch.cat(logits), torch.cat(feats)
+
+
+@torch.no_grad()
+def fit_classifier_baselines(classifier: Classifier, benchmark: Benchmark,
+                             cfg: EvalConfig) -> tuple[BaselineStats, dict]:
+    """KNN / ViM statistics from the classifier's features on the InD training split, k and dim tuned on validation.
+
+    KNN's k and ViM's dim are chosen by ``tune_baselines`` on the InD validation split against the pooled
+    ``val`` splits of every OOD set (all their samples: ``limit_per_set`` does not apply, so the choice, like the
+    scores it shapes, depends only on the fingerprinted config). Test splits are never used. Returns the
+    statistics and the choice recorded in results.json under ``baselines``.
+    """
+    subset = baseline_train_subset(benchmark.train, cfg.baselines.train_samples, cfg.data.seed)
+    train_logits, train_feats = classifier_outputs(classifier, subset, cfg)
+    val_ind = classifier_outputs(classifier, benchmark.val, cfg)
+    ood_parts = [classifier_outputs(classifier, s.val, cfg) for s in benchmark.ood.values()]
+    val_ood = (torch.cat([lo for lo, _ in ood_parts] or [val_ind[0][:0]]),
+               torch.cat([fe for _, fe in ood_parts] or [val_ind[1][:0]]))
     head = classifier.model.get_classifier()
-    return fit_baselines(
-        torch.cat(feats), torch.cat(logits), head.weight, head.bias,
-        knn_k=cfg.baselines.knn_k, vim_dim=cfg.baselines.vim_dim,
-    )
+    b = cfg.baselines
+    try:
+        return tune_baselines(
+            train_feats, train_logits, head.weight, head.bias, val_ind, val_ood,
+            knn_grid=b.knn_k_grid, vim_grid=b.vim_dim_grid, knn_k=b.knn_k, vim_dim=b.vim_dim,
+        )
+    except ValueError as error:
+        if "baselines." in str(error):
+            raise ConfigError(str(error)) from error
+        raise
+
+
+BASELINE_CHOICE = "baselines.json"
+
+
+def save_baseline_choice(output_dir: Path, fingerprint: str, choice: dict) -> None:
+    """Keep the baseline choice next to the shards, for a resumed run that fits no baselines."""
+    (output_dir / BASELINE_CHOICE).write_text(json.dumps({"fingerprint": fingerprint, "baselines": choice}, indent=2))
+
+
+def load_baseline_choice(output_dir: Path, fingerprint: str) -> Optional[dict]:
+    """The saved baseline choice of a run with the same fingerprint, or None."""
+    path = output_dir / BASELINE_CHOICE
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return saved.get("baselines") if isinstance(saved, dict) and saved.get("fingerprint") == fingerprint else None
 
 
 def evaluation_sets(benchmark: Benchmark, limit: Optional[int], split: str = "test") -> list[ImageSet]:
@@ -132,6 +182,10 @@ def write_outputs(results: dict, records: dict, groups: dict, output_dir: Path, 
         from diffguard_pl.data.files import data_report
 
         results["data"] = data_report(benchmark)  # skipped lines / images, grayscale conversions
+    if cfg.oracle != "none":
+        from diffguard_pl.oracle import describe
+
+        results["oracle"] = describe(cfg.oracle)
     write_json(results, output_dir / "results.json")
     write_scores_csv(records, output_dir / "scores.csv")
     if cfg.score_folder is not None:
@@ -200,11 +254,14 @@ def evaluate(cfg: EvalConfig, benchmark: Optional[Benchmark] = None) -> Optional
         print(f"resuming: {len(wanted) - len(todo)} of {len(wanted)} samples already finished in {output_dir}")
     if not todo:
         results = finalize(previous, cfg.diffguard.score, groups, cfg.split, 0.0, 0)
+        choice = load_baseline_choice(output_dir, header["fingerprint"])
+        if choice is not None:  # saved by the run that fitted the baselines; absent for older runs
+            results["baselines"] = choice
         write_outputs(results, previous, groups, output_dir, cfg, benchmark)
         return results
 
     pipeline = DiffGuardPipeline(diffusion, classifier, cfg.diffguard)
-    stats = fit_classifier_baselines(classifier, benchmark.train, cfg)
+    stats, choice = fit_classifier_baselines(classifier, benchmark, cfg)
     dataset = Subset(ConcatDataset(sets), todo)
     loader = DataLoader(
         dataset,
@@ -226,5 +283,7 @@ def evaluate(cfg: EvalConfig, benchmark: Optional[Benchmark] = None) -> Optional
         finish_logger(logger)
     if not trainer.is_global_zero:
         return None
+    results["baselines"] = choice
+    save_baseline_choice(output_dir, header["fingerprint"], choice)
     write_outputs(results, evaluator.all_records, groups, output_dir, cfg, benchmark)
     return results

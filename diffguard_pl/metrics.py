@@ -7,6 +7,14 @@ Every metric depends only on the order of the scores (ties included), never on
 their scale, so any strictly increasing transform of the scores leaves it
 unchanged. Nothing is squashed through a sigmoid (which saturates for scores
 far outside [0, 1]); all arithmetic is float64 on the inputs' device.
+
+Two conventions are provided side by side. Ours (the DiffGuard paper's):
+``fpr_at_tpr`` keeps InD as the class whose 95% must be accepted, ``aupr*``
+are average precision. OpenOOD v1.5's (``openood/evaluators/metrics.py``,
+``auc_and_fpr_recall``): ``fpr_at_tpr_openood`` takes OOD as the positive
+class on sklearn's thinned ROC curve, ``aupr*_openood`` are trapezoid areas
+under sklearn's precision-recall curve. They are reimplemented here in torch
+(sklearn is only used by the tests to check them).
 """
 
 from __future__ import annotations
@@ -90,42 +98,122 @@ def aupr(pos_scores: Scores, neg_scores: Scores) -> float:
     """
     pos = _check(pos_scores, "pos_scores")
     neg = _check(neg_scores, "neg_scores")
-    scores = torch.cat([pos, neg])
-    is_pos = torch.cat([torch.ones_like(pos), torch.zeros_like(neg)])
-    values, inverse = torch.unique(scores, sorted=True, return_inverse=True)
-    # Per distinct value (ascending), how many positives / samples take it.
-    n_pos_at = torch.zeros_like(values).index_add_(0, inverse, is_pos)
-    n_all_at = torch.zeros_like(values).index_add_(0, inverse, torch.ones_like(scores))
-    # Cumulate from the highest value down: counts predicted positive at each threshold.
-    tp = torch.cumsum(n_pos_at.flip(0), 0)
-    predicted = torch.cumsum(n_all_at.flip(0), 0)
-    precision = tp / predicted
+    tp, fp = _curve_counts(pos, neg)  # counts predicted positive at each distinct value, highest first
+    precision = tp / (tp + fp)
     recall = tp / pos.numel()
     recall_gain = torch.diff(recall, prepend=recall.new_zeros(1))
     return (recall_gain * precision).sum().item()
 
 
-def aupr_in(ind_scores: Scores, ood_scores: Scores) -> float:
-    """AUPR with InD as the positive class (scores negated so that higher = more InD)."""
-    ind = _check(ind_scores, "ind_scores")
-    ood = _check(ood_scores, "ood_scores")
-    return aupr(-ind, -ood)
+def _positive(area, positive: str, doc: str):
+    """AUPR ``area(pos, neg)`` of InD (ranked by ``-score``) or OOD (ranked by ``score``) as the positive class."""
+
+    def metric(ind_scores: Scores, ood_scores: Scores) -> float:
+        ind = _check(ind_scores, "ind_scores")
+        ood = _check(ood_scores, "ood_scores")
+        return area(-ind, -ood) if positive == "ind" else area(ood, ind)
+
+    metric.__doc__ = doc
+    return metric
 
 
-def aupr_out(ind_scores: Scores, ood_scores: Scores) -> float:
-    """AUPR with OOD as the positive class."""
+aupr_in = _positive(aupr, "ind", "AUPR (average precision) with InD as the positive class.")
+aupr_out = _positive(aupr, "ood", "AUPR (average precision) with OOD as the positive class.")
+
+
+def _curve_counts(pos: torch.Tensor, neg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cumulative (tps, fps) at every distinct score value taken as threshold, in decreasing order.
+
+    ``tps_k = #{pos >= t_k}``, ``fps_k = #{neg >= t_k}`` with ``t_1 > t_2 > ...`` the distinct
+    values of ``cat(pos, neg)``: sklearn's ``confusion_matrix_at_thresholds`` (float64 counts, exact).
+    """
+    scores = torch.cat([pos, neg])
+    is_pos = torch.cat([torch.ones_like(pos), torch.zeros_like(neg)])
+    values, inverse = torch.unique(scores, sorted=True, return_inverse=True)
+    n_pos_at = torch.zeros_like(values).index_add_(0, inverse, is_pos)
+    n_neg_at = torch.zeros_like(values).index_add_(0, inverse, 1.0 - is_pos)
+    return torch.cumsum(n_pos_at.flip(0), 0), torch.cumsum(n_neg_at.flip(0), 0)
+
+
+def roc_points_openood(ind_scores: Scores, ood_scores: Scores,
+                       drop_intermediate: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(fpr, tpr)`` of ``sklearn.metrics.roc_curve(is_ood, score)``, OOD positive, float64.
+
+    Thresholds are the distinct scores in decreasing order with cumulative counts
+    ``tps_k, fps_k`` (``_curve_counts``). With ``drop_intermediate`` (sklearn's default)
+    and more than two thresholds, point ``k`` is kept only if it is an end point or
+    ``fps_{k+1} - 2 fps_k + fps_{k-1} != 0`` or ``tps_{k+1} - 2 tps_k + tps_{k-1} != 0``
+    (a corner). Then ``(0, 0)`` is prepended and ``fpr = fps / fps_last``,
+    ``tpr = tps / tps_last``.
+    """
     ind = _check(ind_scores, "ind_scores")
     ood = _check(ood_scores, "ood_scores")
-    return aupr(ood, ind)
+    tps, fps = _curve_counts(ood, ind)
+    if drop_intermediate and tps.numel() > 2:
+        corner = (torch.diff(fps, n=2) != 0) | (torch.diff(tps, n=2) != 0)
+        end = corner.new_ones(1)
+        keep = torch.cat([end, corner, end])
+        tps, fps = tps[keep], fps[keep]
+    zero = tps.new_zeros(1)
+    tps, fps = torch.cat([zero, tps]), torch.cat([zero, fps])
+    return fps / fps[-1], tps / tps[-1]
+
+
+def fpr_at_tpr_openood(ind_scores: Scores, ood_scores: Scores, tpr: float = 0.95,
+                       drop_intermediate: bool = True) -> float:
+    """OpenOOD v1.5's FPR@TPR: OOD is the positive class (detected when ``score >= t``).
+
+    ``fpr_list, tpr_list = roc_curve(is_ood, score)`` (``roc_points_openood``, thinned by
+    default like sklearn), then ``fpr_list[argmax(tpr_list >= tpr)]``: the fraction of InD
+    samples flagged as OOD at the first curve point that detects at least ``tpr`` of the OOD
+    samples. Without thinning this equals ``fpr_at_tpr(-ood, -ind, tpr)`` (the classic
+    definition with the roles of the two sets swapped); thinning can only raise it, when the
+    first such point lies inside a straight run of the curve (e.g. InD and OOD scores tied).
+    """
+    if not 0.0 < tpr <= 1.0:
+        raise ValueError(f"tpr must lie in (0, 1], got {tpr}")
+    fpr_curve, tpr_curve = roc_points_openood(ind_scores, ood_scores, drop_intermediate)
+    first = int(torch.nonzero(tpr_curve >= tpr)[0, 0])  # exists: the last point has tpr 1
+    return fpr_curve[first].item()
+
+
+def aupr_openood(pos_scores: Scores, neg_scores: Scores) -> float:
+    """Trapezoid area under ``sklearn.metrics.precision_recall_curve`` (as ``sklearn.metrics.auc`` takes it).
+
+    Over the distinct scores in decreasing order (``_curve_counts``), ``P_k = tps_k / (tps_k + fps_k)``,
+    ``R_k = tps_k / n_pos``; sklearn (>= 1.1, no ``drop_intermediate``) appends the point
+    ``(R_0, P_0) = (0, 1)``, so ``area = sum_k (R_k - R_{k-1}) (P_k + P_{k-1}) / 2``. Points past
+    full recall (which sklearn < 1.1 cut off) add vertical segments of zero area.
+    """
+    pos = _check(pos_scores, "pos_scores")
+    neg = _check(neg_scores, "neg_scores")
+    tps, fps = _curve_counts(pos, neg)
+    one = tps.new_ones(1)
+    precision = torch.cat([one, tps / (tps + fps)])
+    recall = torch.cat([one - 1, tps / pos.numel()])
+    return (torch.diff(recall) * (precision[1:] + precision[:-1]) / 2).sum().item()
+
+
+aupr_in_openood = _positive(aupr_openood, "ind", "OpenOOD's AUPR-In: trapezoid PR area, InD positive, ranked by -score.")
+aupr_out_openood = _positive(aupr_openood, "ood", "OpenOOD's AUPR-Out: trapezoid PR area, OOD positive, ranked by score.")
 
 
 def ood_metrics(ind_scores: Scores, ood_scores: Scores) -> dict[str, float]:
-    """AUROC, FPR@95, AUPR-In and AUPR-Out of one detector (python floats in [0, 1])."""
+    """Metrics of one detector (python floats in [0, 1]), both conventions under unambiguous names.
+
+    ``auroc``; ``fpr95_classic`` (``fpr_at_tpr``: OOD accepted when 95% of InD is kept, the paper's);
+    ``fpr95_openood`` (``fpr_at_tpr_openood``: InD flagged when 95% of OOD is detected, OpenOOD v1.5);
+    ``aupr_in`` / ``aupr_out`` (average precision); ``aupr_in_openood`` / ``aupr_out_openood``
+    (OpenOOD v1.5's trapezoid areas).
+    """
     ind = _check(ind_scores, "ind_scores")
     ood = _check(ood_scores, "ood_scores")
     return {
         "auroc": auroc(ind, ood),
-        "fpr95": fpr_at_tpr(ind, ood, 0.95),
+        "fpr95_classic": fpr_at_tpr(ind, ood, 0.95),
+        "fpr95_openood": fpr_at_tpr_openood(ind, ood, 0.95),
         "aupr_in": aupr_in(ind, ood),
         "aupr_out": aupr_out(ind, ood),
+        "aupr_in_openood": aupr_in_openood(ind, ood),
+        "aupr_out_openood": aupr_out_openood(ind, ood),
     }

@@ -1,119 +1,106 @@
 """The DiffGuard pipeline as plain Python: models and config in, per-sample scores out.
 
     pipeline = DiffGuardPipeline(load_diffusion(path), load_classifier(path), DiffGuardConfig())
-    out = pipeline(images, ids)          # images [N, C, H, W] in [0, 1], ids: stable sample ids
+    out = pipeline(images)               # images [N, C, H, W] in [0, 1]; ids optional (default "0", "1", ...)
     out["scores"]["l2"], out["pred"]     # per-sample OOD scores (higher = more OOD) and predictions
 
-Stages of a call: check inputs; classify the input (label y, logits, features);
-encode it when the model is a latent one; DDIM-invert for ``depth`` of the
-``num_steps`` spaced steps; synthesise back from exactly that level under
-label y, batched with an unguided reconstruction from the same latent when
-that is the reference; decode; score the distance between the synthesis and
-the reference.
+Stages of a call: check inputs; classify the input (label y, logits, features); with DSG, the Grad-CAM mask
+of y; encode (latent models); DDIM-invert for ``depth`` steps; synthesise back under y, in the same denoiser
+batches as the unguided reconstruction when that is the reference; decode; score the distance between the
+synthesis and the reference; optionally re-synthesise under oracle labels (diffguard_pl/oracle.py).
 
-Guidance (``diffguard.guidance.mode``):
-- classifier: classifier guidance with clean grad and cutout; the label also
-  goes to the denoiser when it is class-conditional.
-- cfg: classifier-free guidance, eps_u + omega (eps_c - eps_u), the
-  conditional and unconditional rows in the same denoiser batch; with DSG
-  only inside the Grad-CAM mask of the label (computed once per image before
-  the steps), eps_u outside.
+Guidance (``diffguard.guidance.mode``): ``classifier``, classifier guidance with clean grad and cutout
+(diffguard_pl/guidance.py; a class-conditional denoiser also receives the label); ``cfg``, classifier-free
+guidance eps_u + omega (eps_c - eps_u), both branches in one denoiser batch, restricted by DSG to the
+Grad-CAM mask (diffguard_pl/cam.py), eps_u outside. Inversion runs with the null class of a conditional model.
 
-Inversion always runs with the null class of a conditional model.
-
-Execution (``diffguard.runtime``, see :class:`~diffguard_pl.config.RuntimeConfig`): the
-pipeline applies the settings itself, so plain-Python use gets them too:
-autocast of the model forwards (DDIM arithmetic, guidance arithmetic, masks and
-distances stay in float32), channels-last models, an optionally compiled
-denoiser, cudnn.benchmark on CUDA, and the work that needs no gradient under
-``torch.inference_mode``. The per-sample bookkeeping (phase, level, depth)
-lives on the CPU, so scheduling the next batch never waits for the device,
-and rows are only gathered and scattered when the samples of a batch are in
-different phases.
-
-Levels: the input is level -1 (alpha_bar = 1). Inversion step k goes from
-level t_{k-1} to t_k with eps evaluated at timestep t_k; synthesis step from
-t_k to t_{k-1} evaluates eps at t_k. So both directions use the same
-timestep embedding for the same pair of levels, and synthesis begins at the
-level t_{depth-1} the inversion reached.
+The walk (:meth:`DiffGuardPipeline.run`): every sample is inverting, synthesising or done, on the levels of
+a :class:`~diffguard_pl.ddim.Ladder`. Each iteration makes one denoiser call over every row still at work,
+then one synthesis step over the synthesising rows and one inversion step over the inverting rows (they
+share one level). A sample that the adaptive early stop (diffguard_pl/aes.py) stops starts its synthesis
+while others keep inverting. Bookkeeping (phase, level, depth) lives on the CPU, so scheduling never waits
+for the device; while all rows are in one phase at one level, they are used as they are and the step
+coefficients are scalars (no gathers). Execution settings: diffguard_pl/runtime.py.
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Dict, List, Optional, Sequence
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
 from diffguard_pl.aes import AdaptiveEarlyStop
-from diffguard_pl.config import DiffGuardConfig
-from diffguard_pl.ddim import alpha_bar, ddim_step, spaced_timesteps
 from diffguard_pl.cam import dsg_mask, grad_cam
-from diffguard_pl.guidance import at_least_float32, cfg_eps, crop_affine, cutout_params, guided_eps
+from diffguard_pl.config import DiffGuardConfig
+from diffguard_pl.ddim import Ladder, ddim_step, eps_from_x0, predict_x0
+from diffguard_pl.guidance import CutoutPlan, at_least_float32, cfg_eps, guided_eps
 from diffguard_pl.models.classifier import Classifier
-from diffguard_pl.models.diffusion import NONFINITE_EPS, DiffusionModel
+from diffguard_pl.models.diffusion import DiffusionModel
+from diffguard_pl.oracle import Oracle
+from diffguard_pl.runtime import Runtime, ordinary
 from diffguard_pl.scores import (
     CLASSIFIER, PIXEL, check_perceptual_files, classifier_distances, perceptual_from, pixel_distances,
 )
 
-AUTOCAST_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+INVERT, SYNTHESISE, DONE = 0, 1, 2
+NONFINITE = ("the diffusion model returned NaN or Inf during the walk. Likeliest causes, in order: a guidance "
+             "scale or omega too large (diffguard.guidance.scale / diffguard.guidance.cfg.omega), a broken "
+             "checkpoint (models.diffusion), input images outside [0, 1]")
 
 
-def _select(t: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
-    """``t[rows]``; ``rows`` None means every row, in order (no copy)."""
+@dataclass
+class Rows:
+    """Rows of a batch in one phase: CPU indices, device indices (None: every row, in order) and the level
+    (one int for all, or a per-row device tensor)."""
+
+    cpu: torch.Tensor
+    device: Optional[torch.Tensor]
+    level: Union[int, torch.Tensor]
+
+
+@dataclass
+class Walk:
+    """The state of one run: model-space tensors on the device, per-sample bookkeeping on the CPU."""
+
+    x: torch.Tensor  # every sample's current point
+    x0: torch.Tensor  # the inputs (for the early stop)
+    reference: Optional[torch.Tensor]  # unguided reconstructions, with reference=unguided
+    latent: torch.Tensor  # where each synthesis started
+    labels: Optional[torch.Tensor]  # synthesis labels
+    masks: Optional[torch.Tensor]  # DSG masks
+    crops: Optional[CutoutPlan]
+    level: torch.Tensor  # CPU: the ladder level of x
+    phase: torch.Tensor  # CPU: INVERT, SYNTHESISE or DONE
+    depth: torch.Tensor  # CPU: inversion steps taken
+    curves: Dict[str, torch.Tensor]  # [N, depth] inversion quality after each step (NaN after a stop)
+
+
+def _take(t: torch.Tensor, rows: Optional[torch.Tensor]) -> torch.Tensor:
     return t if rows is None else t[rows]
 
 
-def _assign(t: torch.Tensor, rows: Optional[torch.Tensor], value: torch.Tensor) -> None:
-    """``t[rows] = value`` in place; ``rows`` None means every row."""
+def _put(t: torch.Tensor, rows: Optional[torch.Tensor], value: torch.Tensor) -> None:
     if rows is None:
         t.copy_(value)
     else:
         t[rows] = value
 
 
-def _normal(t: torch.Tensor) -> torch.Tensor:
-    """A tensor made under inference mode as an ordinary tensor (usable by autograd and in-place ops)."""
-    return t.clone() if t.is_inference() else t
-
-
 class DiffGuardPipeline:
     def __init__(self, diffusion: DiffusionModel, classifier: Classifier, cfg: DiffGuardConfig,
                  load_perceptual: bool = True):
-        if diffusion.conditional and classifier.spec.num_classes > diffusion.num_classes:
-            raise ValueError(
-                f"the classifier has {classifier.spec.num_classes} classes but the conditional diffusion model "
-                f"only {diffusion.num_classes}"
-            )
-        if classifier.spec.in_chans != diffusion.image_channels:
-            raise ValueError(
-                f"classifier takes {classifier.spec.in_chans}-channel images, diffusion model "
-                f"{diffusion.image_channels}-channel ones"
-            )
-        self.cfg_mode = cfg.guidance.mode == "cfg"
-        if self.cfg_mode and (not diffusion.conditional or diffusion.null_class is None):
-            raise ValueError(
-                "diffguard.guidance.mode=cfg needs a class-conditional diffusion model with a null class; "
-                "this one is unconditional or has no null class (use guidance.mode=classifier)"
-            )
-        if diffusion.latent and cfg.clip_x0:
-            raise ValueError("diffguard.clip_x0=true clips to the image range [-1, 1]; a latent model has none")
-        if diffusion.latent and cfg.aes.enabled and cfg.aes.dists is not None:
-            raise ValueError("diffguard.aes.dists compares images; a latent model's AES compares latents (use psnr)")
-        self.diffusion = diffusion
-        self.classifier = classifier.eval()
+        check_models(diffusion, classifier, cfg)
+        self.diffusion, self.classifier, self.cfg = diffusion, classifier.eval(), cfg
         self.diffusion.unet.eval()
-        self.cfg = cfg
-        self.runtime = cfg.runtime
-        self.timesteps = spaced_timesteps(diffusion.num_train_timesteps, cfg.num_steps)[: cfg.depth]
-        self._tables: dict = {}  # per device: level -> (timestep, alpha_bar), not rebuilt every step
-        # The same table on the CPU, where the per-sample levels live: index = level + 1 (0 = the clean level).
-        self._cpu_timesteps = torch.cat([torch.tensor([-1]), self.timesteps])
-        self._cpu_alphas = alpha_bar(self.diffusion.alphas_cumprod.cpu(), self._cpu_timesteps)
-        self._prepared = False  # channels_last / compile applied to the models
-        self._run_device: Optional[torch.device] = None  # set while a run is in progress
-        self._finite: List[torch.Tensor] = []  # per denoiser call of the current run: eps all finite (device)
-        self._full_cache: dict = {}  # (value, n, device) -> constant long tensor (timesteps, null labels)
+        self.cfg_mode = cfg.guidance.mode == "cfg"
+        self.ladder = Ladder.build(diffusion.alphas_cumprod, cfg.num_steps, cfg.ladder, cfg.handoff,
+                                   cfg.timestep_offset)
+        self.runtime = Runtime(cfg.runtime)
+        self.force_rows = False  # tests: gather rows and per-row coefficients even where all rows agree
+        self.on_model_call: Optional[Callable[[str, tuple], None]] = None  # (kind, inputs) before each model call
+        self._finite: List[torch.Tensor] = []  # per denoiser call of a run: eps all finite (read once)
+        self._constants: dict = {}  # (value, n, device) -> long tensor (timesteps, null labels)
         # load_perceptual=False (dry runs: the pipeline cannot run) checks the DISTS / LPIPS files, loads nothing.
         self.perceptual = perceptual_from(cfg.distances, cfg.perceptual_size, load_perceptual)
         if load_perceptual:
@@ -123,10 +110,7 @@ class DiffGuardPipeline:
 
     @property
     def device(self) -> torch.device:
-        """The models' device (looked up once per run while one is in progress: the models cannot move then)."""
-        if self._run_device is not None:
-            return self._run_device
-        return next(self.classifier.parameters()).device
+        return self.runtime.device or next(self.classifier.parameters()).device
 
     @property
     def synthesis_rows(self) -> int:
@@ -134,61 +118,19 @@ class DiffGuardPipeline:
         return 2 if self.cfg_mode else 1
 
     def to(self, device: torch.device | str) -> "DiffGuardPipeline":
-        self.diffusion.to(device)
-        self.classifier.to(device)
-        if self.perceptual is not None:
-            self.perceptual.to(device)
+        for module in (self.diffusion, self.classifier, self.perceptual):
+            if module is not None:
+                module.to(device)
         return self
 
-    # ------------------------------------------------------------------ runtime
+    def running(self):
+        """The runtime settings (channels-last, compile once; cuDNN) and the device, while a run lasts."""
+        self.runtime.prepare([self.diffusion.unet, self.diffusion.vae, self.classifier], self.diffusion.unet)
+        return self.runtime.running(self.device)
 
-    def grad_free(self):
-        """Context of work without gradients: ``torch.inference_mode`` (``runtime.inference_mode``) or ``no_grad``."""
-        return torch.inference_mode() if self.runtime.inference_mode else torch.no_grad()
-
-    def autocast(self):
-        """``torch.autocast`` for the model forwards (``runtime.autocast``); none: no context (an outer one holds)."""
-        dtype = AUTOCAST_DTYPES[self.runtime.autocast]
-        if dtype is None:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device.type, dtype=dtype)
-
-    def prepare_models(self) -> None:
-        """Apply ``runtime.channels_last`` and ``runtime.compile`` to the models, once."""
-        if self._prepared:
-            return
-        self._prepared = True
-        if self.runtime.channels_last:
-            for module in (self.diffusion.unet, self.diffusion.vae, self.classifier):
-                if module is not None:
-                    module.to(memory_format=torch.channels_last)
-        if self.runtime.compile and getattr(self.diffusion.unet, "_compiled_call_impl", None) is None:
-            self.diffusion.unet.compile()  # in place: the same module object, state dict and config
-
-    @contextlib.contextmanager
-    def runtime_context(self):
-        """Settings that hold while the pipeline runs: the prepared models and, on CUDA, cudnn.benchmark.
-
-        cudnn.benchmark stays off when deterministic algorithms are requested
-        (``trainer.deterministic``); the previous value is restored afterwards.
-        """
-        self.prepare_models()
-        outer_device = self._run_device
-        self._run_device = next(self.classifier.parameters()).device
-        before = torch.backends.cudnn.benchmark
-        if self._run_device.type == "cuda":
-            deterministic = torch.are_deterministic_algorithms_enabled()
-            torch.backends.cudnn.benchmark = self.runtime.cudnn_benchmark and not deterministic
-        try:
-            yield
-        finally:
-            torch.backends.cudnn.benchmark = before
-            self._run_device = outer_device
-
-    def _model_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.runtime.channels_last and x.ndim == 4:
-            return x.contiguous(memory_format=torch.channels_last)
-        return x
+    def _hook(self, kind: str, *inputs) -> None:
+        if self.on_model_call is not None:
+            self.on_model_call(kind, inputs)
 
     # ------------------------------------------------------------------ stages
 
@@ -205,16 +147,16 @@ class DiffGuardPipeline:
         if not torch.isfinite(images).all():
             raise ValueError("input images contain NaN or Inf")
         if images.min() < -1e-3 or images.max() > 1 + 1e-3:
-            raise ValueError(
-                f"input images must lie in [0, 1], got [{images.min():.3f}, {images.max():.3f}]"
-            )
+            raise ValueError(f"input images must lie in [0, 1], got [{images.min():.3f}, {images.max():.3f}]; "
+                             f"images in [-1, 1] map to it as (x + 1) / 2")
 
     @torch.no_grad()
     def classify(self, images01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        with self.autocast():
-            logits, feats = self.classifier.forward_with_features(self._model_input(images01))
+        self._hook("classifier", images01)
+        with self.runtime.autocast(self.device):
+            logits, feats = self.classifier.forward_with_features(self.runtime.model_input(images01))
         if not torch.isfinite(logits).all():
-            raise FloatingPointError("the classifier returned NaN or Inf logits")
+            raise FloatingPointError("the classifier returned NaN or Inf logits; check models.classifier")
         return at_least_float32(logits), at_least_float32(feats)
 
     def dsg_masks(self, images01: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]:
@@ -222,352 +164,31 @@ class DiffGuardPipeline:
         cfg = self.cfg.guidance.cfg
         if not (self.cfg_mode and cfg.dsg):
             return None
+        self._hook("grad_cam", images01, labels)
         cam = grad_cam(self.classifier, images01, labels, cfg.cam_layer)
         return dsg_mask(cam, cfg.cam_threshold, self.diffusion.sample_size)
 
-    def _level_table(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """(timestep, alpha_bar) per level index + 1 (index 0 = the clean level), built once per device."""
-        if device not in self._tables:
-            timesteps = torch.cat([torch.tensor([-1]), self.timesteps])
-            alphas = alpha_bar(self.diffusion.alphas_cumprod, timesteps)
-            self._tables[device] = (timesteps.to(device), alphas.to(device))
-        return self._tables[device]
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] to model space (the autoencoder under the runtime's autocast), in the images' dtype."""
+        if not self.diffusion.latent:
+            return images
+        self._hook("encode", images)
+        with self.runtime.grad_free(), self.runtime.autocast(self.device):
+            z = self.diffusion.encode(self.runtime.model_input(images))
+        return ordinary(z.to(images.dtype))
 
-    def _condition(self, labels: Optional[torch.Tensor], n: int) -> Optional[torch.Tensor]:
-        """Denoiser class labels: ``labels`` for a conditional model (null class where None), else None."""
-        if not self.diffusion.conditional:
-            return None
-        if labels is None:
-            return torch.full((n,), self.diffusion.null_class, dtype=torch.long, device=self.device)
-        return labels
-
-    def _unconditional(self, labels: Optional[torch.Tensor], idx: torch.Tensor) -> Optional[torch.Tensor]:
-        """Labels of rows that run "without a label" (inversion, reference): the null class where there is one.
-
-        A conditional model without a null class (e.g. guided-diffusion's class-conditional ADM) runs
-        them under the label itself.
-        """
-        if not self.diffusion.conditional or self.diffusion.null_class is not None:
-            return self._condition(None, len(idx))
-        if labels is None:
-            raise ValueError(
-                "this class-conditional diffusion model has no null class, so inversion needs the label "
-                "(pass labels, or use an unconditional model / one trained with a null class)"
-            )
-        return labels[idx]
-
-    def run(
-        self,
-        x0: torch.Tensor,
-        ids: Sequence[str],
-        labels: Optional[torch.Tensor],
-        with_reference: bool,
-        latent: Optional[torch.Tensor] = None,
-        depth: Optional[torch.Tensor] = None,
-        invert_only: bool = False,
-        masks: Optional[torch.Tensor] = None,
-    ) -> dict:
-        """Invert and synthesise every sample on its own schedule, all in shared UNet batches.
-
-        Each sample is in one phase: inverting (level k -> k + 1, eps at
-        t_{k+1}), synthesising (level k -> k - 1, eps at t_k) or done. Every
-        iteration makes one UNet call over the samples still at work (plus the
-        unguided reference rows), so a sample that stops inverting early
-        (adaptive early stop) starts its synthesis while others keep inverting.
-        Inversion stops at ``diffguard.depth`` steps, or earlier by the AES
-        rule; synthesis starts at exactly the level the inversion reached.
-
-        With ``latent`` and ``depth`` given (an earlier inversion), only the
-        synthesis runs; with ``invert_only`` only the inversion. ``masks``
-        are the DSG masks of the CFG mode (None: guidance everywhere). Returns
-        model-space ``synthesis`` and ``reference``, per-sample ``depth``,
-        ``latent`` (where synthesis started) and the per-step ``curves`` of
-        the inversion (NaN after a sample stopped).
-        """
-        with self.runtime_context():
-            return self._run(x0, ids, labels, with_reference, latent, depth, invert_only, masks)
-
-    def _rows(self, idx: torch.Tensor, n: int) -> Optional[torch.Tensor]:
-        """CPU row indices (sorted, unique) as a device index tensor; None when they are all ``n`` rows."""
-        return None if len(idx) == n else idx.to(self.device, non_blocking=True)
-
-    def _alphas(self, level: torch.Tensor) -> torch.Tensor:
-        """alpha_bar (float64) at CPU level indices, on the device."""
-        return self._cpu_alphas[level + 1].to(self.device, non_blocking=True)
-
-    def _null(self, n: int) -> Optional[torch.Tensor]:
-        """The null class for ``n`` rows of a conditional model (None for an unconditional one)."""
-        if not self.diffusion.conditional:
-            return None
-        return torch.full((n,), self.diffusion.null_class, dtype=torch.long, device=self.device)
-
-    def _eps(self, x: torch.Tensor, t: torch.Tensor, class_labels: Optional[torch.Tensor]) -> torch.Tensor:
-        """The denoiser's eps; its NaN / Inf check is collected as a device flag and read once, after the run."""
-        eps = self.diffusion.eps(x, t, class_labels, check_finite=False)
-        self._finite.append(torch.isfinite(eps).all())
-        return eps
-
-    def _full(self, value: int, n: int) -> torch.Tensor:
-        """A cached device tensor of ``n`` copies of the integer ``value`` (timesteps, labels, depths)."""
-        key = (value, n, self.device)
-        if key not in self._full_cache:
-            if len(self._full_cache) > 4096:
-                self._full_cache.clear()
-            self._full_cache[key] = torch.full((n,), value, dtype=torch.long, device=self.device)
-        return self._full_cache[key]
-
-    def _run_uniform(self, x, x0, x_ref, latent, labels, masks, crops, curves, phase, level, depth_cpu,
-                     invert_only, extra, aes_on_device) -> None:
-        """The iterations in which every sample is in the same phase at the same level, without gathers.
-
-        The same arithmetic as the general loop of :meth:`_run` (bit for bit), with one level for all rows:
-        timesteps and alpha_bar come from cached device tensors, rows need no gathering or scattering, and
-        nothing waits for the device unless the AES rule reads device values. Returns when every sample is
-        done, or updates ``phase`` / ``level`` / ``depth`` for the general loop when AES stops only some.
-        """
-        n, cap = x.shape[0], len(self.timesteps)
-        alphas = self._level_table(self.device)[1]  # float64, index level + 1
-        # sqrt(alpha_bar) and sqrt(1 - alpha_bar) of every level, in x's dtype, computed once for the run
-        # (what each step would compute from alpha_bar, to the bit; a step then launches no scalar arithmetic).
-        root_a, root_1ma = alphas.sqrt().to(x.dtype), (1 - alphas).sqrt().to(x.dtype)  # as in step_coefficients
-        shape = (1,) * x.ndim
-        coef = [(root_a[i].view(shape), root_1ma[i].view(shape)) for i in range(cap + 1)]
-
-        def c(k: int) -> tuple:
-            return coef[k + 1]  # one value for every row
-
-        conditional, label_free = self.diffusion.conditional, self.diffusion.null_class is None
-        null = self._full(self.diffusion.null_class, n) if conditional and not label_free else None
-        u_phase, k = int(phase[0]), int(level[0])
-        syn_labels = null if labels is None else labels
-        syn_conds = None
-        guidance = self.cfg.guidance
-        while u_phase < 2:
-            if u_phase == 0:  # inversion: level k -> k + 1, eps at t_{k+1}
-                with self.grad_free():
-                    class_labels = (labels if label_free else null) if conditional else None
-                    t = self._full(int(self._cpu_timesteps[k + 2]), n)
-                    with self.autocast():
-                        eps = self._eps(self._model_input(x), t, class_labels)
-                    x.copy_(ddim_step(x, eps.to(x.dtype), None, None, coef_t=c(k), coef_s=c(k + 1)))
-                    quality = self.aes.quality(x, x0)
-                    for name, value in quality.items():
-                        curves[name][:, k + 1] = value.to(curves[name].dtype)
-                    stop = self.aes.should_stop(quality, self._full(k + 2, n), cap).cpu() if aes_on_device else None
-                k += 1
-                if stop is None:
-                    every, some = k + 1 >= cap, k + 1 >= cap
-                else:
-                    every, some = bool(stop.all()), bool(stop.any())
-                if every:
-                    depth_cpu.fill_(k + 1)
-                    with self.grad_free():
-                        latent.copy_(x)
-                        if x_ref is not None:
-                            x_ref.copy_(x)
-                    u_phase = 2 if invert_only else 1
-                elif some:  # only some samples stop: the general loop takes over
-                    level.fill_(k)
-                    stopped = stop.nonzero().flatten()
-                    phase[stopped], depth_cpu[stopped] = (2 if invert_only else 1), k + 1
-                    stopped_d = self._rows(stopped, n)
-                    with self.grad_free():
-                        _assign(latent, stopped_d, _select(x, stopped_d))
-                        if x_ref is not None:
-                            _assign(x_ref, stopped_d, _select(x, stopped_d))
-                    return
-            else:  # synthesis: level k -> k - 1, eps at t_k
-                parts = 1 + len(extra)
-                with self.grad_free():
-                    rows = [x] + [x_ref if name == "reference" else x for name in extra]
-                    batch = self._model_input(x if parts == 1 else torch.cat(rows))
-                    t = self._full(int(self._cpu_timesteps[k + 1]), n * parts)
-                    if conditional and syn_conds is None:
-                        twins = labels if label_free else null
-                        syn_conds = syn_labels if parts == 1 else torch.cat([syn_labels] + [twins] * len(extra))
-                    with self.autocast():
-                        eps = self._eps(batch, t, syn_conds if conditional else None)
-                    eps = eps.to(x.dtype)
-                eps_syn, *eps_rest = eps.split(n) if parts > 1 else [eps]
-                eps_extra = dict(zip(extra, eps_rest))
-                coef_t, coef_s = c(k), c(k - 1)
-                if self.cfg_mode:
-                    with self.grad_free():
-                        eps_syn = cfg_eps(eps_syn, eps_extra["uncond"], guidance.cfg.omega, masks)
-                elif guidance.scale != 0:
-                    if crops is not None and crops.device != self.device:
-                        crops = crops.to(self.device)  # one copy, then a view per step
-                    step_crops = None if crops is None else crops[:, k]
-                    with self.autocast():
-                        eps_syn = guided_eps(eps_syn, x, None, labels, self.classifier, guidance, step_crops, coef_t)
-                with self.grad_free():
-                    x.copy_(ddim_step(x, eps_syn, None, None, self.cfg.clip_x0, coef_t, coef_s))
-                    if x_ref is not None:
-                        x_ref.copy_(ddim_step(x_ref, eps_extra["reference"], None, None, self.cfg.clip_x0,
-                                              coef_t, coef_s))
-                k -= 1
-                if k < 0:
-                    u_phase = 2
-        phase.fill_(2)
-        level.fill_(k)
-
-    def _run(self, x0, ids, labels, with_reference, latent, depth, invert_only, masks) -> dict:
-        self._finite = []
-        try:
-            out = self._run_steps(x0, ids, labels, with_reference, latent, depth, invert_only, masks)
-            if self._finite and not bool(torch.stack(self._finite).all()):  # the run's one read of these flags
-                raise FloatingPointError(NONFINITE_EPS)
-        finally:
-            self._finite = []
-        return out
-
-    def _run_steps(self, x0, ids, labels, with_reference, latent, depth, invert_only, masks) -> dict:
-        n, cap = x0.shape[0], len(self.timesteps)
-        device = self.device
-        guidance = self.cfg.guidance
-        guide = not self.cfg_mode and guidance.scale != 0  # guided_eps returns eps unchanged at scale 0
-        use_crops = guide and guidance.cutout.num > 0
-        # Crop maps [N, cap, K, 2, 3] for every step, on the CPU (the uniform loop copies them once).
-        crops = crop_affine(cutout_params(ids, cap, guidance.cutout, self.cfg.seed)).to(x0.dtype) if use_crops else None
-        conditional = self.diffusion.conditional
-        # Labels of rows that run "without a label" (inversion, CFG twins, reference): see _unconditional.
-        label_free = conditional and self.diffusion.null_class is None
-        if label_free and labels is None:
-            self._unconditional(None, torch.empty(0))  # raises: such a model needs labels
-        # Bookkeeping on the CPU: which rows invert (phase 0), synthesise (1) or are done (2), and their levels.
-        if latent is None:
-            x = x0.clone()
-            level = torch.full((n,), -1, dtype=torch.long)
-            phase = torch.zeros(n, dtype=torch.long)
-            depth_cpu = torch.zeros(n, dtype=torch.long)
-            latent = torch.empty_like(x0)
-            depth_out = None
-        else:
-            x = latent.clone()
-            depth_cpu = depth.cpu().clone()
-            level, phase = depth_cpu - 1, torch.ones(n, dtype=torch.long)
-            depth_out = depth
-        x_ref = x.clone() if with_reference else None
-        curves = {name: torch.full((n, cap), float("nan"), device=device) for name in self.aes.curve_names}
-        extra = (["uncond"] if self.cfg_mode else []) + (["reference"] if with_reference else [])
-        aes_on_device = bool(self.aes.thresholds)  # the stop rule reads device values (else only the depth)
-        if n and bool((phase == phase[0]).all() and (level == level[0]).all()):
-            self._run_uniform(x, x0, x_ref, latent, labels, masks, crops, curves, phase, level, depth_cpu,
-                              invert_only, extra, aes_on_device)
-
-        # The general case: samples in different phases or at different levels (adaptive early stop).
-        while True:
-            inv, syn = (phase == 0).nonzero().flatten(), (phase == 1).nonzero().flatten()
-            ni, ns = len(inv), len(syn)
-            if ni + ns == 0:
-                break
-            inv_d, syn_d = self._rows(inv, n), self._rows(syn, n)
-            lev_inv, lev_syn = level[inv], level[syn]
-            syn_labels = None if labels is None or ns == 0 else _select(labels, syn_d)
-
-            # One denoiser call: inverting rows (null class), synthesising rows (label), with CFG their
-            # unconditional twins (null class), and reference rows (null class).
-            with self.grad_free():
-                rows, steps, conds, sizes = [], [], [], []
-                if ni:
-                    rows.append(_select(x, inv_d))
-                    steps.append(lev_inv + 1)
-                    conds.append(_select(labels, inv_d) if label_free else self._null(ni))
-                if ns:
-                    x_syn = _select(x, syn_d)
-                    rows.append(x_syn)
-                    steps.append(lev_syn)
-                    conds.append(syn_labels if syn_labels is not None else self._null(ns))
-                    for name in extra:
-                        rows.append(_select(x_ref, syn_d) if name == "reference" else x_syn)
-                        steps.append(lev_syn)
-                        conds.append(syn_labels if label_free else self._null(ns))
-                sizes = [len(r) for r in rows]
-                batch = self._model_input(rows[0] if len(rows) == 1 else torch.cat(rows))
-                t = self._cpu_timesteps[torch.cat(steps) + 1].to(device, non_blocking=True)
-                class_labels = (conds[0] if len(conds) == 1 else torch.cat(conds)) if conditional else None
-                with self.autocast():
-                    eps = self._eps(batch, t, class_labels)
-                eps = eps.to(x.dtype)
-            parts = list(eps.split(sizes)) if len(sizes) > 1 else [eps]
-            eps_inv = parts.pop(0) if ni else None
-            eps_syn = parts.pop(0) if ns else None
-            eps_extra = dict(zip(extra, parts))
-
-            if ns:
-                a_t, a_s = self._alphas(lev_syn), self._alphas(lev_syn - 1)
-                if self.cfg_mode:
-                    with self.grad_free():
-                        step_masks = None if masks is None else _select(masks, syn_d)
-                        eps_syn = cfg_eps(eps_syn, eps_extra["uncond"], guidance.cfg.omega, step_masks)
-                elif guide:
-                    # Outside inference mode: the gradient of the classifier with respect to x_clean.
-                    step_crops = None if crops is None else crops[syn, lev_syn].to(device, non_blocking=True)
-                    with self.autocast():
-                        eps_syn = guided_eps(eps_syn, _select(x, syn_d), a_t, syn_labels, self.classifier,
-                                             guidance, step_crops)
-                clip = self.cfg.clip_x0
-                with self.grad_free():
-                    _assign(x, syn_d, ddim_step(_select(x, syn_d), eps_syn, a_t, a_s, clip))
-                    if with_reference:
-                        _assign(x_ref, syn_d, ddim_step(_select(x_ref, syn_d), eps_extra["reference"], a_t, a_s, clip))
-                level[syn] -= 1
-                phase[syn[level[syn] < 0]] = 2
-
-            if ni:
-                with self.grad_free():
-                    x_inv = ddim_step(_select(x, inv_d), eps_inv, self._alphas(lev_inv), self._alphas(lev_inv + 1))
-                    _assign(x, inv_d, x_inv)
-                    level[inv] += 1
-                    reached = level[inv]
-                    quality = self.aes.quality(x_inv, _select(x0, inv_d))
-                    if quality:
-                        if bool((reached == reached[0]).all()):  # the usual case: one column
-                            index = (slice(None) if inv_d is None else inv_d, int(reached[0]))
-                        else:
-                            rows_d = torch.arange(n, device=device) if inv_d is None else inv_d
-                            index = (rows_d, reached.to(device, non_blocking=True))
-                        for name, value in quality.items():
-                            curves[name][index] = value.to(curves[name].dtype)
-                    if aes_on_device:
-                        stop = self.aes.should_stop(quality, (reached + 1).to(device), cap).cpu()
-                    else:
-                        stop = self.aes.should_stop(quality, reached + 1, cap)
-                stopped = inv[stop]
-                if len(stopped):
-                    phase[stopped], depth_cpu[stopped] = (2 if invert_only else 1), level[stopped] + 1
-                    stopped_d = self._rows(stopped, n)
-                    with self.grad_free():
-                        _assign(latent, stopped_d, _select(x, stopped_d))
-                        if with_reference:
-                            _assign(x_ref, stopped_d, _select(x, stopped_d))
-        depth_out = depth_cpu.to(device) if depth_out is None else depth_out
-        return {"synthesis": x, "reference": x_ref, "depth": depth_out, "latent": latent, "curves": curves}
-
-    def invert(self, x0: torch.Tensor, ids: Sequence[str], labels: Optional[torch.Tensor] = None) -> dict:
-        """Inversion only (see :meth:`run`): ``latent``, ``depth`` and ``curves`` per sample.
-
-        ``labels`` are needed only by a conditional model without a null class.
-        """
-        return self.run(x0, ids, labels, False, invert_only=True)
-
-    def synthesize(
-        self, latent: torch.Tensor, labels: torch.Tensor, ids: Sequence[str], with_reference: bool,
-        masks: Optional[torch.Tensor] = None,
-    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Guided synthesis from ``latent`` at level t_{depth-1} (see :meth:`run`)."""
-        depth = torch.full((latent.shape[0],), len(self.timesteps), dtype=torch.long, device=self.device)
-        out = self.run(latent, ids, labels, with_reference, latent=latent, depth=depth, masks=masks)
-        return out["synthesis"], out["reference"]
+    def to_images(self, z: torch.Tensor) -> torch.Tensor:
+        """Model space (images or latents) to images in [0, 1]."""
+        if self.diffusion.latent:
+            self._hook("decode", z)
+            with self.runtime.grad_free(), self.runtime.autocast(self.device):
+                decoded = self.diffusion.decode(self.runtime.model_input(z))
+            z = decoded.to(z.dtype)  # outside inference mode: the results below are ordinary tensors
+        return ((z + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()
-    def score(
-        self,
-        synthesis01: torch.Tensor,
-        reference01: torch.Tensor,
-        reference_logits: torch.Tensor,
-        reference_feats: torch.Tensor,
-    ) -> Dict[str, torch.Tensor]:
+    def score(self, synthesis01: torch.Tensor, reference01: torch.Tensor, reference_logits: torch.Tensor,
+              reference_feats: torch.Tensor) -> Dict[str, torch.Tensor]:
         names = self.cfg.distances
         scores = pixel_distances(synthesis01, reference01, [n for n in names if n in PIXEL])
         if any(n in CLASSIFIER for n in names):
@@ -580,28 +201,231 @@ class DiffGuardPipeline:
                 raise FloatingPointError(f"distance {name!r} is NaN or Inf for some samples")
         return {name: scores[name].float() for name in names}
 
+    # ------------------------------------------------------------------ the walk
+
+    def run(self, x0: torch.Tensor, ids: Sequence[str], labels: Optional[torch.Tensor], with_reference: bool,
+            latent: Optional[torch.Tensor] = None, depth: Optional[torch.Tensor] = None, invert_only: bool = False,
+            masks: Optional[torch.Tensor] = None) -> dict:
+        """Invert and synthesise every sample on its own schedule, all in shared denoiser batches.
+
+        Inversion stops after ``diffguard.depth`` steps, or earlier by the AES rule; synthesis starts at the
+        level the inversion reached (see :class:`~diffguard_pl.ddim.Ladder`). With ``latent`` and ``depth``
+        (an earlier inversion) only the synthesis runs; with ``invert_only`` only the inversion. Returns
+        model-space ``synthesis`` and ``reference``, per-sample ``depth``, ``latent`` and the per-step
+        ``curves`` of the inversion.
+        """
+        with self.running():
+            walk = self._start(x0, ids, labels, with_reference, latent, depth, masks)
+            self._finite = []
+            try:
+                self._walk(walk, invert_only)
+                if self._finite and not bool(torch.stack(self._finite).all()):  # the run's one read of them
+                    raise FloatingPointError(NONFINITE)
+            finally:
+                self._finite = []
+        return {"synthesis": walk.x, "reference": walk.reference, "depth": walk.depth.to(self.device),
+                "latent": walk.latent, "curves": walk.curves}
+
+    def _start(self, x0, ids, labels, with_reference, latent, depth, masks) -> Walk:
+        n, cfg = x0.shape[0], self.cfg
+        if self.diffusion.conditional and self.diffusion.null_class is None and labels is None:
+            raise ValueError("this class-conditional diffusion model has no null class, so inversion needs the "
+                             "label: pass labels, or use an unconditional model / one trained with a null class")
+        guidance = cfg.guidance
+        crops = None
+        if not self.cfg_mode and guidance.scale != 0 and guidance.cutout.num > 0:
+            levels = self.ladder.synthesis_start(cfg.depth)  # synthesis steps start at levels 1 .. this
+            crops = CutoutPlan.draw(ids, levels, guidance.cutout, cfg.seed, self.diffusion.image_size, x0.dtype)
+        if latent is None:
+            level, phase, steps = torch.full((n,), self.ladder.start), torch.full((n,), INVERT), torch.zeros(n)
+            x, latent = x0.clone(), torch.empty_like(x0)
+        else:
+            steps = depth.cpu().clone()
+            level, phase, x = self.ladder.synthesis_start(steps), torch.full((n,), SYNTHESISE), latent.clone()
+        curves = {name: torch.full((n, cfg.depth), float("nan"), device=self.device) for name in self.aes.curve_names}
+        return Walk(x, x0, x.clone() if with_reference else None, latent, labels, masks, crops,
+                    level.long(), phase.long(), steps.long(), curves)
+
+    def _rows(self, walk: Walk, phase: int) -> Optional[Rows]:
+        idx = (walk.phase == phase).nonzero().flatten()
+        if len(idx) == 0:
+            return None
+        levels = walk.level[idx]
+        if not self.force_rows and bool((levels == levels[0]).all()):
+            level: Union[int, torch.Tensor] = int(levels[0])
+        else:
+            level = levels.to(self.device, non_blocking=True)
+        every = len(idx) == len(walk.phase) and not self.force_rows
+        return Rows(idx, None if every else idx.to(self.device, non_blocking=True), level)
+
+    def _walk(self, walk: Walk, invert_only: bool) -> None:
+        while True:
+            inv, syn = self._rows(walk, INVERT), self._rows(walk, SYNTHESISE)
+            if inv is None and syn is None:
+                return
+            eps = self._denoise(walk, inv, syn)
+            if syn is not None:
+                self._synthesis_step(walk, syn, eps["synthesis"], eps)
+            if inv is not None:
+                self._inversion_step(walk, inv, eps["inversion"], invert_only)
+
+    def _constant(self, value: int, n: int) -> torch.Tensor:
+        """A cached device tensor of ``n`` copies of ``value`` (timesteps, null labels)."""
+        key = (value, n, self.device)
+        if key not in self._constants:
+            if len(self._constants) > 4096:
+                self._constants.clear()
+            self._constants[key] = torch.full((n,), value, dtype=torch.long, device=self.device)
+        return self._constants[key]
+
+    def _timesteps(self, level: Union[int, torch.Tensor], n: int) -> torch.Tensor:
+        if isinstance(level, int):
+            return self._constant(int(self.ladder.timesteps[level]), n)
+        return self.ladder.on(self.device, torch.float64)[0][level]
+
+    def _coef(self, level: Union[int, torch.Tensor], like: torch.Tensor) -> tuple:
+        """(sqrt(a), sqrt(1 - a)) of ``level`` in ``like``'s dtype, shaped to broadcast over its rows."""
+        _, root_a, root_1ma = self.ladder.on(self.device, like.dtype)
+        shape = (1,) * like.ndim if isinstance(level, int) else (-1,) + (1,) * (like.ndim - 1)
+        return root_a[level].view(shape), root_1ma[level].view(shape)
+
+    def _label_rows(self, walk: Walk, rows: Rows, guided: bool) -> Optional[torch.Tensor]:
+        """Denoiser labels of ``rows``: the synthesis label where ``guided``, else the null class (a conditional
+        model without one runs everything under the label)."""
+        if not self.diffusion.conditional:
+            return None
+        null = self.diffusion.null_class
+        if walk.labels is not None and (guided or null is None):
+            return _take(walk.labels, rows.device)
+        return self._constant(null, len(rows.cpu))
+
+    def _denoise(self, walk: Walk, inv: Optional[Rows], syn: Optional[Rows]) -> Dict[str, torch.Tensor]:
+        """One denoiser call: inverting rows, synthesising rows, their CFG twins and reference rows."""
+        parts, inputs, steps, labels = [], [], [], []
+
+        def add(name, x, level, rows, guided):
+            parts.append(name)
+            inputs.append(x)
+            steps.append(self._timesteps(level, len(rows.cpu)))
+            labels.append(self._label_rows(walk, rows, guided))
+
+        with self.runtime.grad_free():
+            if inv is not None:
+                add("inversion", _take(walk.x, inv.device), self.ladder.inversion_eps_level(inv.level), inv, False)
+            if syn is not None:
+                x_syn = _take(walk.x, syn.device)
+                add("synthesis", x_syn, syn.level, syn, True)
+                if self.cfg_mode:
+                    add("uncond", x_syn, syn.level, syn, False)
+                if walk.reference is not None:
+                    add("reference", _take(walk.reference, syn.device), syn.level, syn, False)
+            batch = self.runtime.model_input(inputs[0] if len(inputs) == 1 else torch.cat(inputs))
+            t = steps[0] if len(steps) == 1 else torch.cat(steps)
+            class_labels = None
+            if self.diffusion.conditional:
+                class_labels = labels[0] if len(labels) == 1 else torch.cat(labels)
+            self._hook("denoiser", batch, t, class_labels)
+            with self.runtime.autocast(self.device):
+                eps = self.diffusion.eps(batch, t, class_labels, check_finite=False)
+            self._finite.append(torch.isfinite(eps).all())
+            eps = eps.to(walk.x.dtype)
+        chunks = eps.split([len(x) for x in inputs]) if len(inputs) > 1 else [eps]
+        return dict(zip(parts, chunks))
+
+    def _clipped(self, x: torch.Tensor, eps: torch.Tensor, coef: tuple) -> torch.Tensor:
+        """The eps re-derived from the clipped x0 prediction (guided-diffusion's clip_denoised)."""
+        return eps_from_x0(x, predict_x0(x, eps, None, coef).clamp(-1, 1), coef)
+
+    def _synthesis_step(self, walk: Walk, rows: Rows, eps: torch.Tensor, extra: Dict[str, torch.Tensor]) -> None:
+        """Level k -> k - 1 (eps at level k) for ``rows``: guided, clipped as configured; the reference unguided."""
+        guidance, clip = self.cfg.guidance, self.cfg.clip_x0 != "none"
+        x = _take(walk.x, rows.device)
+        coef_t, coef_s = self._coef(rows.level, x), self._coef(rows.level - 1, x)
+        if self.cfg_mode:
+            with self.runtime.grad_free():
+                eps = cfg_eps(eps, extra["uncond"], guidance.cfg.omega, _take(walk.masks, rows.device)
+                              if walk.masks is not None else None)
+        step_eps = self._clipped(x, eps, coef_t) if clip else eps
+        if not self.cfg_mode and guidance.scale != 0:  # outside inference mode: the classifier's gradient
+            crops = None if walk.crops is None else walk.crops.at(rows.device, rows.level, self.device)
+            labels = _take(walk.labels, rows.device)
+            self._hook("guidance", x, labels, crops)
+            with self.runtime.autocast(self.device):
+                step_eps = guided_eps(eps, x, None, labels, self.classifier, guidance, crops, coef_t, base=step_eps)
+        with self.runtime.grad_free():
+            _put(walk.x, rows.device, ddim_step(x, step_eps, None, None, coef_t=coef_t, coef_s=coef_s))
+            if walk.reference is not None:
+                ref, ref_eps = _take(walk.reference, rows.device), extra["reference"]
+                ref_eps = self._clipped(ref, ref_eps, coef_t) if clip else ref_eps
+                _put(walk.reference, rows.device, ddim_step(ref, ref_eps, None, None, coef_t=coef_t, coef_s=coef_s))
+        walk.level[rows.cpu] -= 1
+        walk.phase[rows.cpu[walk.level[rows.cpu] == 0]] = DONE
+
+    def _inversion_step(self, walk: Walk, rows: Rows, eps: torch.Tensor, invert_only: bool) -> None:
+        """Level k -> k + 1 for ``rows`` (all at one level), then the early-stop rule."""
+        k = int(walk.level[rows.cpu[0]])
+        x = _take(walk.x, rows.device)
+        with self.runtime.grad_free():
+            coef_t, coef_s = self._coef(k, x), self._coef(k + 1, x)
+            if self.cfg.clip_x0 == "both" and k > self.ladder.start:
+                eps = self._clipped(x, eps, coef_t)
+            x = ddim_step(x, eps, None, None, coef_t=coef_t, coef_s=coef_s)
+            _put(walk.x, rows.device, x)
+            walk.level[rows.cpu] += 1
+            walk.depth[rows.cpu] += 1
+            steps = int(walk.depth[rows.cpu[0]])
+            quality = self.aes.quality(x, _take(walk.x0, rows.device))
+            for name, value in quality.items():
+                walk.curves[name][slice(None) if rows.device is None else rows.device, steps - 1] = \
+                    value.to(walk.curves[name].dtype)
+            if self.aes.thresholds:  # the stop rule reads device values once per step (by design)
+                stop = self.aes.should_stop(quality, self._constant(steps, len(rows.cpu)), self.cfg.depth).cpu()
+            else:
+                stop = torch.full((len(rows.cpu),), steps >= self.cfg.depth)
+            stopped = rows.cpu[stop]
+            if len(stopped) == 0:
+                return
+            every = len(stopped) == len(walk.phase) and not self.force_rows
+            stopped_d = None if every else stopped.to(self.device, non_blocking=True)
+            _put(walk.latent, stopped_d, _take(walk.x, stopped_d))
+            if walk.reference is not None:
+                _put(walk.reference, stopped_d, _take(walk.x, stopped_d))
+        walk.phase[stopped] = DONE if invert_only else SYNTHESISE
+        walk.level[stopped] = self.ladder.synthesis_start(walk.depth[stopped])
+
+    def invert(self, x0: torch.Tensor, ids: Sequence[str], labels: Optional[torch.Tensor] = None) -> dict:
+        """Inversion only (see :meth:`run`): ``latent``, ``depth`` and ``curves`` per sample. ``x0`` is in model
+        space ([-1, 1] images); ``labels`` are needed only by a conditional model without a null class."""
+        return self.run(x0, ids, labels, False, invert_only=True)
+
+    def synthesize(self, latent: torch.Tensor, labels: torch.Tensor, ids: Sequence[str], with_reference: bool,
+                   masks: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Guided synthesis from ``latent``, as after ``diffguard.depth`` inversion steps (see :meth:`run`)."""
+        depth = torch.full((latent.shape[0],), self.cfg.depth, dtype=torch.long)
+        out = self.run(latent, ids, labels, with_reference, latent=latent, depth=depth, masks=masks)
+        return out["synthesis"], out["reference"]
+
     # ------------------------------------------------------------------ the whole method
 
-    def __call__(
-        self, images: torch.Tensor, ids: Sequence[str], oracle_labels: Optional[torch.Tensor] = None
-    ) -> dict:
-        """Run DiffGuard on a batch.
+    def __call__(self, images: torch.Tensor, ids: Optional[Sequence[str]] = None,
+                 oracles: Optional[Dict[str, Oracle]] = None) -> dict:
+        """Run DiffGuard on a batch of images in [0, 1].
 
-        ``oracle_labels`` (optional, -1 where unknown) re-synthesises the
-        samples whose oracle label differs from the prediction under the oracle
-        label; their scores go to ``out["oracle_scores"]`` (others share the
-        normal scores, which are identical by construction).
+        ``ids`` seed each sample's randomness (cutouts); by default "0", "1", ... (then a sample's crops
+        depend on its position). ``oracles`` (diffguard_pl/oracle.py) re-synthesise the samples whose oracle
+        label differs from the prediction (all of them where DSG changes) under the oracle label; their
+        scores go to ``out["oracle_scores"][name]``.
         """
+        ids = [str(i) for i in range(len(images))] if ids is None else list(ids)
         self.check_inputs(images, ids)
-        with self.runtime_context():
-            return self._call(images, list(ids), oracle_labels)
+        with self.running():
+            return self._call(images, ids, oracles or {})
 
-    def _call(self, images: torch.Tensor, ids: List[str], oracle_labels: Optional[torch.Tensor]) -> dict:
+    def _call(self, images: torch.Tensor, ids: List[str], oracles: Dict[str, Oracle]) -> dict:
         images = images.to(self.device, at_least_float32(next(self.classifier.parameters())).dtype)
         logits, feats = self.classify(images)
         pred = logits.argmax(dim=1)
         masks = self.dsg_masks(images, pred)
-
         x0 = self.encode(images * 2 - 1)
         with_reference = self.cfg.reference == "unguided"
         run = self.run(x0, ids, pred, with_reference, masks=masks)
@@ -613,60 +437,55 @@ class DiffGuardPipeline:
             reference01, ref_logits, ref_feats = images, logits, feats
         scores = self.score(synthesis01, reference01, ref_logits, ref_feats)
         depth = run["depth"].cpu()
-        unet_evals = depth * (1 + self.synthesis_rows + int(with_reference))
-
+        synthesis_steps = self.ladder.synthesis_start(depth)
+        unet_evals = depth + synthesis_steps * (self.synthesis_rows + int(with_reference))
         out = {
-            "logits": logits,
-            "features": feats,
-            "pred": pred,
-            "synthesis": synthesis01,
-            "reference": reference01,
-            "scores": scores,
-            "depth": depth,
-            "unet_evals": unet_evals,
+            "logits": logits, "features": feats, "pred": pred, "synthesis": synthesis01, "reference": reference01,
+            "scores": scores, "depth": depth, "unet_evals": unet_evals,
             "curves": {name: value.cpu() for name, value in run["curves"].items()},
         }
         if masks is not None:
             out["masks"] = masks
-        if oracle_labels is not None:
-            out["oracle_scores"] = self._oracle(images, x0, run, oracle_labels.to(self.device), pred, ids,
-                                                (reference01, ref_logits, ref_feats), scores, unet_evals)
+        if oracles:
+            reference = (reference01, ref_logits, ref_feats)
+            out["oracle_scores"] = {
+                name: self._oracle(images, x0, run, oracle, pred, masks, ids, reference, scores, unet_evals)
+                for name, oracle in oracles.items()
+            }
         return out
 
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images in [-1, 1] to model space (the autoencoder under the runtime's autocast), in the images' dtype."""
-        if not self.diffusion.latent:
-            return images
-        with self.grad_free(), self.autocast():
-            z = self.diffusion.encode(self._model_input(images))
-        return _normal(z.to(images.dtype))
-
-    def to_images(self, z: torch.Tensor) -> torch.Tensor:
-        """Model space (images or latents) to images in [0, 1]."""
-        if self.diffusion.latent:
-            with self.grad_free(), self.autocast():
-                decoded = self.diffusion.decode(self._model_input(z))
-            decoded = decoded.to(z.dtype)  # outside inference mode: the results below are ordinary tensors
-        else:
-            decoded = z
-        return ((decoded + 1) / 2).clamp(0, 1)
-
-    def _oracle(self, images, x0, run: dict, oracle_labels, pred, ids: List[str], reference: tuple,
+    def _oracle(self, images, x0, run: dict, oracle: Oracle, pred, masks, ids: List[str], reference: tuple,
                 scores: Dict[str, torch.Tensor], unet_evals: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Scores with the oracle label; only samples whose oracle label differs are re-synthesised.
-
-        With DSG the mask is recomputed for the oracle label.
-        """
-        redo = (oracle_labels >= 0) & (oracle_labels != pred)
-        oracle = {name: value.clone() for name, value in scores.items()}
+        """Scores under the oracle labels (-1: the prediction); only samples whose synthesis changes run again."""
+        labels = oracle.labels.to(self.device)
+        labels = torch.where(labels >= 0, labels, pred)
+        dsg_changes = masks is not None and not oracle.dsg
+        redo = torch.ones_like(pred, dtype=torch.bool) if dsg_changes else labels != pred
+        result = {name: value.clone() for name, value in scores.items()}
         if redo.any():
             idx = redo.nonzero().flatten()
-            masks = self.dsg_masks(images[idx], oracle_labels[idx])
-            again = self.run(x0[idx], [ids[i] for i in idx.tolist()], oracle_labels[idx], False,
-                             latent=run["latent"][idx], depth=run["depth"][idx], masks=masks)
-            synthesis01 = self.to_images(again["synthesis"])
-            redone = self.score(synthesis01, *(r[idx] for r in reference))
+            redo_masks = self.dsg_masks(images[idx], labels[idx]) if oracle.dsg else None
+            again = self.run(x0[idx], [ids[i] for i in idx.tolist()], labels[idx], False,
+                             latent=run["latent"][idx], depth=run["depth"][idx], masks=redo_masks)
+            redone = self.score(self.to_images(again["synthesis"]), *(r[idx] for r in reference))
             for name, value in redone.items():
-                oracle[name][idx] = value
-            unet_evals[idx.cpu()] += run["depth"][idx].cpu() * self.synthesis_rows
-        return oracle
+                result[name][idx] = value
+            unet_evals[idx.cpu()] += self.ladder.synthesis_start(run["depth"][idx].cpu()) * self.synthesis_rows
+        return result
+
+
+def check_models(diffusion: DiffusionModel, classifier: Classifier, cfg: DiffGuardConfig) -> None:
+    """What needs only the models' shapes and the config: raises ValueError naming the key and the fix."""
+    if classifier.spec.in_chans != diffusion.image_channels:
+        raise ValueError(f"the classifier takes {classifier.spec.in_chans}-channel images, the diffusion model "
+                         f"{diffusion.image_channels}-channel ones: use models that agree (data.channels)")
+    if diffusion.conditional and classifier.spec.num_classes > diffusion.num_classes:
+        raise ValueError(f"the classifier has {classifier.spec.num_classes} classes but the conditional diffusion "
+                         f"model only {diffusion.num_classes}")
+    if cfg.guidance.mode == "cfg" and (not diffusion.conditional or diffusion.null_class is None):
+        raise ValueError("diffguard.guidance.mode=cfg needs a class-conditional diffusion model with a null class; "
+                         "this one is unconditional or has no null class (use diffguard.guidance.mode=classifier)")
+    if diffusion.latent and cfg.clip_x0 != "none":
+        raise ValueError("diffguard.clip_x0 clips to the image range [-1, 1]; a latent model has none (use none)")
+    if diffusion.latent and cfg.aes.enabled and cfg.aes.dists is not None:
+        raise ValueError("diffguard.aes.dists compares images; a latent model's AES compares latents (use psnr)")

@@ -14,10 +14,10 @@ from diffguard_pl.evaluation import evaluation_sets
 from diffguard_pl.models import Classifier, DiffusionModel
 
 
-def unet_evals_per_image(cfg: EvalConfig, synthesis_rows: int) -> int:
+def unet_evals_per_image(cfg: EvalConfig, synthesis_rows: int, synthesis_steps: int) -> int:
     """Denoiser evaluations per image at full depth (AES can only lower it), oracle re-synthesis not counted."""
     d = cfg.diffguard
-    return d.depth * (1 + synthesis_rows + int(d.reference == "unguided"))
+    return d.depth + synthesis_steps * (synthesis_rows + int(d.reference == "unguided"))
 
 
 def print_plan(cfg: EvalConfig, benchmark: Benchmark, classifier: Classifier, diffusion: DiffusionModel) -> dict:
@@ -26,7 +26,8 @@ def print_plan(cfg: EvalConfig, benchmark: Benchmark, classifier: Classifier, di
     pipeline = DiffGuardPipeline(diffusion, classifier, cfg.diffguard, load_perceptual=False)
     d, g = cfg.diffguard, cfg.diffguard.guidance
     sets = evaluation_sets(benchmark, cfg.limit_per_set, cfg.split)
-    per_image = unet_evals_per_image(cfg, pipeline.synthesis_rows)
+    ladder = pipeline.ladder
+    per_image = unet_evals_per_image(cfg, pipeline.synthesis_rows, ladder.synthesis_start(d.depth))
     total = sum(len(s) for s in sets)
     kind = type(diffusion.unet).__name__ + (f" + {type(diffusion.vae).__name__}" if diffusion.latent else "")
     lines = [
@@ -42,14 +43,23 @@ def print_plan(cfg: EvalConfig, benchmark: Benchmark, classifier: Classifier, di
     for s in sets:
         group = "" if s.name == "ind" else f" ({benchmark.ood[s.name].group})"
         lines.append(f"  {s.name}{group} {s.split}: {len(s)} images")
-    guidance = (f"classifier guidance, scale {g.scale}, clean {g.clean}, {g.cutout.num} cutouts" if g.mode == "classifier"
+    guidance = (f"classifier guidance, scale {g.scale}, clean {g.clean}, {g.cutout.num} {g.cutout.mode} cutouts"
+                if g.mode == "classifier"
                 else f"CFG omega {g.cfg.omega}, DSG {'on, CAM threshold ' + str(g.cfg.cam_threshold) if g.cfg.dsg else 'off'}")
+    reached, start = ladder.reached(d.depth), ladder.synthesis_start(d.depth)
+    oracle = {"none": "none", "ind": "ind (true labels for InD samples)",
+              "paper": "paper (true labels for InD, a random label per OOD sample, DSG off)",
+              "both": "ind and paper"}[cfg.oracle]
     lines += [
-        f"DDIM: {d.num_steps} spaced steps, inversion depth {d.depth}"
+        f"DDIM: {d.num_steps} spaced steps (timesteps {int(ladder.timesteps[1])}, {int(ladder.timesteps[2])}, ..., "
+        f"{int(ladder.timesteps[-1])}), {d.ladder} ladder; inversion depth {d.depth} reaches timestep "
+        f"{int(ladder.timesteps[reached])}"
         + (f" (AES: stops earlier by {', '.join(k for k in ('psnr', 'ssim', 'dists') if getattr(d.aes, k) is not None)})"
            if d.aes.enabled else ""),
-        f"synthesis: {guidance}; reference {d.reference}; score {d.score}",
-        f"denoiser evaluations: at most {per_image} per image, {per_image * total:,} for {total:,} images",
+        f"synthesis: from timestep {int(ladder.timesteps[start])} ({d.handoff} handoff), {start} steps; {guidance}; "
+        f"x0 clipping: {d.clip_x0}; reference {d.reference}; score {d.score}",
+        f"oracle: {oracle}",
+        f"denoiser evaluations: at most {per_image:,} per image, {per_image * total:,} for {total:,} images",
     ]
     print("\n".join(lines))
     return {"images": total, "unet_evals_per_image": per_image, "sets": {f"{s.name}/{s.split}": len(s) for s in sets}}

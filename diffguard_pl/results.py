@@ -21,8 +21,10 @@ from diffguard_pl.metrics import ood_metrics
 
 DIFFGUARD = "diffguard"
 FUSED = "diffguard+ebo"
-ORACLE = "oracle/"
+ORACLE_PREFIX = "oracle-"  # oracle-<mode>/<detector>, see diffguard_pl/oracle.py
 META_COLUMNS = ("id", "set", "split", "label", "pred", "depth", "unet_evals")
+# Averaged over the near / far groups: AUROC and both FPR@95 conventions (see diffguard_pl/metrics.py).
+NEAR_FAR_KEYS = ("auroc", "fpr95_classic", "fpr95_openood")
 
 
 def merge_records(parts: Sequence[Mapping[str, list]]) -> Dict[str, list]:
@@ -49,29 +51,34 @@ def _select(records: Mapping[str, list], split: str, set_name: str, column: str)
     return torch.tensor(values, dtype=torch.float64)
 
 
-def add_derived_detectors(records: Dict[str, list], score: str) -> List[str]:
-    """Add ``diffguard`` (the configured distance) and ``diffguard+ebo`` (z-scores summed).
+def add_derived_detectors(records: Dict[str, list], score: str, partners: Sequence[str] = ("ebo",)) -> List[str]:
+    """Add ``diffguard`` (the configured distance) and ``diffguard+X`` for each partner X (z-scores summed).
 
-    The z-score normalisation of both detectors is fitted on the InD
-    validation split only; oracle variants get the same normalisation. With
-    fewer than two InD validation samples (a small ``shard=i/n`` slice) the
-    fused detector cannot be fitted and is left out; the returned notes say so.
+    The z-score normalisation of every detector is fitted on the InD validation split only; oracle variants
+    (``oracle-<mode>/...``) get the same normalisation. With fewer than two InD validation samples (a small
+    ``shard=i/n`` slice) the fused detectors cannot be fitted and are left out; the returned notes say so.
     """
-    for prefix in ("", ORACLE):
+    prefixes = [""] + sorted({c.split("/")[0] + "/" for c in records if c.startswith(ORACLE_PREFIX)})
+    for prefix in prefixes:
         source = f"{prefix}{DIFFGUARD}/{score}"
         if source in records:
             records[f"{prefix}{DIFFGUARD}"] = list(records[source])
-    val_dg, val_ebo = _select(records, "val", IND, f"{DIFFGUARD}/{score}"), _select(records, "val", IND, "ebo")
+    val_dg = _select(records, "val", IND, f"{DIFFGUARD}/{score}")
     if len(val_dg) < 2:
-        return [f"{FUSED} left out: its normalisation needs at least 2 InD validation samples, got {len(val_dg)}"]
-    norm = {name: (float(v.mean()), float(v.std()) or 1.0) for name, v in (("dg", val_dg), ("ebo", val_ebo))}
-    for prefix in ("", ORACLE):
+        return [f"fused detectors left out: their normalisation needs at least 2 InD validation samples, "
+                f"got {len(val_dg)}"]
+    norm = {DIFFGUARD: (float(val_dg.mean()), float(val_dg.std()) or 1.0)}
+    for partner in partners:
+        values = _select(records, "val", IND, partner)
+        norm[partner] = (float(values.mean()), float(values.std()) or 1.0)
+    for prefix in prefixes:
         if f"{prefix}{DIFFGUARD}" not in records:
             continue
-        records[f"{prefix}{FUSED}"] = [
-            (dg - norm["dg"][0]) / norm["dg"][1] + (e - norm["ebo"][0]) / norm["ebo"][1]
-            for dg, e in zip(records[f"{prefix}{DIFFGUARD}"], records["ebo"])
-        ]
+        for partner in partners:
+            (mu_d, sd_d), (mu_p, sd_p) = norm[DIFFGUARD], norm[partner]
+            records[f"{prefix}{DIFFGUARD}+{partner}"] = [
+                (d - mu_d) / sd_d + (p - mu_p) / sd_p for d, p in zip(records[f"{prefix}{DIFFGUARD}"], records[partner])
+            ]
     return []
 
 
@@ -82,7 +89,8 @@ def detector_columns(records: Mapping[str, list]) -> List[str]:
 def summarize(records: Mapping[str, list], groups: Mapping[str, str], split: str = "test") -> dict:
     """results.json content (without throughput): accuracy, per-set and near / far metrics per detector.
 
-    ``groups`` maps each OOD set name to "near" or "far"; only records of ``split`` count.
+    ``groups`` maps each OOD set name to "near" or "far"; only records of ``split`` count. Per set:
+    every key of ``ood_metrics``; near / far: the means of ``NEAR_FAR_KEYS`` over the group's sets.
     """
     ind_label = _select(records, split, IND, "label")
     ind_pred = _select(records, split, IND, "pred")
@@ -100,7 +108,7 @@ def summarize(records: Mapping[str, list], groups: Mapping[str, str], split: str
             members = [per_ood[s] for s in per_ood if groups[s] == group]
             entry[group] = {
                 key: (sum(m[key] for m in members) / len(members) if members else float("nan"))
-                for key in ("auroc", "fpr95")
+                for key in NEAR_FAR_KEYS
             }
         result["detectors"][detector] = entry
     return result
@@ -144,18 +152,22 @@ def write_json(result: dict, path: str | Path) -> None:
 
 
 def format_table(result: dict, groups: Mapping[str, str]) -> str:
-    """Detectors by rows; per-set AUROC, near / far AUROC and FPR@95 by columns (percent)."""
+    """Detectors by rows; per-set AUROC (full set names), then near / far AUROC, FPR@95 classic and OpenOOD (%)."""
     sets = list(groups)
-    header = ["detector"] + [f"{s[:10]}" for s in sets] + ["near AUROC", "near FPR95", "far AUROC", "far FPR95"]
+    labels = {"auroc": "AUROC", "fpr95_classic": "FPR@95 classic", "fpr95_openood": "FPR@95 OpenOOD"}
+    header = ["detector"] + sets + [f"{g} {labels[k]}" for g in ("near", "far") for k in NEAR_FAR_KEYS]
     rows = []
     for name, entry in result["detectors"].items():
         cells = [name] + [f"{100 * entry['per_ood'][s]['auroc']:.1f}" if s in entry["per_ood"] else "-" for s in sets]
-        cells += [f"{100 * entry[g][k]:.1f}" for g in ("near", "far") for k in ("auroc", "fpr95")]
+        cells += [f"{100 * entry[g][k]:.1f}" for g in ("near", "far") for k in NEAR_FAR_KEYS]
         rows.append(cells)
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     lines = [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
-    lines.append(f"InD accuracy: {100 * result['id_accuracy']:.2f}%  (per-set columns: AUROC %)")
+    lines.append("all values in %; per-set columns: AUROC. FPR@95 classic: OOD accepted when 95% of InD is kept "
+                 "(InD positive, the paper's); FPR@95 OpenOOD: InD flagged when 95% of OOD is detected "
+                 "(OOD positive, OpenOOD v1.5's leaderboard)")
+    lines.append(f"InD accuracy: {100 * result['id_accuracy']:.2f}%")
     if "throughput" in result:
         tp = result["throughput"]
         lines.append(f"throughput: {tp['images_per_second']:.2f} images/s, {tp['unet_evals_per_image']:.1f} UNet evaluations per image")

@@ -123,16 +123,17 @@ def check_perceptual_files(names: Sequence[str]) -> None:
 class PerceptualDistances(torch.nn.Module):
     """piq DISTS / LPIPS from local weights only.
 
-    Images are replicated to 3 channels and resized to ``size`` (VGG needs
-    more than a few pixels). A missing weights file raises an error naming it
-    and the folder it must be placed in.
+    Images are replicated to 3 channels and resized to ``size`` (None: kept as they are; VGG needs more than
+    a few pixels): bilinear, antialiased when shrinking (as torchvision's Resize). ``clamp`` clips them to
+    [0, 1] first; the adaptive early stop compares latents unclipped, as the released code does. A missing
+    weights file raises an error naming it and the folder it must be placed in.
     """
 
-    def __init__(self, names: Sequence[str], size: int = 64):
+    def __init__(self, names: Sequence[str], size: Optional[int] = 64, clamp: bool = True):
         super().__init__()
         import piq
 
-        self.size = size
+        self.size, self.clamp = size, clamp
         check_perceptual_files(names)
         builders = {"dists": lambda: piq.DISTS(reduction="none"), "lpips": lambda: piq.LPIPS(reduction="none")}
         self.metrics = torch.nn.ModuleDict({name: builders[name]() for name in names}).eval()
@@ -140,9 +141,11 @@ class PerceptualDistances(torch.nn.Module):
     def _prepare(self, images: torch.Tensor) -> torch.Tensor:
         if images.shape[1] == 1:
             images = images.expand(-1, 3, -1, -1)
-        if images.shape[-1] != self.size:
-            images = F.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False)
-        return images.clamp(0, 1)
+        if self.size is not None and images.shape[-1] != self.size:
+            shrink = images.shape[-1] > self.size
+            images = F.interpolate(images, size=(self.size, self.size), mode="bilinear", align_corners=False,
+                                   antialias=shrink)
+        return images.clamp(0, 1) if self.clamp else images
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor, y: torch.Tensor) -> Dict[str, torch.Tensor]:
@@ -150,7 +153,7 @@ class PerceptualDistances(torch.nn.Module):
         return {name: metric(x, y).flatten() for name, metric in self.metrics.items()}
 
 
-def perceptual_from(names: Sequence[str], size: int, load: bool = True) -> Optional[PerceptualDistances]:
+def perceptual_from(names: Sequence[str], size: Optional[int], load: bool = True) -> Optional[PerceptualDistances]:
     """The perceptual distances among ``names`` (None if none); ``load=False`` only checks their files."""
     wanted = [n for n in names if n in PERCEPTUAL]
     if not load:

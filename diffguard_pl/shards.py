@@ -27,7 +27,7 @@ SHARD_DIR = "shards"
 NEUTRAL_KEYS = (
     "output_dir", "logger", "wandb", "callbacks", "resume", "shard", "dry_run",
     "data.eval_batch_size", "data.batch_size", "data.num_workers", "data.decode_workers", "limit_per_set", "split",
-    "oracle", *(f"trainer.{k}" for k in ("accelerator", "devices", "num_nodes", "strategy", "max_steps", "max_epochs",
+    *(f"trainer.{k}" for k in ("accelerator", "devices", "num_nodes", "strategy", "max_steps", "max_epochs",
                                           "log_every_n_steps", "check_val_every_n_epoch", "limit_train_batches",
                                           "limit_val_batches", "enable_progress_bar", "deterministic")),
 )  # trainer.precision is not neutral: it changes the scores

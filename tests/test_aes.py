@@ -141,3 +141,43 @@ def test_auroc_calibration_tries_candidates(tmp_path, benchmark, small_models):
     best = max(report["candidates"], key=lambda c: c["auroc"])
     assert report["threshold"] == best["threshold"]
     assert all(0.0 <= c["auroc"] <= 1.0 and 1.0 <= c["mean_depth_ind"] <= 4.0 for c in report["candidates"])
+
+
+class RecordingDISTS(torch.nn.Module):
+    """Stands in for piq.DISTS (whose VGG weights cannot be downloaded here): records what it is fed."""
+
+    seen: list = []
+
+    def __init__(self, reduction="none"):
+        super().__init__()
+
+    def forward(self, x, y):
+        RecordingDISTS.seen.append((x.clone(), y.clone()))
+        return (x - y).abs().flatten(1).mean(1)
+
+
+def test_aes_dists_sees_the_unclamped_latent_at_its_own_size(tmp_path, monkeypatch):
+    """As the released code: 1 - DISTS of (x_t + 1) / 2 without clamping, at aes.dists_size; the final distance
+    still clamps the synthesis."""
+    import piq
+
+    from diffguard_pl.aes import AdaptiveEarlyStop
+    from diffguard_pl.scores import PerceptualDistances
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    (tmp_path / "hub" / "checkpoints").mkdir(parents=True)
+    for name in ("dists_weights.pt", "vgg16-397923af.pth"):
+        (tmp_path / "hub" / "checkpoints" / name).write_bytes(b"stand-in")
+    monkeypatch.setattr(piq, "DISTS", RecordingDISTS)
+    RecordingDISTS.seen = []
+    aes = AdaptiveEarlyStop(AESConfig(enabled=True, dists=0.38, dists_size=32), perceptual_size=64)
+    latent = torch.linspace(-1.6, 1.6, 2 * 16 * 16).view(2, 1, 16, 16)  # beyond [-1, 1], as noisy latents are
+    x0 = torch.zeros(2, 1, 16, 16)
+    quality = aes.quality(latent, x0)
+    seen, _ = RecordingDISTS.seen[-1]
+    assert seen.shape == (2, 3, 32, 32) and seen.min() < -0.2 and seen.max() > 1.2  # unclamped, resized to 32
+    assert torch.allclose(quality["dists"], 1 - RecordingDISTS()(seen, RecordingDISTS.seen[-1][1]))
+    final = PerceptualDistances(["dists"], 64)
+    final(latent, x0)
+    seen, _ = RecordingDISTS.seen[-1]
+    assert seen.shape == (2, 3, 64, 64) and seen.min() >= 0 and seen.max() <= 1  # the final distance clamps

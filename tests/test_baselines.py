@@ -8,12 +8,17 @@ from diffguard_pl.baselines import (
     BaselineStats,
     baseline_scores,
     default_vim_dim,
+    default_vim_grid,
     energy,
     fit_baselines,
+    knn_grid_for_bank,
     knn_score,
     max_logit,
     msp,
+    tune_baselines,
+    vim_score,
 )
+from diffguard_pl.config import BaselineConfig, ConfigError
 from diffguard_pl.metrics import auroc
 
 C, D = 5, 32
@@ -188,3 +193,178 @@ def test_fit_validation(data):
     with pytest.raises(ValueError, match="head_bias"):
         fit_baselines(feats, logits, w, b[:-1])
     assert default_vim_dim(2048) == 1000 and default_vim_dim(768) == 512 and default_vim_dim(512) == 256
+
+
+# ---------------------------------------------------------------------------
+# Choosing KNN's k and ViM's dim on validation data (OpenOOD v1.5's parameter search)
+
+
+def clustered(seed: int = 0):
+    """A bank where k = 100 is the one good KNN grid value.
+
+    Train: 4 InD clusters of 150 tight points plus one "decoy" cluster of 75 points in another direction.
+    InD validation points sit in the InD clusters, OOD validation points in the decoy cluster. For k <= 75
+    both find close neighbours; for 75 < k <= 150 only InD does; for k > 150 neither does.
+    """
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.nn.functional.normalize(torch.randn(5, D, generator=g), dim=1)
+
+    def cluster(i, n):
+        return dirs[i] + 0.05 * torch.randn(n, D, generator=g)
+
+    weight, bias = 3 * dirs[:4], torch.zeros(4)
+    pair = lambda f: (f @ weight.T + bias, f)  # noqa: E731
+    train = torch.cat([cluster(i, 150) for i in range(4)] + [cluster(4, 75)])
+    val_ind = pair(torch.cat([cluster(i, 30) for i in range(4)]))
+    val_ood = pair(cluster(4, 60))
+    return train, pair(train)[0], weight, bias, val_ind, val_ood
+
+
+def direct_knn_auroc(stats, k, val_ind, val_ood):
+    with_k = BaselineStats(stats.knn_bank, k, stats.vim_u, stats.vim_ns, stats.vim_alpha, stats.vim_dim)
+    return auroc(knn_score(with_k, val_ind[1]), knn_score(with_k, val_ood[1]))
+
+
+def test_tuner_picks_the_k_with_the_best_validation_auroc():
+    train, logits, w, b, val_ind, val_ood = clustered()
+    stats, choice = tune_baselines(train, logits, w, b, val_ind, val_ood)
+    knn = choice["knn"]
+    assert knn["grid"] == [50, 100, 200, 500] and knn["dropped"] == [1000]  # 1000 > bank size 675
+    assert set(knn["val_auroc"]) == {"50", "100", "200", "500"}
+    for k in knn["grid"]:
+        assert knn["val_auroc"][str(k)] == direct_knn_auroc(stats, k, val_ind, val_ood)
+    aurocs = knn["val_auroc"]
+    assert knn["k"] == 100 == stats.knn_k  # the construction's answer
+    assert aurocs["100"] > max(aurocs[k] for k in ("50", "200", "500"))
+    assert choice["validation"] == {"ind": 120, "ood": 60}
+    # ViM: every candidate's AUROC is that of a ViM fitted with that dim; the best one is kept.
+    vim = choice["vim"]
+    assert vim["grid"] == default_vim_grid(D)
+    for dim in vim["grid"]:
+        fitted = fit_baselines(train, logits, w, b, knn_k=100, vim_dim=dim)
+        direct = auroc(vim_score(fitted, *val_ind), vim_score(fitted, *val_ood))
+        assert vim["val_auroc"][str(dim)] == pytest.approx(direct, abs=1e-12)
+    best = max(vim["val_auroc"].values())
+    assert vim["val_auroc"][str(vim["dim"])] == best and stats.vim_dim == vim["dim"]
+    assert vim["dim"] == min(int(d) for d, a in vim["val_auroc"].items() if a == best)
+    assert stats.vim_ns.shape == (D, D - vim["dim"])
+
+
+def test_tuner_breaks_ties_towards_the_smaller_value(data):
+    # Widely separated synthetic InD / OOD: every k reaches the same validation AUROC.
+    feats, logits = data["train"]
+    stats, choice = tune_baselines(feats, logits, data["weight"], data["bias"], data["in"][::-1], data["out"][::-1],
+                                   knn_grid=[30, 20, 10])
+    values = choice["knn"]["val_auroc"]
+    assert len(set(values.values())) == 1  # the premise: a tie
+    assert choice["knn"]["k"] == 10 == stats.knn_k and choice["knn"]["grid"] == [10, 20, 30]
+
+
+def test_knn_grid_is_cut_to_the_bank():
+    assert knn_grid_for_bank([1000, 50, 200], 300) == [50, 200]
+    assert knn_grid_for_bank([50, 100], 30) == [30]
+
+
+@pytest.mark.parametrize("d", [2, 3, 16, 32, 100, 256, 257, 512, 1024, 1001, 2048, 4096])
+def test_vim_grid(d):
+    grid = default_vim_grid(d)
+    assert grid == sorted(set(grid)) and all(1 <= v < d for v in grid)
+    if d > 256:  # OpenOOD's values where they fit below D
+        assert grid == [v for v in (256, 1000) if v < d]
+    else:  # the same ratios to D as OpenOOD's to ResNet-50's 2048, up to rounding and the clip to [1, D - 1]
+        expected = {min(max(round(d * r / 2048), 1), d - 1) for r in (256, 1000)}
+        assert set(grid) == expected
+        for v, r in zip(sorted(expected), (256, 1000)):
+            assert abs(v - d * r / 2048) <= 0.5 or v in (1, d - 1)
+
+
+def test_vim_grid_examples():
+    # 32 * 256 / 2048 = 4 and 32 * 1000 / 2048 = 15.625; 512 only fits 256; ResNet-50's 2048 fits both.
+    assert default_vim_grid(32) == [4, 16]
+    assert default_vim_grid(512) == [256] and default_vim_grid(2048) == [256, 1000]
+    with pytest.raises(ValueError, match="feature dimension >= 2"):
+        default_vim_grid(1)
+
+
+@pytest.mark.parametrize("missing", ["none", "empty"])
+def test_fixed_values_without_ood_validation_data(missing):
+    train, logits, w, b, val_ind, val_ood = clustered()
+    no_ood = None if missing == "none" else (val_ood[0][:0], val_ood[1][:0])
+    stats, choice = tune_baselines(train, logits, w, b, val_ind, no_ood)
+    assert stats.knn_k == choice["knn"]["k"] == 50
+    assert stats.vim_dim == choice["vim"]["dim"] == default_vim_dim(D)
+    for name in ("knn", "vim"):
+        assert choice[name]["reason"] == "no OOD validation data: fixed values"
+        assert choice[name]["val_auroc"] == {}
+    assert choice["validation"] == {"ind": 120, "ood": 0}
+    # A bank smaller than 50: k is capped at its size.
+    small, _ = tune_baselines(train[:30], logits[:30], w, b, val_ind, None)
+    assert small.knn_k == 30
+
+
+def test_explicit_config_values_are_respected():
+    train, logits, w, b, val_ind, val_ood = clustered()
+    stats, choice = tune_baselines(train, logits, w, b, val_ind, val_ood, knn_k=7, vim_dim=5)
+    assert (stats.knn_k, stats.vim_dim) == (7, 5) and stats.vim_ns.shape == (D, D - 5)
+    assert choice["knn"]["reason"] == "fixed by config (baselines.knn_k)"
+    assert choice["vim"]["reason"] == "fixed by config (baselines.vim_dim)"
+    assert choice["knn"]["val_auroc"] == {"7": direct_knn_auroc(stats, 7, val_ind, val_ood)}
+    # One fixed, the other tuned.
+    stats, choice = tune_baselines(train, logits, w, b, val_ind, val_ood, knn_k=7)
+    assert stats.knn_k == 7 and choice["vim"]["reason"].startswith("best validation AUROC")
+    with pytest.raises(ValueError, match=r"baselines.knn_k=700 .*\[1, 675\]"):
+        tune_baselines(train, logits, w, b, val_ind, val_ood, knn_k=700)
+    with pytest.raises(ValueError, match=r"baselines.vim_dim=32 .*\[1, 31\]"):
+        tune_baselines(train, logits, w, b, val_ind, val_ood, vim_dim=D)
+    with pytest.raises(ValueError, match="baselines.vim_dim_grid"):
+        tune_baselines(train, logits, w, b, val_ind, val_ood, vim_grid=[D, 2 * D])
+
+
+def test_baseline_config():
+    cfg = BaselineConfig()
+    assert cfg.knn_k is None and cfg.vim_dim is None and cfg.vim_dim_grid is None
+    assert cfg.knn_k_grid == [50, 100, 200, 500, 1000]
+    with pytest.raises(ConfigError, match="baselines.knn_k=0"):
+        BaselineConfig(knn_k=0)
+    with pytest.raises(ConfigError, match="baselines.knn_k_grid"):
+        BaselineConfig(knn_k_grid=[])
+    with pytest.raises(ConfigError, match="baselines.vim_dim_grid"):
+        BaselineConfig(vim_dim_grid=[0, 4])
+
+
+class Poisoned(torch.utils.data.Dataset):
+    """A test split that must never be read."""
+
+    def __len__(self):
+        return 5
+
+    def __getitem__(self, index):
+        raise AssertionError("a test split was read while fitting the baselines")
+
+
+def test_classifier_baselines_tuned_on_validation_splits_only(benchmark):
+    from diffguard_pl.config import EvalConfig
+    from diffguard_pl.data.benchmark import Benchmark, OODSet
+    from diffguard_pl.evaluation import fit_classifier_baselines
+    from diffguard_pl.models import ClassifierSpec, build_classifier
+
+    torch.manual_seed(0)
+    spec = ClassifierSpec("diffguard_resnet_tiny", num_classes=6, in_chans=1, input_size=16, mean=[0.5], std=[0.5])
+    classifier = build_classifier(spec).eval()
+    names = list(benchmark.ood)
+    ood = {name: OODSet(s.group, s.val.subset(range(10)), Poisoned()) for name, s in benchmark.ood.items()}
+    ood[names[0]] = OODSet(ood[names[0]].group, benchmark.ood[names[0]].val.subset([]), Poisoned())  # empty val
+    small = Benchmark(benchmark.name, benchmark.num_classes, benchmark.channels, benchmark.resolution,
+                      benchmark.train.subset(range(120)), benchmark.val.subset(range(40)), Poisoned(), ood)
+    cfg = EvalConfig()
+    stats, choice = fit_classifier_baselines(classifier, small, cfg)
+    assert choice["validation"] == {"ind": 40, "ood": 10 * (len(names) - 1)}
+    assert choice["knn"]["grid"] == [50, 100] and stats.knn_k == choice["knn"]["k"]
+    assert stats.knn_bank.shape[0] == 120
+    # Explicit values from the config, and no OOD validation at all.
+    cfg.baselines.knn_k, cfg.baselines.vim_dim = 3, 2
+    no_ood = Benchmark(small.name, small.num_classes, small.channels, small.resolution, small.train, small.val,
+                       Poisoned(), {name: OODSet(s.group, s.val.subset([]), Poisoned()) for name, s in ood.items()})
+    stats, choice = fit_classifier_baselines(classifier, no_ood, cfg)
+    assert (stats.knn_k, stats.vim_dim) == (3, 2) and choice["knn"]["reason"] == "fixed by config (baselines.knn_k)"
+    assert choice["validation"] == {"ind": 40, "ood": 0}

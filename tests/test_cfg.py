@@ -12,6 +12,7 @@ from diffguard_pl.ddim import ddim_step, spaced_timesteps
 from diffguard_pl.guidance import cfg_eps
 from diffguard_pl.models import load_classifier, load_diffusion
 from diffguard_pl.models.classifier import create_timm_model
+from diffguard_pl.oracle import Oracle
 from diffguard_pl.pipeline import DiffGuardPipeline
 from diffguard_pl.scores import psnr
 
@@ -140,7 +141,8 @@ def test_cfg_oracle_uses_the_oracle_label_and_its_mask():
     images, ids = torch.rand(3, 1, 16, 16), ["a", "b", "c"]
     pred = pipe(images, ids)["pred"]
     oracle = torch.stack([pred[0], (pred[1] + 1) % 6, torch.tensor(-1)])
-    out = pipe(images, ids, oracle)
+    out = pipe(images, ids, {"ind": Oracle(oracle)})
+    out["oracle_scores"] = out["oracle_scores"]["ind"]
     assert out["oracle_scores"]["l2"][0] == out["scores"]["l2"][0]
     assert out["oracle_scores"]["l2"][2] == out["scores"]["l2"][2]
     latent = pipe.invert(images[1:2] * 2 - 1, ids[1:2])["latent"]

@@ -12,9 +12,11 @@ import pytest
 
 from conftest import ROOT, eval_argv
 
-# AES and cutout on, so that per-sample seeding and per-sample stopping are exercised. float64, so that
-# what is compared is the per-sample logic rather than rounding that depends on batch composition.
+# AES and cutout on, so that per-sample seeding and per-sample stopping are exercised, with the released recipe
+# (its ladder, x0 clipping in both directions, whole-pixel cutouts). float64, so that what is compared is the
+# per-sample logic rather than rounding that depends on batch composition.
 EXTRA = ["trainer.precision=64-true", "diffguard.num_steps=6", "diffguard.depth=4", "diffguard.guidance.cutout.num=2",
+         "diffguard.ladder=released", "diffguard.clip_x0=both", "diffguard.guidance.cutout.mode=released",
          "diffguard.aes.enabled=true", "diffguard.aes.psnr=23", "diffguard.reference=unguided",
          "data.eval_batch_size=4", "callbacks.reconstructions=0"]
 

@@ -19,20 +19,21 @@ DETECTORS = {"diffguard", "msp", "ebo", "maxlogit", "knn", "vim", "diffguard+ebo
 
 
 def test_evaluate_writes_results_and_scores(tmp_path, small_models, benchmark):
-    cfg = config_lib.load(EvalConfig, eval_argv(tmp_path, small_models, "oracle=true"), None)
+    cfg = config_lib.load(EvalConfig, eval_argv(tmp_path, small_models, "oracle=ind"), None)
     results = evaluate(cfg, benchmark)
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["detectors"].keys() == results["detectors"].keys()
     names = set(saved["detectors"])
     assert DETECTORS <= names
     assert {f"diffguard/{d}" for d in cfg.diffguard.distances} <= names
-    assert {"oracle/diffguard", "oracle/diffguard/l2"} <= names
+    assert {"oracle-ind/diffguard", "oracle-ind/diffguard/l2"} <= names
     for entry in saved["detectors"].values():
         assert set(entry["per_ood"]) == {"digits_6to9", "textures", "faces", "photos", "noise", "constant"}
         for metrics in entry["per_ood"].values():
-            assert set(metrics) == {"auroc", "fpr95", "aupr_in", "aupr_out"}
+            assert set(metrics) == {"auroc", "fpr95_classic", "fpr95_openood", "aupr_in", "aupr_out",
+                                    "aupr_in_openood", "aupr_out_openood"}
             assert all(0.0 <= v <= 1.0 for v in metrics.values())
-        assert set(entry["near"]) == set(entry["far"]) == {"auroc", "fpr95"}
+        assert set(entry["near"]) == set(entry["far"]) == {"auroc", "fpr95_classic", "fpr95_openood"}
     assert saved["num_samples"] == {"ind": 6, "digits_6to9": 6, "textures": 6, "faces": 6, "photos": 6,
                                     "noise": 6, "constant": 6}
     assert 0.0 <= saved["id_accuracy"] <= 1.0
@@ -51,6 +52,14 @@ def test_evaluate_writes_results_and_scores(tmp_path, small_models, benchmark):
     near = [float(r["diffguard"]) for r in rows if r["set"] == "digits_6to9"]
     assert saved["detectors"]["diffguard"]["per_ood"]["digits_6to9"]["auroc"] == pytest.approx(
         auroc(torch.tensor(ind), torch.tensor(near)))
+    # KNN's k and ViM's dim: tuned on every validation sample (limit_per_set aside), recorded in results.json,
+    # and recorded again by a resumed run that has nothing left to compute (and fits no baselines).
+    choice = saved["baselines"]
+    assert choice["validation"] == {"ind": len(benchmark.val), "ood": sum(len(s.val) for s in benchmark.ood.values())}
+    assert choice["knn"]["reason"].startswith("best validation AUROC")
+    assert str(choice["knn"]["k"]) in choice["knn"]["val_auroc"]
+    assert evaluate(cfg, benchmark)["baselines"] == choice
+    assert json.loads((tmp_path / "results.json").read_text())["baselines"] == choice
 
 
 def test_cli_reports_missing_checkpoint(tmp_path):
@@ -134,11 +143,11 @@ def test_out_of_memory_names_the_batch_and_keeps_finished_samples(tmp_path, smal
 
     original, calls = DiffGuardPipeline.__call__, []
 
-    def failing(self, images, ids, oracle_labels=None):
+    def failing(self, images, ids=None, oracles=None):
         calls.append(len(ids))
         if len(calls) == 3:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
-        return original(self, images, ids, oracle_labels)
+        return original(self, images, ids, oracles)
 
     monkeypatch.setattr(DiffGuardPipeline, "__call__", failing)
     cfg = config_lib.load(EvalConfig, eval_argv(tmp_path, small_models, "data.eval_batch_size=4"), None)

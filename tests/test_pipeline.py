@@ -7,6 +7,7 @@ from diffguard_pl.config import AESConfig, CutoutConfig, DiffGuardConfig, Diffus
 from diffguard_pl.ddim import spaced_timesteps, step_coefficients
 from diffguard_pl.guidance import clean_estimate, cutout, cutout_params, guided_eps, log_prob_grad
 from diffguard_pl.models import ClassifierSpec, DiffusionModel, build_classifier, build_scheduler, build_unet
+from diffguard_pl.oracle import Oracle
 from diffguard_pl.pipeline import DiffGuardPipeline
 
 SPEC = ClassifierSpec("diffguard_resnet_tiny", num_classes=6, in_chans=1, input_size=16, mean=[0.5], std=[0.5])
@@ -139,11 +140,13 @@ def test_cutout_crops_the_requested_square():
     assert torch.allclose(crops[1], images[1, :, 8:, :8], atol=1e-6)
 
 
-@pytest.mark.parametrize("conditional", [False, True])
-def test_scores_do_not_depend_on_the_batch(conditional):
+@pytest.mark.parametrize("conditional, released", [(False, False), (True, False), (False, True)])
+def test_scores_do_not_depend_on_the_batch(conditional, released):
     diffusion, classifier = small_diffusion(conditional), small_classifier()
-    cfg = DiffGuardConfig(num_steps=8, depth=4, reference="unguided",
-                          guidance=GuidanceConfig(scale=3.0, cutout=CutoutConfig(num=2)))
+    recipe = dict(ladder="released", clip_x0="both") if released else {}
+    cutout = CutoutConfig(num=2, mode="released" if released else "bilinear")
+    cfg = DiffGuardConfig(num_steps=8, depth=4, reference="unguided", **recipe,
+                          guidance=GuidanceConfig(scale=3.0, cutout=cutout))
     pipe = DiffGuardPipeline(diffusion, classifier, cfg)
     images, ids = torch.rand(5, 1, 16, 16), [f"id{i}" for i in range(5)]
     order = [3, 0, 4, 1, 2]
@@ -154,6 +157,26 @@ def test_scores_do_not_depend_on_the_batch(conditional):
         assert torch.allclose(batch["scores"][name][position], value[0], rtol=1e-4, atol=1e-6), name
 
 
+def test_the_forced_general_path_equals_the_fast_path_bit_for_bit():
+    """Rows gathered and per-row coefficients (what samples at different levels need) give exactly the numbers of
+    the fast path (all rows as they are, one scalar per level): float32 and float64, with clipping and AES."""
+    for dtype in (torch.float32, torch.float64):
+        diffusion, classifier = small_diffusion(), small_classifier().to(dtype)
+        diffusion.unet.to(dtype)
+        cfg = DiffGuardConfig(num_steps=8, depth=5, reference="unguided", clip_x0="both",
+                              aes=AESConfig(enabled=True, psnr=21.0, min_depth=2),
+                              guidance=GuidanceConfig(scale=3.0, cutout=CutoutConfig(num=2)))
+        images = torch.cat([torch.rand(3, 1, 16, 16), torch.full((2, 1, 16, 16), 0.5)]).to(dtype)
+        pipe = DiffGuardPipeline(diffusion, classifier, cfg)
+        fast = pipe(images, list("abcde"))
+        pipe.force_rows = True
+        forced = pipe(images, list("abcde"))
+        assert torch.equal(fast["depth"], forced["depth"]) and len(set(fast["depth"].tolist())) > 1
+        for name in fast["scores"]:
+            assert torch.equal(fast["scores"][name], forced["scores"][name]), (dtype, name)
+        assert torch.equal(fast["synthesis"], forced["synthesis"]) and torch.equal(fast["reference"], forced["reference"])
+
+
 def test_oracle_only_redoes_samples_whose_label_differs():
     diffusion, classifier = small_diffusion(), small_classifier()
     cfg = DiffGuardConfig(num_steps=6, depth=3, guidance=GuidanceConfig(scale=3.0, cutout=CutoutConfig(num=0)))
@@ -161,15 +184,16 @@ def test_oracle_only_redoes_samples_whose_label_differs():
     images, ids = torch.rand(4, 1, 16, 16), ["a", "b", "c", "d"]
     pred = pipe(images, ids)["pred"]
     oracle_labels = torch.stack([pred[0], (pred[1] + 1) % 6, torch.tensor(-1), (pred[3] + 2) % 6])
-    out = pipe(images, ids, oracle_labels)
+    out = pipe(images, ids, {"ind": Oracle(oracle_labels)})
+    oracle = out["oracle_scores"]["ind"]
     for name in out["scores"]:
-        assert out["oracle_scores"][name][0] == out["scores"][name][0]
-        assert out["oracle_scores"][name][2] == out["scores"][name][2]  # OOD: keeps the prediction
+        assert oracle[name][0] == out["scores"][name][0]
+        assert oracle[name][2] == out["scores"][name][2]  # OOD: keeps the prediction
     assert out["unet_evals"].tolist() == [6, 9, 6, 9]
     # The oracle score is the score of guiding by the oracle label directly.
     forced = pipe.synthesize(pipe.invert(images[1:2] * 2 - 1, ids[1:2])["latent"], oracle_labels[1:2], ids[1:2], False)[0]
     l2 = ((forced + 1) / 2).clamp(0, 1).sub(images[1:2]).pow(2).mean()
-    assert torch.allclose(out["oracle_scores"]["l2"][1], l2, rtol=1e-4)
+    assert torch.allclose(oracle["l2"][1], l2, rtol=1e-4)
 
 
 def test_bad_inputs_fail_clearly():

@@ -187,8 +187,16 @@ def test_preset_dry_runs_check_files_and_print_the_plan(tmp_path, monkeypatch, c
     assert evaluate(cfg) is None
     printed = capsys.readouterr().out
     assert "every file and model is in place" in printed
-    per_image = {"cifar10_gdm": 35 * 3, "imagenet_gdm": 90 * 3, "imagenet_ldm": 25 * 3}[name]
-    assert f"at most {per_image} per image" in printed
+    # imagenet_gdm: the released ladder, 90 inversion steps and 91 synthesis steps, guided and unguided
+    per_image = {"cifar10_gdm": 35 * 3, "imagenet_gdm": 90 + 91 * 2, "imagenet_ldm": 25 * 3}[name]
+    assert f"at most {per_image:,} per image" in printed
+    if name == "imagenet_gdm":
+        assert "released ladder; inversion depth 90 reaches timestep 900" in printed
+        assert "x0 clipping: both" in printed and "8 released cutouts" in printed
+        assert "from timestep 900 (exact handoff), 91 steps" in printed
+    if name == "imagenet_ldm":
+        assert "timesteps 1, 41, ..., 961" in printed and "reaches timestep 961" in printed
+    assert "oracle: none" in printed
     sets = OPENOOD_BENCHMARKS["cifar10" if name == "cifar10_gdm" else "imagenet"]["ood"]
     assert all(f"  {s} " in printed for s in sets)
     assert not (tmp_path / "out" / "results.json").exists()

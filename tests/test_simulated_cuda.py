@@ -17,7 +17,9 @@ import diffguard_pl.evaluation as evaluation
 import diffguard_pl.training as training
 from diffguard_pl import config as config_lib
 from diffguard_pl.config import EvalConfig, TrainConfig
-from diffguard_pl.models import load_classifier, load_diffusion
+from diffguard_pl.ddim import Ladder
+from diffguard_pl.models import DiffusionModel, load_classifier, load_diffusion
+from diffguard_pl.oracle import Oracle
 from diffguard_pl.pipeline import DiffGuardPipeline
 
 from conftest import CHECKPOINTS, ROOT
@@ -77,14 +79,17 @@ def test_the_simulated_device_applies_the_cuda_rules():
 
 def run_both(pipe_cpu, pipe_gpu, images, ids, oracle=None):
     """The pipeline on the CPU and on the simulated GPU; the GPU run's outputs, checked to be on the device."""
-    cpu = pipe_cpu(images, ids, oracle)
+    cpu = pipe_cpu(images, ids, None if oracle is None else {"ind": Oracle(oracle)})
     with simulated_cuda():
         pipe_gpu.to("cuda")
-        gpu = pipe_gpu(images.to("cuda"), ids, None if oracle is None else oracle.to("cuda"))
+        gpu = pipe_gpu(images.to("cuda"), ids, None if oracle is None else {"ind": Oracle(oracle.to("cuda"))})
         assert on_cuda(gpu["synthesis"]) and on_cuda(gpu["pred"]) and all(on_cuda(v) for v in gpu["scores"].values())
-    for key in ("scores", "oracle_scores"):
-        for name, value in cpu.get(key, {}).items():
-            assert torch.equal(value, gpu[key][name].cpu()), (key, name)
+    pairs = [(cpu["scores"], gpu["scores"])]
+    if oracle is not None:
+        pairs.append((cpu["oracle_scores"]["ind"], gpu["oracle_scores"]["ind"]))
+    for cpu_scores, gpu_scores in pairs:
+        for name, value in cpu_scores.items():
+            assert torch.equal(value, gpu_scores[name].cpu()), name
     assert torch.equal(cpu["depth"], gpu["depth"]) and torch.equal(cpu["unet_evals"], gpu["unet_evals"])
     return cpu, gpu
 
@@ -108,7 +113,7 @@ def test_pipeline_on_the_simulated_gpu_equals_the_cpu(benchmark, name, overrides
         assert not torch.equal(low, full) and float(((low - full).abs() / full).median()) < 0.05
     oracle = torch.where(torch.arange(len(ids)) % 3 == 0, (first + 1) % 6, -1)  # a third re-synthesised
     cpu, _ = run_both(pipeline(cfg), pipeline(cfg), images, ids, oracle)
-    assert not torch.equal(cpu["oracle_scores"]["l2"], cpu["scores"]["l2"])
+    assert not torch.equal(cpu["oracle_scores"]["ind"]["l2"], cpu["scores"]["l2"])
     if cfg.diffguard.aes.enabled:  # samples stop at different depths: the general loop ran too
         assert len(set(cpu["depth"].tolist())) > 1
 
@@ -156,22 +161,22 @@ def test_host_read_count_sees_a_read_per_step(benchmark, monkeypatch):
     shallow, deep = reads_by_depth("digits_gdm.yaml", ["diffguard.aes.enabled=true", "diffguard.aes.psnr=1"],
                                    images, ids)
     assert deep == shallow + 3  # one stop-rule read per extra inversion step (no sample stops at PSNR 1 dB)
-    original = DiffGuardPipeline._eps
+    original = DiffusionModel.eps
 
-    def eager_check(self, x, t, labels):
-        eps = original(self, x, t, labels)
+    def eager_check(self, x, t, class_labels=None, check_finite=True):
+        eps = original(self, x, t, class_labels, check_finite=False)
         assert bool(torch.isfinite(eps).all())
         return eps
 
-    monkeypatch.setattr(DiffGuardPipeline, "_eps", eager_check)
+    monkeypatch.setattr(DiffusionModel, "eps", eager_check)
     shallow, deep = reads_by_depth("digits_gdm.yaml", [], images, ids)
     assert deep == shallow + 6  # 3 more inversion and 3 more synthesis calls
 
 
 def test_a_tensor_left_on_the_cpu_fails_on_the_simulated_gpu(benchmark, monkeypatch):
     cfg = preset("digits_gdm.yaml", "diffguard.num_steps=4", "diffguard.depth=2")
-    table = DiffGuardPipeline._level_table  # the alpha_bar table built on the CPU whatever the device
-    monkeypatch.setattr(DiffGuardPipeline, "_level_table", lambda self, device: table(self, torch.device("cpu")))
+    tables = Ladder.on  # the coefficient tables built on the CPU whatever the device
+    monkeypatch.setattr(Ladder, "on", lambda self, device, dtype: tables(self, torch.device("cpu"), dtype))
     pipe = pipeline(cfg)
     pipe(benchmark.test.images[:2], benchmark.test.ids[:2])  # fine on the CPU
     with simulated_cuda(), pytest.raises(RuntimeError, match="same device"):
@@ -198,7 +203,7 @@ def use_simulated_gpu(monkeypatch, module):
 
 def test_evaluate_on_the_simulated_gpu_equals_the_cpu(tmp_path, benchmark, monkeypatch):
     argv = [f"--config={ROOT / 'conf' / 'digits_gdm.yaml'}", "limit_per_set=4", "diffguard.num_steps=6",
-            "diffguard.depth=4", "data.eval_batch_size=16", "trainer.enable_progress_bar=false", "oracle=true",
+            "diffguard.depth=4", "data.eval_batch_size=16", "trainer.enable_progress_bar=false", "oracle=ind",
             "diffguard.reference=unguided", "diffguard.aes.enabled=true", "diffguard.aes.psnr=12",
             "diffguard.aes.min_depth=1", "callbacks.reconstructions=2", "logger=wandb", f"models.classifier={CHECKPOINTS / 'classifier'}",
             f"models.diffusion={CHECKPOINTS / 'diffusion_uncond'}"]

@@ -14,6 +14,7 @@ from conftest import ROOT, eval_argv
 from diffguard_pl import shards
 from diffguard_pl.config import ConfigError, EvalConfig, RuntimeConfig, compose, to_object
 from diffguard_pl.models import load_classifier, load_diffusion
+from diffguard_pl.oracle import Oracle
 from diffguard_pl.pipeline import DiffGuardPipeline
 from diffguard_pl.scores import check_perceptual_files
 
@@ -39,13 +40,15 @@ def mixed_images(benchmark, per_set=4):
     return torch.cat([s.images[:per_set] for s in sets]), [i for s in sets for i in s.ids[:per_set]]
 
 
-def run(cfg, images, ids, oracle=None, **runtime):
+def run(cfg, images, ids, oracle=None, dtype=torch.float32, **runtime):
     dg = copy.deepcopy(cfg.diffguard)
     for key, value in runtime.items():
         setattr(dg.runtime, key, value)
     # Fresh models: channels_last and compile change the modules in place.
-    pipe = DiffGuardPipeline(load_diffusion(cfg.models.diffusion), load_classifier(cfg.models.classifier), dg)
-    return pipe(images, ids, oracle)
+    diffusion, classifier = load_diffusion(cfg.models.diffusion), load_classifier(cfg.models.classifier)
+    diffusion.unet.to(dtype)
+    pipe = DiffGuardPipeline(diffusion, classifier.to(dtype), dg)
+    return pipe(images.to(dtype), ids, None if oracle is None else {"ind": Oracle(oracle)})
 
 
 def relative_gaps(a, b):
@@ -151,7 +154,8 @@ def test_paper_scale_paths_run_with_shrunken_architectures(throughput, tmp_path)
                               "--paths", "gdm,cfg_dsg", "diffguard.num_steps=3", "diffguard.depth=2"])
     gdm, dit = report["paths"]["gdm"], report["paths"]["cfg_dsg"]
     assert gdm["settings"]["reference"] == "unguided" and gdm["settings"]["cutouts"] == 8
-    assert gdm["unet_evals_per_image"] == 6.0  # depth 2 x (inversion + guided + unguided reference)
+    # The released ladder: 2 inversion steps, then 3 synthesis steps x (guided + unguided reference).
+    assert gdm["unet_evals_per_image"] == 2 + 3 * 2
     assert gdm["classifier_rows"] == 2 * 8
     assert dit["unet_evals_per_image"] == 6.0 and "encode_ms" in dit and "grad_cam_ms" in dit
     try:
@@ -195,17 +199,26 @@ def test_autocast_stays_close_to_fp32_and_changes_the_fingerprint(benchmark, nam
 
 @pytest.mark.parametrize("name", ["digits_gdm.yaml", "digits_cfg.yaml"])
 def test_channels_last_gives_the_same_scores(benchmark, name):
-    """Float tolerance: convolutions in another memory layout round differently. The guided steps amplify
-    that for a few samples whose guided trajectory is unstable (constant images: up to 10% on logit_l1), so:
-    a median relative gap below 1e-4 and 90% of the samples within 1e-3, per distance."""
+    """Convolutions in another memory layout sum in another order, so the two runs differ by rounding only.
+
+    Compared in float64, where that rounding (about 1e-16 per operation) stays far below the bound even
+    after the guided steps amplify it for unstable samples (in float32 the same amplification reached 10% of
+    a score on constant images: about 1e6 times the unit roundoff). The bound, 1e-7 relative for every
+    sample in the float64 synthesis, leaves a margin of 1e3 over that worst amplification and holds at any
+    thread count. The scores are returned in float32, so they may differ by the final rounding: a few units in
+    the last place (float32's is 1.2e-7 relative), bounded by 1e-6.
+    """
     cfg = preset(name, "diffguard.num_steps=10", "diffguard.depth=6")
     images, ids = mixed_images(benchmark, 3)
-    plain, last = run(cfg, images, ids), run(cfg, images, ids, channels_last=True)
+    plain = run(cfg, images, ids, dtype=torch.float64)
+    last = run(cfg, images, ids, dtype=torch.float64, channels_last=True)
     assert torch.equal(plain["pred"], last["pred"])
+    assert plain["synthesis"].dtype == torch.float64
+    gap = (last["synthesis"] - plain["synthesis"]).abs().max() / plain["synthesis"].abs().max()
+    assert gap < 1e-7, gap
     for distance, value in plain["scores"].items():
-        other = last["scores"][distance].double()
-        rel = (other - value.double()).abs() / value.double().abs().clamp_min(1e-12)
-        assert rel.median() < 1e-4 and (rel < 1e-3).double().mean() >= 0.9, (distance, rel.median(), rel.max())
+        rel = (last["scores"][distance].double() - value.double()).abs() / value.double().abs().clamp_min(1e-12)
+        assert rel.max() < 1e-6, (distance, rel.median(), rel.max())
 
 
 def test_guidance_under_inference_mode_equals_no_grad(benchmark):
@@ -223,7 +236,7 @@ def test_guidance_under_inference_mode_equals_no_grad(benchmark):
     assert torch.equal(inference["depth"], plain["depth"])
     for name in inference["scores"]:
         assert torch.equal(inference["scores"][name], plain["scores"][name]), name
-        assert torch.equal(inference["oracle_scores"][name], plain["oracle_scores"][name]), name
+        assert torch.equal(inference["oracle_scores"]["ind"][name], plain["oracle_scores"]["ind"][name]), name
     for key in ("synthesis", "reference", "logits", "pred"):
         assert not inference[key].is_inference(), key
     inference["scores"]["l2"].add_(0)  # usable in place

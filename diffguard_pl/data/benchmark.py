@@ -141,3 +141,11 @@ def stratified_split(labels: np.ndarray, fractions: Sequence[float], rng: np.ran
             start += count
         parts[-1].extend(idx[start:].tolist())
     return [np.sort(np.asarray(p, dtype=np.int64)) for p in parts]
+
+
+def split_ood(name: str, group: str, data: ImageSet, seed: int, val_fraction: float) -> OODSet:
+    """An OOD set's val / test split: ``val_fraction`` of its samples (a permutation fixed by the set's name and
+    ``seed``) for validation, the rest for test; both keep the set's order."""
+    order = name_rng(seed, name, "ood-split").permutation(len(data))
+    n_val = int(round(val_fraction * len(data)))
+    return OODSet(group, data.subset(np.sort(order[:n_val]), "val"), data.subset(np.sort(order[n_val:]), "test"))

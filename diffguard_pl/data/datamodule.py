@@ -27,6 +27,10 @@ def build_benchmark(cfg: DataConfig) -> Benchmark:
         from diffguard_pl.data.digits import build_digits_benchmark
 
         return build_digits_benchmark(cfg)
+    if cfg.benchmark == "fashion":
+        from diffguard_pl.data.fashion import build_fashion_benchmark
+
+        return build_fashion_benchmark(cfg)
     from diffguard_pl.data.files import build_file_benchmark
 
     definition = cfg.benchmark if cfg.benchmark != "lists" else dict(cfg.definition)

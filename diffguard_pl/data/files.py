@@ -81,8 +81,7 @@ PathLike = str | os.PathLike
 Transform = Callable[[Image.Image], torch.Tensor]
 
 
-class DataError(ValueError):
-    """A list line, image file or benchmark definition that cannot be used as it is."""
+from diffguard_pl.errors import DataError  # noqa: E402,F401  (re-exported: a list line, image or definition)
 
 
 @dataclass(frozen=True, slots=True)

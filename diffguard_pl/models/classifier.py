@@ -49,13 +49,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from timm.models import register_model
+from diffguard_pl.errors import MissingCheckpointError  # noqa: F401  (re-exported)
 
 WEIGHTS_FILE = "model.safetensors"
 META_FILE = "classifier.json"
-
-
-class MissingCheckpointError(FileNotFoundError):
-    """A checkpoint path that does not exist; the message says how to make it."""
 
 
 # --------------------------------------------------------------------------- tiny ResNet

@@ -16,9 +16,10 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
+from diffguard_pl import oracle as oracle_lib
 from diffguard_pl.baselines import BaselineStats, baseline_scores
 from diffguard_pl.pipeline import DiffGuardPipeline
-from diffguard_pl.results import DIFFGUARD, ORACLE, finalize, merge_records
+from diffguard_pl.results import DIFFGUARD, finalize, merge_records
 from diffguard_pl.shards import ShardWriter
 
 
@@ -28,7 +29,7 @@ class DiffGuardEvaluator(L.LightningModule):
         pipeline: DiffGuardPipeline,
         baselines: BaselineStats,
         groups: Mapping[str, str],
-        oracle: bool = False,
+        oracle: str = "none",
         split: str = "test",
         previous: Optional[Dict[str, list]] = None,
         shard_header: Optional[dict] = None,
@@ -60,9 +61,10 @@ class DiffGuardEvaluator(L.LightningModule):
             self.writer = ShardWriter(self.output_dir, self.global_rank, self.shard_header)
 
     def test_step(self, batch: dict, batch_idx: int) -> dict:
-        oracle_labels = batch["label"] if self.oracle else None
+        oracles = oracle_lib.oracles(self.oracle, batch["label"], batch["id"],
+                                     self.pipeline.classifier.spec.num_classes, self.pipeline.cfg.seed)
         try:
-            out = self.pipeline(batch["image"], batch["id"], oracle_labels)
+            out = self.pipeline(batch["image"], batch["id"], oracles)
         except Exception as error:
             where = f"test batch {batch_idx} ({len(batch['id'])} samples, first id {batch['id'][0]})"
             kept = (f"; samples finished so far are kept in {self.output_dir}/shards and running the same command "
@@ -81,8 +83,9 @@ class DiffGuardEvaluator(L.LightningModule):
         }
         for name, value in out["scores"].items():
             record[f"{DIFFGUARD}/{name}"] = value.double().tolist()
-        for name, value in out.get("oracle_scores", {}).items():
-            record[f"{ORACLE}{DIFFGUARD}/{name}"] = value.double().tolist()
+        for mode, scores in out.get("oracle_scores", {}).items():
+            for name, value in scores.items():
+                record[oracle_lib.column(mode, f"{DIFFGUARD}/{name}")] = value.double().tolist()
         for name, value in baseline_scores(self.baselines, out["logits"], out["features"]).items():
             record[name] = value.tolist()
         self.records.append(record)
