@@ -2,7 +2,8 @@
 
 from callbacks.curves import InversionCurveLogger
 from callbacks.export import ExportPortableCheckpoint
+from callbacks.progress import EvalProgress
 from callbacks.reconstructions import ReconstructionLogger
 from callbacks.score_plots import ScoreDistributionPlot
 
-__all__ = ["ExportPortableCheckpoint", "InversionCurveLogger", "ReconstructionLogger", "ScoreDistributionPlot"]
+__all__ = ["EvalProgress", "ExportPortableCheckpoint", "InversionCurveLogger", "ReconstructionLogger", "ScoreDistributionPlot"]

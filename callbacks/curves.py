@@ -9,7 +9,7 @@ from typing import Dict, List
 import lightning as L
 import torch
 
-from callbacks._common import gather_to_rank_zero, output_folder, save_figure, wandb_run
+from callbacks._common import output_folder, save_figure, wandb_run
 
 QUANTILES = (0.1, 0.5, 0.9)
 
@@ -30,41 +30,41 @@ def summarize_curves(curves: Dict[str, Dict[str, torch.Tensor]]) -> List[dict]:
     return rows
 
 
-class InversionCurveLogger(L.Callback):
-    """Collects each sample's per-step inversion quality during ``trainer.test`` of a DiffGuardEvaluator.
+def curves_from_records(records: Dict[str, list]) -> Dict[str, Dict[str, torch.Tensor]]:
+    """Per set and metric, the samples' curves [N, longest] (NaN past a sample's own depth)."""
+    per_set: Dict[str, Dict[str, list]] = defaultdict(lambda: defaultdict(list))
+    metrics = [c[len("curve/"):] for c in records if c.startswith("curve/")]
+    for i, set_name in enumerate(records["set"]):
+        for metric in metrics:
+            values = records[f"curve/{metric}"][i]
+            if values:
+                per_set[set_name][metric].append(values)
+    out = {}
+    for set_name, by_metric in per_set.items():
+        out[set_name] = {}
+        for metric, rows in by_metric.items():
+            width = max(len(r) for r in rows)
+            out[set_name][metric] = torch.tensor([r + [float("nan")] * (width - len(r)) for r in rows],
+                                                 dtype=torch.float64)
+    return out
 
-    At the end (rank 0, after gathering): ``curves/curves.csv`` (mean and
-    quantiles per set, metric and step), ``curves/<metric>.png`` (mean and
-    10-90% band, InD against each OOD set on one chart) and, with W&B, line
-    plots under ``curves/<metric>`` plus the PNGs.
+
+class InversionCurveLogger(L.Callback):
+    """Draws each set's per-step inversion quality after ``trainer.test`` of a DiffGuardEvaluator.
+
+    Reads the per-sample curves from the evaluator's records (``curve/<metric>``), so a resumed run's plots
+    cover the samples of earlier runs too. Writes ``curves/curves.csv`` (mean and quantiles per set, metric
+    and step), ``curves/<metric>.png`` (mean and 10-90% band, InD against each OOD set on one chart) and,
+    with W&B, line plots under ``curves/<metric>`` plus the PNGs. Rank 0 only (the records are gathered).
     """
 
-    def __init__(self) -> None:
-        self.parts: List[dict] = []
-
-    def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.parts = []
-
-    def on_test_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        if outputs is None or not outputs.get("curves"):
+    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        records = getattr(pl_module, "all_records", None)
+        if not trainer.is_global_zero or not records:
             return
-        self.parts.append({"set": list(batch["set"]), "id": list(batch["id"]),
-                           "curves": {k: v.cpu() for k, v in outputs["curves"].items()}})
-
-    def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        gathered = [p for rank_parts in gather_to_rank_zero(self.parts) for p in rank_parts]
-        if not trainer.is_global_zero or not gathered:
+        curves = curves_from_records(records)
+        if not curves:
             return
-        per_set: Dict[str, Dict[str, list]] = defaultdict(lambda: defaultdict(list))
-        seen = set()
-        for part in gathered:
-            for i, (set_name, sample_id) in enumerate(zip(part["set"], part["id"])):
-                if sample_id in seen:
-                    continue
-                seen.add(sample_id)
-                for metric, values in part["curves"].items():
-                    per_set[set_name][metric].append(values[i])
-        curves = {s: {m: torch.stack(v) for m, v in by.items()} for s, by in per_set.items()}
         rows = summarize_curves(curves)
         folder = output_folder(trainer, "curves")
         with open(folder / "curves.csv", "w", newline="") as handle:

@@ -47,9 +47,14 @@ class ReconstructionLogger(L.Callback):
             for set_name, rows in part.items():
                 merged.setdefault(set_name, []).extend(rows)
         folder = output_folder(trainer, "reconstructions")
+        previous = getattr(pl_module, "previous", None) or {}
+        resumed = len(previous.get("id", []))
         for set_name, rows in merged.items():
             rows = sorted({r["id"]: r for r in rows}.values(), key=lambda r: r["id"])[: self.per_set]
-            save_figure(self._figure(set_name, rows), folder / f"{set_name}.png", trainer, f"reconstructions/{set_name}")
+            note = (f" (samples of this run only: {resumed:,} samples came from an earlier, resumed run)"
+                    if resumed else "")
+            save_figure(self._figure(set_name + note, rows), folder / f"{set_name}.png", trainer,
+                        f"reconstructions/{set_name}")
 
     @staticmethod
     def _figure(set_name: str, rows: List[dict]):
@@ -72,5 +77,5 @@ class ReconstructionLogger(L.Callback):
                 axes[i, j].axis("off")
         for i, title in enumerate(titles):
             axes[i, 0].text(-0.15, 0.5, title, transform=axes[i, 0].transAxes, ha="right", va="center", fontsize=7)
-        fig.suptitle(set_name)
+        fig.suptitle(set_name, fontsize=8)
         return fig

@@ -23,7 +23,7 @@ class ScoreDistributionPlot(L.Callback):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from diffguard_pl.results import detector_columns
+        from diffguard_pl.detectors import detector_columns
 
         split = getattr(pl_module, "split", "test")
         folder = output_folder(trainer, "scores")
@@ -41,6 +41,8 @@ class ScoreDistributionPlot(L.Callback):
             for set_name, values in by_set.items():
                 ax.hist(values, bins=edges, histtype="step", density=True, label=set_name)
             ax.set_xlabel(f"{detector} score (higher = more OOD)")
+            ax.set_ylabel("density (each set's histogram integrates to 1)")
+            ax.set_title(f"{detector}: {split} split, InD against each OOD set", fontsize=9)
             ax.legend(fontsize=7)
             name = detector.replace("/", "_")
             save_figure(fig, folder / f"{name}.png", trainer, f"scores/{name}")

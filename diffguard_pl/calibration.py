@@ -71,7 +71,7 @@ def lowest_quality(pipe: DiffGuardPipeline, images: ImageSet, metric: str, batch
     """Per sample, the lowest ``metric`` along a full-depth inversion (no AES)."""
     lows = []
     for x, ids in _batches(images, batch_size):
-        curve = pipe.invert(pipe.diffusion.encode(x.to(pipe.device) * 2 - 1), ids)["curves"][metric]
+        curve = pipe.invert(x.to(pipe.device), ids)["curves"][metric]
         lows.append(torch.nan_to_num(curve, nan=float("inf")).amin(dim=1).cpu())
     return torch.cat(lows)
 

@@ -9,20 +9,56 @@ before any work starts.
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
+
 from diffguard_pl.errors import ConfigError  # noqa: F401  (re-exported: the schema's error)
 
 T = TypeVar("T")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the folder holding conf/ and checkpoints/
+EMBEDDED = PROJECT_ROOT / "checkpoints"
 
 
 def _check_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
     if value not in choices:
         raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(choices)}")
+
+
+def _check_positive(key: str, value: Optional[float], allow_none: bool = False, allow_zero: bool = False) -> None:
+    """A count or scale that must be a finite number above zero (or at least zero)."""
+    if value is None and allow_none:
+        return
+    bad = value is None or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero)
+    if bad:
+        kind = "a whole number" if isinstance(value, int) else "a finite number"
+        rule = f"{kind} >= 0" if allow_zero else f"{kind} > 0"
+        raise ConfigError(f"{key}={value} is not allowed: use {rule}")
+
+
+def neutral(default: Any = MISSING, factory: Any = MISSING) -> Any:
+    """A field that never changes a sample's score: where and how a run executes and logs (not fingerprinted,
+    see diffguard_pl/records.py)."""
+    if factory is not MISSING:
+        return field(default_factory=factory, metadata={"neutral": True})
+    return field(default=default, metadata={"neutral": True})
+
+
+def parse_shard(spec: Optional[str]) -> Optional[tuple]:
+    """``"i/n"`` -> (i, n): the samples whose index modulo n is i; ConfigError naming the key otherwise."""
+    if spec is None:
+        return None
+    try:
+        index, count = (int(part) for part in str(spec).split("/"))
+    except ValueError:
+        raise ConfigError(f"shard={spec!r} must look like i/n, e.g. shard=0/4") from None
+    if not 0 <= index < count:
+        raise ConfigError(f"shard={spec!r}: need 0 <= i < n (e.g. shard=1/2 is the second of two halves)")
+    return index, count
 
 
 @dataclass
@@ -40,7 +76,7 @@ class DataConfig:
           ood: {my_set: {group: far, val: null, test: {folder: my_set_images}}}
     """
 
-    benchmark: str = "digits"
+    benchmark: str = "digits"  # digits | fashion (embedded) | cifar10 | imagenet (OpenOOD lists) | lists
     resolution: int = 16  # every set is resized to resolution x resolution (the diffusion model's size)
     channels: int = 1  # 1 (grayscale) or 3 (RGB)
     seed: int = 0  # fixes splits and the generated OOD sets
@@ -51,16 +87,16 @@ class DataConfig:
     on_error: str = "raise"  # raise: bad list lines / unreadable images stop the run; skip: dropped and counted
     allow_grayscale: bool = False  # convert grayscale images in an RGB benchmark (counted in results.json)
     verify_files: Optional[bool] = None  # decode every image up front; None: only with on_error=skip
-    decode_workers: int = 4  # threads that verify images up front
+    decode_workers: int = neutral(4)  # threads that verify images up front
     ind_classes: List[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5])
     near_ood_classes: List[int] = field(default_factory=lambda: [6, 7, 8, 9])
     val_fraction: float = 0.15  # of the InD images, stratified by class
     test_fraction: float = 0.25
     ood_samples_per_set: int = 300  # before the OOD val / test split
     ood_val_fraction: float = 0.2
-    batch_size: int = 64
-    eval_batch_size: int = 256
-    num_workers: int = 0
+    batch_size: int = neutral(64)  # training batches
+    eval_batch_size: int = neutral(64)  # evaluation batches (a GPU takes 256 or more)
+    num_workers: int = neutral(0)  # DataLoader worker processes
 
     def __post_init__(self) -> None:
         _check_choice("data.benchmark", self.benchmark, ["digits", "fashion", "cifar10", "imagenet", "lists"])
@@ -82,6 +118,10 @@ class DataConfig:
                 raise ConfigError(f"data.{key}={value} must lie in [0, 1)")
         if self.val_fraction + self.test_fraction >= 1.0:
             raise ConfigError("data.val_fraction + data.test_fraction must be below 1")
+        for key in ("batch_size", "eval_batch_size"):
+            _check_positive(f"data.{key}", getattr(self, key))
+        if self.num_workers < 0 or self.decode_workers < 1:
+            raise ConfigError("data.num_workers must be >= 0 and data.decode_workers >= 1")
 
 
 @dataclass
@@ -145,19 +185,25 @@ class DiffusionConfig:
 class TrainerConfig:
     """Passed to ``lightning.Trainer``."""
 
-    accelerator: str = "cpu"
-    devices: int = 1
-    num_nodes: int = 1
-    strategy: str = "auto"
-    precision: str = "32-true"
-    max_steps: int = -1
-    max_epochs: Optional[int] = None
-    log_every_n_steps: int = 20
-    check_val_every_n_epoch: int = 1
-    limit_train_batches: Optional[float] = None
-    limit_val_batches: Optional[float] = None
-    enable_progress_bar: bool = True
-    deterministic: bool = False
+    accelerator: str = neutral("cpu")  # cpu | gpu | auto
+    devices: int = neutral(1)  # processes (GPUs) per node; -1: all
+    num_nodes: int = neutral(1)
+    strategy: str = neutral("auto")  # auto | ddp | ...
+    precision: str = "32-true"  # 32-true | 64-true | bf16-mixed ...: changes the scores
+    max_steps: int = neutral(-1)
+    max_epochs: Optional[int] = neutral(None)
+    log_every_n_steps: int = neutral(20)
+    check_val_every_n_epoch: int = neutral(1)
+    limit_train_batches: Optional[float] = neutral(None)
+    limit_val_batches: Optional[float] = neutral(None)
+    enable_progress_bar: bool = neutral(True)
+    deterministic: bool = neutral(False)
+
+    def __post_init__(self) -> None:
+        if self.devices == 0 or self.devices < -1:
+            raise ConfigError(f"trainer.devices={self.devices} is not allowed: use a count >= 1, or -1 for all")
+        if self.num_nodes < 1:
+            raise ConfigError(f"trainer.num_nodes={self.num_nodes} must be >= 1")
 
 
 @dataclass
@@ -173,12 +219,14 @@ class WandbConfig:
 class RunConfig:
     """What every entry point shares: where outputs go, the seed, data, trainer and logger."""
 
-    output_dir: str = "outputs/run"
-    seed: int = 0
-    logger: str = "csv"  # csv | wandb
+    output_dir: str = neutral("outputs/run")  # where every output of the run goes (made if missing)
+    seed: int = 0  # Lightning's global seed (per-sample randomness is seeded by sample id)
+    logger: str = neutral("csv")  # csv | wandb (offline unless wandb.offline=false)
+    verbose: bool = neutral(False)  # show Lightning's start-up lines, tips and warnings
+    print_config: bool = neutral(False)  # print the resolved config and exit
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    wandb: WandbConfig = field(default_factory=WandbConfig)
+    wandb: WandbConfig = neutral(factory=WandbConfig)
 
     def __post_init__(self) -> None:
         _check_choice("logger", self.logger, ["csv", "wandb"])
@@ -197,7 +245,7 @@ class CoTrainConfig:
     the gradient flowing through the UNet (its own optimiser, diffusion_lr).
     """
 
-    diffusion_path: str = "checkpoints/digits/diffusion_uncond"  # diffusers folder to load
+    diffusion_path: str = str(EMBEDDED / "digits" / "diffusion_uncond")  # diffusers folder to load
     t_min: int = 0
     t_max: int = 700  # the embedded preset's synthesis starts at timestep 680 (depth 35 of 50)
     weight: float = 0.5  # share of the clean-estimate term in the classifier's loss
@@ -222,10 +270,10 @@ class CoTrainConfig:
 
 @dataclass
 class TrainConfig(RunConfig):
-    """Root schema of ``train.py``."""
+    """Root schema of ``train.py``: a classifier, a diffusion model, or both (co-training, joint training)."""
 
     task: str = MISSING  # classifier | diffusion | cotrain (classifier, frozen diffusion) | joint (both)
-    output_dir: str = "outputs/train"
+    output_dir: str = neutral("outputs/train")  # checkpoints/, the exported model, logs, metrics.json
     resume: Optional[str] = None  # a Lightning checkpoint (e.g. OUTPUT/checkpoints/last.ckpt)
     monitor: Optional[str] = None  # e.g. val/loss: export the best checkpoint by this metric, not the last
     monitor_mode: str = "min"  # min | max
@@ -279,6 +327,7 @@ class CFGConfig:
     cam_threshold: float = 0.3  # released setting
 
     def __post_init__(self) -> None:
+        _check_positive("diffguard.guidance.cfg.omega", self.omega, allow_zero=True)
         if not 0.0 <= self.cam_threshold < 1.0:
             raise ConfigError(f"diffguard.guidance.cfg.cam_threshold={self.cam_threshold} must lie in [0, 1)")
 
@@ -301,6 +350,7 @@ class GuidanceConfig:
 
     def __post_init__(self) -> None:
         _check_choice("diffguard.guidance.mode", self.mode, ["classifier", "cfg"])
+        _check_positive("diffguard.guidance.scale", self.scale, allow_zero=True)
         _check_choice("diffguard.guidance.clean", self.clean, ["x0_pred", "blend", "noisy"])
 
 
@@ -433,8 +483,8 @@ class ModelPaths:
     (e.g. google/ddpm-cifar10-32) already in the local cache (nothing is downloaded).
     """
 
-    classifier: str = "checkpoints/digits/classifier"
-    diffusion: str = "checkpoints/digits/diffusion_uncond"
+    classifier: str = str(EMBEDDED / "digits" / "classifier")
+    diffusion: str = str(EMBEDDED / "digits" / "diffusion_uncond")
     classifier_arch: Optional[str] = None  # timm name, e.g. resnet50 (torchvision layout), openood_resnet18_32x32
     classifier_input_size: Optional[int] = None  # default: data.resolution
     classifier_mean: Optional[List[float]] = None  # default: 0.5 per channel
@@ -479,20 +529,21 @@ class EvalCallbacksConfig:
 
 @dataclass
 class EvalConfig(RunConfig):
-    """Root schema of ``evaluate.py``."""
+    """Root schema of ``evaluate.py``: DiffGuard and the classifier baselines on a benchmark."""
 
-    output_dir: str = "outputs/eval"
+    output_dir: str = neutral("outputs/eval")  # results.json, scores.csv, records/ (resume), plots
     oracle: str = "none"  # none | ind | paper | both: also synthesise under oracle labels (see diffguard_pl/oracle.py)
-    limit_per_set: Optional[int] = None  # evaluate only the first N samples of each set (quick runs)
-    split: str = "test"  # test: report on test splits; val: on validation splits (for tuning, never test)
-    resume: bool = True  # skip samples already finished in output_dir/shards by a run with the same config
-    shard: Optional[str] = None  # "i/n": evaluate only samples whose index modulo n is i (merge with diffguard_pl.merge)
-    dry_run: bool = False  # check every file and model, print the plan (sets, counts, steps, UNet evaluations), stop
+    limit_per_set: Optional[int] = neutral(None)  # evaluate N samples of each set, chosen by id hash (quick runs)
+    split: str = neutral("test")  # test: report on test splits; val: on validation splits (for tuning, never test)
+    resume: bool = neutral(True)  # skip samples already finished in output_dir/records by a run with the same config
+    shard: Optional[str] = neutral(None)  # "i/n": only samples whose index modulo n is i (merge: diffguard_pl.merge)
+    dry_run: bool = neutral(False)  # check every file and model, print the plan (sets, counts, steps), stop
     score_folder: Optional[str] = None  # score the images of a folder (no labels): scores + in / out decisions as CSV
+    fusion_partners: List[str] = field(default_factory=lambda: ["ebo", "vim", "knn"])  # diffguard+X detectors
     models: ModelPaths = field(default_factory=ModelPaths)
     diffguard: DiffGuardConfig = field(default_factory=DiffGuardConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
-    callbacks: EvalCallbacksConfig = field(default_factory=EvalCallbacksConfig)
+    callbacks: EvalCallbacksConfig = neutral(factory=EvalCallbacksConfig)
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -502,6 +553,10 @@ class EvalConfig(RunConfig):
                               f"samples, the earlier oracle=true), oracle=paper (the paper's: also a random label "
                               f"for every OOD sample), oracle=both or oracle=none")
         _check_choice("oracle", self.oracle, ["none", "ind", "paper", "both"])
+        _check_positive("limit_per_set", self.limit_per_set, allow_none=True)
+        for partner in self.fusion_partners:
+            _check_choice("fusion_partners", partner, ["msp", "ebo", "maxlogit", "knn", "vim"])
+        parse_shard(self.shard)
 
 
 def _describe(error: OmegaConfBaseException) -> str:
@@ -510,22 +565,56 @@ def _describe(error: OmegaConfBaseException) -> str:
     return f"config key '{key}': {message}" if key else message
 
 
+# Keys that hold an input path. They are made absolute when the config is composed: a relative value in a YAML
+# file is relative to the file's project (the folder that holds its conf/ folder), so presets work from any
+# working directory; on the command line, to the working directory. A saved config.yaml is then self-contained.
+PATH_KEYS = ("models.classifier", "models.diffusion", "cotrain.diffusion_path", "classifier.pretrained_path")
+HUB_ID = r"^[A-Za-z0-9][\w.-]*/[\w.-]+$"
+
+
+def project_root(config_file: Path) -> Path:
+    """The folder a config file's relative input paths refer to: the parent of its ``conf/`` folder."""
+    folder = config_file.resolve().parent
+    return folder.parent if folder.name == "conf" else folder
+
+
+def resolve_paths(tree: DictConfig, base: Path) -> None:
+    """Make the relative input paths (PATH_KEYS) of a loaded YAML file absolute against ``base``, in place.
+
+    A value that looks like a Hugging Face Hub id (``org/name``) and is not a folder under ``base`` stays as it
+    is (it is then looked up in the local Hub cache)."""
+    import re
+
+    for key in PATH_KEYS:
+        value = OmegaConf.select(tree, key, default=None)
+        if not isinstance(value, str) or Path(value).is_absolute():
+            continue
+        candidate = base / value
+        if re.match(HUB_ID, value) and not candidate.exists() and key == "models.diffusion":
+            continue
+        OmegaConf.update(tree, key, str(candidate), merge=False)
+
+
 def compose(schema: Type[T], config_files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> DictConfig:
     """Merge YAML files then ``key=value`` overrides onto the schema's defaults."""
     cfg = OmegaConf.structured(schema)
     for path in config_files:
         path = Path(path)
         if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist (configs live in conf/)")
+            raise ConfigError(f"config file {path} does not exist (presets live in conf/)")
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.load(path))
+            loaded = OmegaConf.load(path)
+            resolve_paths(loaded, project_root(path))
+            cfg = OmegaConf.merge(cfg, loaded)
         except OmegaConfBaseException as error:
             raise ConfigError(f"{path}: {_describe(error)}") from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
         try:
-            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+            given = OmegaConf.from_dotlist([item])
+            resolve_paths(given, Path.cwd())
+            cfg = OmegaConf.merge(cfg, given)
         except OmegaConfBaseException as error:
             raise ConfigError(f"override {item!r}: {_describe(error)}") from None
     missing = sorted(OmegaConf.missing_keys(cfg))
@@ -552,7 +641,7 @@ def load(schema: Type[T], argv: Sequence[str], default_config: Optional[str]) ->
         help=f"YAML file(s) merged in order onto the schema defaults (default: {default_config})",
     )
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=100")
-    args = parser.parse_args(list(argv))
+    args = parser.parse_intermixed_args(list(argv))
     files = args.config if args.config is not None else ([default_config] if default_config else [])
     return to_object(compose(schema, files, args.overrides))
 

@@ -1,46 +1,49 @@
-"""Merge the finished shards of one or more evaluation folders into results.json and scores.csv.
+"""Merge the finished records of one or more evaluation folders into results.json and scores.csv.
 
 For runs split by hand (``evaluate.py shard=i/n`` on separate jobs):
 
     python -m diffguard_pl.merge OUT_0 OUT_1 OUT_2 OUT_3 --output OUT
 
-All shards must come from the same config (their fingerprints must match);
+All records must come from the same config (their fingerprints must match; the error names the keys that
+differ);
 a sample present in several folders is counted once.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 from typing import List, Optional
 
-from diffguard_pl.config import ConfigError
+from diffguard_pl.errors import ConfigError
+from diffguard_pl.records import RECORD_DIR, read_records, records_to_columns
 from diffguard_pl.results import finalize, format_table, write_json, write_scores_csv
-from diffguard_pl.shards import SHARD_DIR, read_shard, records_to_columns
 
 
 def merge(folders: List[Path], output: Path) -> dict:
-    header, rows, seen = None, [], set()
+    """Merge the records of ``folders`` (one fingerprint; a sample counted once) into ``output``."""
     for folder in folders:
-        files = sorted((folder / SHARD_DIR).glob("*.jsonl"))
-        if not files:
-            raise FileNotFoundError(f"no shard files in {folder / SHARD_DIR}: is {folder} an evaluation output_dir?")
-        for path in files:
-            head, records, _ = read_shard(path)
-            if not head:
-                continue
-            if header is None:
-                header = head
-            elif head["fingerprint"] != header["fingerprint"]:
-                raise ConfigError(f"{path} comes from another config than {folders[0]}; refusing to merge")
-            for record in records:
-                if record["id"] not in seen:
-                    seen.add(record["id"])
-                    rows.append(record)
-    rows.sort(key=lambda r: (r["split"], r["set"], r["id"]))
+        if not any((folder / RECORD_DIR).glob("*.jsonl")):
+            raise ConfigError(f"no record files in {folder / RECORD_DIR}: is {folder} an evaluation output_dir?")
+    header, finished, _ = read_records(folders, what="merging")
+    rows = sorted(finished.values(), key=lambda r: (r["split"], r["set"], r["id"]))
     records = records_to_columns(rows)
-    results = finalize(records, header["score"], header["groups"], header["split"], 0.0, 0)
+    results = finalize(records, header["score"], header["groups"], header["split"], 0.0, 0,
+                       header.get("partners", ("ebo",)))
+    for folder in folders:  # the baselines' choice, recorded by each run beside its records
+        saved = folder / "baselines.json"
+        if saved.is_file():
+            content = json.loads(saved.read_text())
+            if content.get("fingerprint") == header["fingerprint"]:
+                results["baselines"] = content["baselines"]
+                break
+    oracle = header.get("config", {}).get("oracle", "none")
+    if oracle != "none":
+        from diffguard_pl.oracle import describe
+
+        results["oracle"] = describe(oracle)
     output.mkdir(parents=True, exist_ok=True)
     write_json(results, output / "results.json")
     write_scores_csv(records, output / "scores.csv")
@@ -56,7 +59,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         merge(args.folders, args.output)
-    except (ConfigError, FileNotFoundError) as error:
+    except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
     return 0

@@ -99,6 +99,7 @@ class DiffGuardPipeline:
         self.runtime = Runtime(cfg.runtime)
         self.force_rows = False  # tests: gather rows and per-row coefficients even where all rows agree
         self.on_model_call: Optional[Callable[[str, tuple], None]] = None  # (kind, inputs) before each model call
+        self.on_step: Optional[Callable[[int, int], None]] = None  # (iteration, most iterations) after each one
         self._finite: List[torch.Tensor] = []  # per denoiser call of a run: eps all finite (read once)
         self._constants: dict = {}  # (value, n, device) -> long tensor (timesteps, null labels)
         # load_perceptual=False (dry runs: the pipeline cannot run) checks the DISTS / LPIPS files, loads nothing.
@@ -217,8 +218,10 @@ class DiffGuardPipeline:
         with self.running():
             walk = self._start(x0, ids, labels, with_reference, latent, depth, masks)
             self._finite = []
+            most = (0 if latent is not None else self.cfg.depth) + (0 if invert_only else
+                                                                     self.ladder.synthesis_start(self.cfg.depth))
             try:
-                self._walk(walk, invert_only)
+                self._walk(walk, invert_only, most)
                 if self._finite and not bool(torch.stack(self._finite).all()):  # the run's one read of them
                     raise FloatingPointError(NONFINITE)
             finally:
@@ -258,7 +261,8 @@ class DiffGuardPipeline:
         every = len(idx) == len(walk.phase) and not self.force_rows
         return Rows(idx, None if every else idx.to(self.device, non_blocking=True), level)
 
-    def _walk(self, walk: Walk, invert_only: bool) -> None:
+    def _walk(self, walk: Walk, invert_only: bool, most: int) -> None:
+        iteration = 0
         while True:
             inv, syn = self._rows(walk, INVERT), self._rows(walk, SYNTHESISE)
             if inv is None and syn is None:
@@ -268,6 +272,9 @@ class DiffGuardPipeline:
                 self._synthesis_step(walk, syn, eps["synthesis"], eps)
             if inv is not None:
                 self._inversion_step(walk, inv, eps["inversion"], invert_only)
+            iteration += 1
+            if self.on_step is not None:
+                self.on_step(iteration, max(most, iteration))
 
     def _constant(self, value: int, n: int) -> torch.Tensor:
         """A cached device tensor of ``n`` copies of ``value`` (timesteps, null labels)."""
@@ -393,17 +400,27 @@ class DiffGuardPipeline:
         walk.phase[stopped] = DONE if invert_only else SYNTHESISE
         walk.level[stopped] = self.ladder.synthesis_start(walk.depth[stopped])
 
-    def invert(self, x0: torch.Tensor, ids: Sequence[str], labels: Optional[torch.Tensor] = None) -> dict:
-        """Inversion only (see :meth:`run`): ``latent``, ``depth`` and ``curves`` per sample. ``x0`` is in model
-        space ([-1, 1] images); ``labels`` are needed only by a conditional model without a null class."""
-        return self.run(x0, ids, labels, False, invert_only=True)
+    def invert(self, images: torch.Tensor, ids: Optional[Sequence[str]] = None,
+               labels: Optional[torch.Tensor] = None) -> dict:
+        """Inversion only (see :meth:`run`) of images in [0, 1] (checked): ``latent`` (model space), ``depth`` and
+        ``curves`` per sample. ``labels`` are needed only by a conditional model without a null class."""
+        ids = [str(i) for i in range(len(images))] if ids is None else list(ids)
+        self.check_inputs(images, ids)
+        with self.running():
+            x0 = self.encode(images.to(self.device, at_least_float32(images).dtype) * 2 - 1)
+            return self.run(x0, ids, labels, False, invert_only=True)
 
-    def synthesize(self, latent: torch.Tensor, labels: torch.Tensor, ids: Sequence[str], with_reference: bool,
-                   masks: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """Guided synthesis from ``latent``, as after ``diffguard.depth`` inversion steps (see :meth:`run`)."""
+    def synthesize(self, latent: torch.Tensor, labels: torch.Tensor, ids: Optional[Sequence[str]] = None,
+                   with_reference: bool = False, masks: Optional[torch.Tensor] = None
+                   ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Guided synthesis from a model-space ``latent`` (from :meth:`invert`), as after ``diffguard.depth``
+        inversion steps: images in [0, 1], and the unguided reference with ``with_reference``."""
+        ids = [str(i) for i in range(len(latent))] if ids is None else list(ids)
         depth = torch.full((latent.shape[0],), self.cfg.depth, dtype=torch.long)
-        out = self.run(latent, ids, labels, with_reference, latent=latent, depth=depth, masks=masks)
-        return out["synthesis"], out["reference"]
+        with self.running():
+            out = self.run(latent, ids, labels, with_reference, latent=latent, depth=depth, masks=masks)
+            reference = None if out["reference"] is None else self.to_images(out["reference"])
+            return self.to_images(out["synthesis"]), reference
 
     # ------------------------------------------------------------------ the whole method
 

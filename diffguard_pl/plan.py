@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from diffguard_pl.config import EvalConfig
 from diffguard_pl.data import Benchmark
-from diffguard_pl.evaluation import evaluation_sets
+from diffguard_pl.eval_data import evaluation_sets
 from diffguard_pl.models import Classifier, DiffusionModel
 
 

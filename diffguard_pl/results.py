@@ -17,12 +17,12 @@ from typing import Dict, List, Mapping, Sequence
 import torch
 
 from diffguard_pl.data.benchmark import IND
+from diffguard_pl.bootstrap import REPLICATES, group_mean, interval, paired_difference, replicate_aurocs
+from diffguard_pl.detectors import (
+    DIFFGUARD, FUSION_PARTNERS, ORACLE_PREFIX, add_derived_detectors, detector_columns, select,
+)
 from diffguard_pl.metrics import ood_metrics
 
-DIFFGUARD = "diffguard"
-FUSED = "diffguard+ebo"
-ORACLE_PREFIX = "oracle-"  # oracle-<mode>/<detector>, see diffguard_pl/oracle.py
-META_COLUMNS = ("id", "set", "split", "label", "pred", "depth", "unet_evals")
 # Averaged over the near / far groups: AUROC and both FPR@95 conventions (see diffguard_pl/metrics.py).
 NEAR_FAR_KEYS = ("auroc", "fpr95_classic", "fpr95_openood")
 
@@ -46,78 +46,79 @@ def merge_records(parts: Sequence[Mapping[str, list]]) -> Dict[str, list]:
     return {c: [r[c] for r in rows] for c in columns}
 
 
-def _select(records: Mapping[str, list], split: str, set_name: str, column: str) -> torch.Tensor:
-    values = [v for v, sp, s in zip(records[column], records["split"], records["set"]) if sp == split and s == set_name]
-    return torch.tensor(values, dtype=torch.float64)
+def headline(detector: str) -> bool:
+    """Detectors whose AUROC intervals are computed: each DiffGuard score, fused detector, baseline and oracle,
+    not every distance variant (``diffguard/<distance>``)."""
+    return "/" not in detector.split("/", 1)[-1] if detector.startswith(ORACLE_PREFIX) else "/" not in detector
 
 
-def add_derived_detectors(records: Dict[str, list], score: str, partners: Sequence[str] = ("ebo",)) -> List[str]:
-    """Add ``diffguard`` (the configured distance) and ``diffguard+X`` for each partner X (z-scores summed).
-
-    The z-score normalisation of every detector is fitted on the InD validation split only; oracle variants
-    (``oracle-<mode>/...``) get the same normalisation. With fewer than two InD validation samples (a small
-    ``shard=i/n`` slice) the fused detectors cannot be fitted and are left out; the returned notes say so.
-    """
-    prefixes = [""] + sorted({c.split("/")[0] + "/" for c in records if c.startswith(ORACLE_PREFIX)})
-    for prefix in prefixes:
-        source = f"{prefix}{DIFFGUARD}/{score}"
-        if source in records:
-            records[f"{prefix}{DIFFGUARD}"] = list(records[source])
-    val_dg = _select(records, "val", IND, f"{DIFFGUARD}/{score}")
-    if len(val_dg) < 2:
-        return [f"fused detectors left out: their normalisation needs at least 2 InD validation samples, "
-                f"got {len(val_dg)}"]
-    norm = {DIFFGUARD: (float(val_dg.mean()), float(val_dg.std()) or 1.0)}
-    for partner in partners:
-        values = _select(records, "val", IND, partner)
-        norm[partner] = (float(values.mean()), float(values.std()) or 1.0)
-    for prefix in prefixes:
-        if f"{prefix}{DIFFGUARD}" not in records:
-            continue
-        for partner in partners:
-            (mu_d, sd_d), (mu_p, sd_p) = norm[DIFFGUARD], norm[partner]
-            records[f"{prefix}{DIFFGUARD}+{partner}"] = [
-                (d - mu_d) / sd_d + (p - mu_p) / sd_p for d, p in zip(records[f"{prefix}{DIFFGUARD}"], records[partner])
-            ]
-    return []
-
-
-def detector_columns(records: Mapping[str, list]) -> List[str]:
-    return [c for c in records if c not in META_COLUMNS]
-
-
-def summarize(records: Mapping[str, list], groups: Mapping[str, str], split: str = "test") -> dict:
+def summarize(records: Mapping[str, list], groups: Mapping[str, str], split: str = "test",
+              replicates: int = REPLICATES) -> dict:
     """results.json content (without throughput): accuracy, per-set and near / far metrics per detector.
 
     ``groups`` maps each OOD set name to "near" or "far"; only records of ``split`` count. Per set:
-    every key of ``ood_metrics``; near / far: the means of ``NEAR_FAR_KEYS`` over the group's sets.
+    every key of ``ood_metrics``; near / far: the means of ``NEAR_FAR_KEYS`` over the group's sets. For the
+    headline detectors, ``auroc_ci``: a 95% bootstrap interval over test samples (diffguard_pl/bootstrap.py).
     """
-    ind_label = _select(records, split, IND, "label")
-    ind_pred = _select(records, split, IND, "pred")
+    ind_label = select(records, split, IND, "label")
+    ind_pred = select(records, split, IND, "pred")
     result = {
         "id_accuracy": float((ind_label == ind_pred).double().mean()) if len(ind_label) else float("nan"),
         "detectors": {},
-        "num_samples": {IND: len(ind_label), **{s: len(_select(records, split, s, "label")) for s in groups}},
+        "num_samples": {IND: len(ind_label), **{s: len(select(records, split, s, "label")) for s in groups}},
+        "intervals": f"95% percentile bootstrap over {split} samples, {replicates} replicates, seed 0",
     }
+    present = [s for s in groups if result["num_samples"][s] > 0]
     for detector in detector_columns(records):
-        ind = _select(records, split, IND, detector)
-        per_ood = {s: ood_metrics(ind, _select(records, split, s, detector)) for s in groups
-                   if result["num_samples"][s] > 0}
+        ind = select(records, split, IND, detector)
+        oods = {s: select(records, split, s, detector) for s in present}
+        per_ood = {s: ood_metrics(ind, oods[s]) for s in present}
         entry = {"per_ood": per_ood}
+        draws = replicate_aurocs(ind, oods, replicates) if headline(detector) and len(ind) and replicates else None
         for group in ("near", "far"):
-            members = [per_ood[s] for s in per_ood if groups[s] == group]
+            members = [s for s in per_ood if groups[s] == group]
             entry[group] = {
-                key: (sum(m[key] for m in members) / len(members) if members else float("nan"))
+                key: (sum(per_ood[m][key] for m in members) / len(members) if members else float("nan"))
                 for key in NEAR_FAR_KEYS
             }
+            if draws is not None and members:
+                entry[group]["auroc_ci"] = list(interval(group_mean(draws, members)))
+        if draws is not None:
+            for s in present:
+                per_ood[s]["auroc_ci"] = list(interval(draws[s]))
         result["detectors"][detector] = entry
+    result["comparisons"] = comparisons(records, groups, split, replicates)
     return result
 
 
+def comparisons(records: Mapping[str, list], groups: Mapping[str, str], split: str = "test",
+                replicates: int = REPLICATES) -> dict:
+    """Paired bootstrap differences of near / far AUROC on the same samples: each fused detector against its
+    partner alone, and each oracle against DiffGuard: ``{"a - b": {"near": [point, lo, hi], "far": ...}}``."""
+    pairs = [(c, c.split("+", 1)[1]) for c in records if c.startswith(DIFFGUARD + "+")]
+    pairs += [(c, DIFFGUARD) for c in records if c.startswith(ORACLE_PREFIX) and c.endswith("/" + DIFFGUARD)]
+    out = {}
+    present = [s for s in groups if len(select(records, split, s, "label"))]
+    for a, b in pairs:
+        if b not in records or not replicates:
+            continue
+        scores = {d: (select(records, split, IND, d), {s: select(records, split, s, d) for s in present})
+                  for d in (a, b)}
+        if not len(scores[a][0]):
+            continue
+        entry = {}
+        for group in ("near", "far"):
+            members = [s for s in present if groups[s] == group]
+            if members:
+                entry[group] = list(paired_difference(*scores[a], *scores[b], members, replicates))
+        out[f"{a} - {b}"] = entry
+    return out
+
+
 def finalize(records: Dict[str, list], score: str, groups: Mapping[str, str], split: str, seconds: float,
-             new_images: int) -> dict:
+             new_images: int, partners: Sequence[str] = FUSION_PARTNERS) -> dict:
     """Derived detectors, metrics and throughput (over the ``new_images`` evaluated in ``seconds``)."""
-    notes = add_derived_detectors(records, score)
+    notes = add_derived_detectors(records, score, partners)
     result = summarize(records, groups, split)
     if notes:
         result["notes"] = notes
@@ -132,7 +133,8 @@ def finalize(records: Dict[str, list], score: str, groups: Mapping[str, str], sp
 
 
 def write_scores_csv(records: Mapping[str, list], path: str | Path) -> None:
-    columns = list(records.keys())
+    """One row per sample: the meta columns and every detector's score (the per-step curves stay in records/)."""
+    columns = [c for c in records if not c.startswith("curve/")]
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
@@ -151,6 +153,14 @@ def write_json(result: dict, path: str | Path) -> None:
     Path(path).write_text(json.dumps(clean(result), indent=2))
 
 
+def _cell(metrics: dict, key: str) -> str:
+    value = f"{100 * metrics[key]:.1f}"
+    if key == "auroc" and "auroc_ci" in metrics:
+        lo, hi = metrics["auroc_ci"]
+        value += f" [{100 * lo:.1f}, {100 * hi:.1f}]"
+    return value
+
+
 def format_table(result: dict, groups: Mapping[str, str]) -> str:
     """Detectors by rows; per-set AUROC (full set names), then near / far AUROC, FPR@95 classic and OpenOOD (%)."""
     sets = list(groups)
@@ -159,12 +169,13 @@ def format_table(result: dict, groups: Mapping[str, str]) -> str:
     rows = []
     for name, entry in result["detectors"].items():
         cells = [name] + [f"{100 * entry['per_ood'][s]['auroc']:.1f}" if s in entry["per_ood"] else "-" for s in sets]
-        cells += [f"{100 * entry[g][k]:.1f}" for g in ("near", "far") for k in NEAR_FAR_KEYS]
+        cells += [_cell(entry[g], k) for g in ("near", "far") for k in NEAR_FAR_KEYS]
         rows.append(cells)
     widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
     lines = [line(header), line(["-" * w for w in widths])] + [line(r) for r in rows]
-    lines.append("all values in %; per-set columns: AUROC. FPR@95 classic: OOD accepted when 95% of InD is kept "
+    lines.append("all values in %; per-set columns: AUROC; [a, b]: 95% bootstrap interval over test samples. "
+                 "FPR@95 classic: OOD accepted when 95% of InD is kept "
                  "(InD positive, the paper's); FPR@95 OpenOOD: InD flagged when 95% of OOD is detected "
                  "(OOD positive, OpenOOD v1.5's leaderboard)")
     lines.append(f"InD accuracy: {100 * result['id_accuracy']:.2f}%")

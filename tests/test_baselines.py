@@ -345,7 +345,7 @@ class Poisoned(torch.utils.data.Dataset):
 def test_classifier_baselines_tuned_on_validation_splits_only(benchmark):
     from diffguard_pl.config import EvalConfig
     from diffguard_pl.data.benchmark import Benchmark, OODSet
-    from diffguard_pl.evaluation import fit_classifier_baselines
+    from diffguard_pl.eval_data import fit_classifier_baselines
     from diffguard_pl.models import ClassifierSpec, build_classifier
 
     torch.manual_seed(0)

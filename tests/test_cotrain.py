@@ -11,12 +11,12 @@ from torch.utils.data import DataLoader
 
 from diffguard_pl import config as config_lib
 from diffguard_pl.config import ConfigError, CoTrainConfig, DiffusionConfig, EvalConfig, OptimConfig, TrainConfig
-from diffguard_pl.evaluation import evaluate
+from diffguard_pl.eval_job import evaluate
 from diffguard_pl.models import ClassifierSpec, DiffusionModel, build_scheduler, build_unet, load_classifier
 from diffguard_pl.models import load_diffusion
 from diffguard_pl.modules import ClassifierModule, JointModule
 from diffguard_pl.modules.cotrain import clean_estimates, load_diffusion_with_scheduler
-from diffguard_pl.training import train
+from diffguard_pl.train_job import train
 
 from conftest import ROOT, eval_argv
 
@@ -119,7 +119,8 @@ def make_cfg(tmp_path, *overrides, files=("train_cotrain.yaml",)):
 @pytest.mark.parametrize("name", ["train_classifier_finetune.yaml", "train_cotrain.yaml", "train_joint.yaml"])
 def test_measurement_configs_load(name):
     cfg = config_lib.load(TrainConfig, [f"--config={ROOT / 'conf' / name}"], None)
-    assert cfg.classifier.pretrained_path == "checkpoints/digits/classifier/model.safetensors"
+    # relative to the preset's project, whatever the working directory
+    assert cfg.classifier.pretrained_path == str(ROOT / "checkpoints/digits/classifier/model.safetensors")
     assert cfg.seed == 0 and cfg.trainer.max_steps == 300 and cfg.optim.lr == 1e-3
 
 

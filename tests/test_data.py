@@ -2,7 +2,8 @@ import pytest
 import torch
 
 from diffguard_pl.config import DataConfig
-from diffguard_pl.data import IND, OOD_LABEL, BenchmarkDataModule, build_benchmark, sample_seed
+from diffguard_pl.data import IND, OOD_LABEL, build_benchmark, sample_seed
+from diffguard_pl.data.datamodule import BenchmarkDataModule
 from diffguard_pl.data.digits import FAR_OOD, NEAR_OOD
 
 
@@ -98,16 +99,16 @@ def test_bad_data_config_fails_with_key():
 
 
 def test_shard_sampler_covers_every_index_once():
-    from diffguard_pl.data.sampler import ShardSampler
+    from diffguard_pl.data.sampler import DistributedEvalSampler
 
     for length, world in [(10, 3), (3, 3), (0, 2), (7, 1)]:
-        shards = [list(ShardSampler(length, rank, world)) for rank in range(world)]
+        shards = [list(DistributedEvalSampler(length, rank, world)) for rank in range(world)]
         assert sorted(i for s in shards for i in s) == list(range(length))
-        assert [len(ShardSampler(length, r, world)) for r in range(world)] == [len(s) for s in shards]
+        assert [len(DistributedEvalSampler(length, r, world)) for r in range(world)] == [len(s) for s in shards]
 
 
 def test_shard_sampler_gives_an_empty_rank_one_repeat():
-    from diffguard_pl.data.sampler import ShardSampler
+    from diffguard_pl.data.sampler import DistributedEvalSampler
 
-    shards = [list(ShardSampler(2, rank, 3)) for rank in range(3)]
+    shards = [list(DistributedEvalSampler(2, rank, 3)) for rank in range(3)]
     assert shards == [[0], [1], [0]]  # rank 2 repeats sample 0; results keep one record per id

@@ -9,7 +9,8 @@ from PIL import Image
 from torch.utils.data import ConcatDataset, DataLoader
 
 from diffguard_pl.config import DataConfig
-from diffguard_pl.data import IND, OOD_LABEL, BenchmarkDataModule, sample_seed
+from diffguard_pl.data import IND, OOD_LABEL, sample_seed
+from diffguard_pl.data.datamodule import BenchmarkDataModule
 from diffguard_pl.data.files import (
     OPENOOD_BENCHMARKS,
     DataError,
@@ -130,7 +131,7 @@ def test_corrupt_file_raises_when_read(small_tree, tmp_path):
     entries, _ = read_image_list(lst, small_tree)
     images = FileImageSet("s", entries, standard_transform("resize", 16))
     assert images[0]["image"].shape == (3, 16, 16)
-    with pytest.raises(DataError, match=rf"{lst}:2: .*corrupt\.png.*on_error='skip'"):
+    with pytest.raises(DataError, match=rf"{lst}:2: .*corrupt\.png.*data.on_error=skip"):
         images[1]
 
 
@@ -141,7 +142,7 @@ def test_grayscale_raises_or_converts(small_tree):
     entry = read_image_folder(small_tree / "b", extensions=(".png",))
     gray = [e for e in entry if e.id == "gray.png"]
     transform = standard_transform("resize", 16)
-    with pytest.raises(DataError, match=r"gray\.png.*grayscale.*allow_grayscale: true"):
+    with pytest.raises(DataError, match=r"gray\.png.*grayscale.*data.allow_grayscale=true"):
         FileImageSet("s", gray, transform)[0]
     with pytest.raises(DataError, match="allow_grayscale"):
         verify(gray)

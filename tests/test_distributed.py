@@ -72,16 +72,18 @@ def test_two_processes_equal_one(tmp_path, small_models, full_run):
         for set_name, values in entry["per_ood"].items():
             for key, value in values.items():
                 assert value == pytest.approx(m2["detectors"][name]["per_ood"][set_name][key], abs=1e-9)
-    shard_files = list((tmp_path / "two" / "shards").glob("*.jsonl"))
+    shard_files = list((tmp_path / "two" / "records").glob("*.jsonl"))
     assert len(shard_files) == 2  # one per rank
 
 
+@pytest.mark.slow
 def test_a_rank_with_no_samples(tmp_path, small_models):
     # shard 0/48 of 48 samples is a single sample: the second process gets none.
     run_eval(tmp_path / "tiny", small_models, "shard=0/48", "trainer.devices=2", "trainer.strategy=ddp")
     assert len(read_scores(tmp_path / "tiny")) == 1
 
 
+@pytest.mark.slow  # the default suite resumes after SIGTERM (below), torn last line included
 def test_killed_run_resumes_to_identical_results(tmp_path, small_models, full_run):
     out = tmp_path / "killed"
     argv = eval_argv(out, small_models, *EXTRA, "data.eval_batch_size=2")
@@ -89,7 +91,7 @@ def test_killed_run_resumes_to_identical_results(tmp_path, small_models, full_ru
                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline:
-        files = list((out / "shards").glob("*.jsonl")) if (out / "shards").exists() else []
+        files = list((out / "records").glob("*.jsonl")) if (out / "records").exists() else []
         lines = sum(len(p.read_text().splitlines()) for p in files)
         if lines >= 11:  # the header and at least five batches
             break
@@ -97,7 +99,7 @@ def test_killed_run_resumes_to_identical_results(tmp_path, small_models, full_ru
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert not (out / "results.json").exists()
-    (shard,) = (out / "shards").glob("*.jsonl")
+    (shard,) = (out / "records").glob("*.jsonl")
     with open(shard, "a") as handle:
         handle.write('{"id": "torn-wri')  # a write cut short by the crash
     resumed = run_eval(out, small_models, "data.eval_batch_size=2")
@@ -110,12 +112,18 @@ def test_killed_run_resumes_to_identical_results(tmp_path, small_models, full_ru
     assert metrics(out) == metrics(full_run)
 
 
-def test_resume_with_changed_config_is_refused(tmp_path, small_models):
+def test_resume_and_merge_refuse_another_config_naming_the_keys(tmp_path, small_models):
     out = tmp_path / "run"
     run_eval(out, small_models, "shard=0/8")
     changed = run_eval(out, small_models, "shard=0/8", "diffguard.aes.psnr=24", check=False)
-    assert changed.returncode == 2
-    assert "diffguard.aes.psnr" in changed.stderr and "another config" in changed.stderr
+    lines = [line for line in changed.stderr.splitlines() if line.strip()]
+    assert changed.returncode == 2 and len(lines) == 1 and "another config" in lines[0]
+    assert "diffguard.aes.psnr: 23.0 then, 24.0 now" in lines[0]
+    run_eval(tmp_path / "other", small_models, "shard=1/8", "diffguard.aes.psnr=24")
+    merged = subprocess.run([sys.executable, "-m", "diffguard_pl.merge", str(out), str(tmp_path / "other"),
+                             "--output", str(tmp_path / "merged")], capture_output=True, text=True, cwd=ROOT)
+    line = next(line for line in merged.stderr.splitlines() if line.startswith("error:"))
+    assert merged.returncode == 2 and "another config" in line and "diffguard.aes.psnr: 24.0 then, 23.0 now" in line
 
 
 def test_shards_split_by_hand_merge_to_the_full_result(tmp_path, small_models, full_run):
@@ -127,3 +135,33 @@ def test_shards_split_by_hand_merge_to_the_full_result(tmp_path, small_models, f
     assert merged.returncode == 0, merged.stderr
     assert_same_scores(read_scores(tmp_path / "merged"), read_scores(full_run))
     assert metrics(tmp_path / "merged") == metrics(full_run)
+
+
+def test_sigterm_stops_promptly_keeps_finished_samples_and_resumes(tmp_path, small_models, full_run):
+    """What SLURM or Kubernetes send before killing a job: the run stops after the current model call, says
+    that the same command resumes, exits with 143, and the resumed run equals an uninterrupted one."""
+    out = tmp_path / "terminated"
+    argv = eval_argv(out, small_models, *EXTRA, "data.eval_batch_size=2")
+    process = subprocess.Popen([sys.executable, str(ROOT / "evaluate.py"), *argv], cwd=ROOT, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        files = list((out / "records").glob("*.jsonl")) if (out / "records").exists() else []
+        if sum(len(p.read_text().splitlines()) for p in files) >= 7:  # the header and at least three batches
+            break
+        time.sleep(0.2)
+    sent = time.time()
+    process.send_signal(signal.SIGTERM)
+    stdout, stderr = process.communicate(timeout=60)
+    took = time.time() - sent
+    assert process.returncode == 143, stderr[-2000:]
+    # A batch of two tiny samples is well under a second of work: stopping waits for one model call, not the run.
+    assert took < 15, took
+    assert "SIGTERM" in stderr and "run the same command again to resume" in stderr
+    assert "Traceback" not in stderr and not (out / "results.json").exists()
+    (records,) = (out / "records").glob("*.jsonl")
+    with open(records, "a") as handle:
+        handle.write('{"id": "torn-wri')  # and a write cut short, as a SIGKILL would leave it
+    resumed = run_eval(out, small_models, "data.eval_batch_size=2")
+    assert "resuming" in resumed.stdout and "torn" in resumed.stdout
+    assert_same_scores(read_scores(out), read_scores(full_run))

@@ -10,8 +10,9 @@ import torch
 
 from diffguard_pl import config as config_lib
 from diffguard_pl.config import EvalConfig
-from diffguard_pl.evaluation import evaluate
-from diffguard_pl.results import add_derived_detectors, merge_records, summarize
+from diffguard_pl.eval_job import evaluate
+from diffguard_pl.detectors import add_derived_detectors
+from diffguard_pl.results import merge_records, summarize
 
 from conftest import ROOT, eval_argv
 
@@ -27,13 +28,16 @@ def test_evaluate_writes_results_and_scores(tmp_path, small_models, benchmark):
     assert DETECTORS <= names
     assert {f"diffguard/{d}" for d in cfg.diffguard.distances} <= names
     assert {"oracle-ind/diffguard", "oracle-ind/diffguard/l2"} <= names
-    for entry in saved["detectors"].values():
+    for name, entry in saved["detectors"].items():
         assert set(entry["per_ood"]) == {"digits_6to9", "textures", "faces", "photos", "noise", "constant"}
+        interval = {"auroc_ci"} if "/" not in name.replace("oracle-ind/", "") else set()
         for metrics in entry["per_ood"].values():
             assert set(metrics) == {"auroc", "fpr95_classic", "fpr95_openood", "aupr_in", "aupr_out",
-                                    "aupr_in_openood", "aupr_out_openood"}
-            assert all(0.0 <= v <= 1.0 for v in metrics.values())
-        assert set(entry["near"]) == set(entry["far"]) == {"auroc", "fpr95_classic", "fpr95_openood"}
+                                    "aupr_in_openood", "aupr_out_openood"} | interval
+            assert all(0.0 <= v <= 1.0 for k, v in metrics.items() if k != "auroc_ci")
+            if interval:
+                assert metrics["auroc_ci"][0] <= metrics["auroc"] <= metrics["auroc_ci"][1]
+        assert set(entry["near"]) == set(entry["far"]) == {"auroc", "fpr95_classic", "fpr95_openood"} | interval
     assert saved["num_samples"] == {"ind": 6, "digits_6to9": 6, "textures": 6, "faces": 6, "photos": 6,
                                     "noise": 6, "constant": 6}
     assert 0.0 <= saved["id_accuracy"] <= 1.0
@@ -139,7 +143,7 @@ def test_wandb_offline_run_holds_curves_images_and_same_results(tmp_path, small_
 
 def test_out_of_memory_names_the_batch_and_keeps_finished_samples(tmp_path, small_models, benchmark, monkeypatch):
     from diffguard_pl.pipeline import DiffGuardPipeline
-    from diffguard_pl.shards import read_shard
+    from diffguard_pl.records import read_file
 
     original, calls = DiffGuardPipeline.__call__, []
 
@@ -153,8 +157,8 @@ def test_out_of_memory_names_the_batch_and_keeps_finished_samples(tmp_path, smal
     cfg = config_lib.load(EvalConfig, eval_argv(tmp_path, small_models, "data.eval_batch_size=4"), None)
     with pytest.raises(RuntimeError, match=r"out of memory in test batch 2 .*data.eval_batch_size.*resumes"):
         evaluate(cfg, benchmark)
-    (shard,) = (tmp_path / "shards").glob("*.jsonl")
-    assert len(read_shard(shard)[1]) == 8  # the two finished batches are on disk
+    (records,) = (tmp_path / "records").glob("*.jsonl")
+    assert len(read_file(records)[1]) == 8  # the two finished batches are on disk
     monkeypatch.setattr(DiffGuardPipeline, "__call__", original)
     results = evaluate(cfg, benchmark)  # the same command resumes and completes
     assert sum(results["num_samples"].values()) == 6 * 7

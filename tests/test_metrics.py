@@ -294,13 +294,15 @@ def test_summary_and_table_carry_both_fpr_conventions():
     groups = {n: g for n, (g, _) in names.items()}
     result = summarize(records, groups)
     entry = result["detectors"]["det"]
+    table = format_table(result, groups).splitlines()
+    lo, hi = entry["near"].pop("auroc_ci")  # a 95% bootstrap interval around the point estimate
+    assert lo <= entry["near"]["auroc"] <= hi and 0 < hi - lo < 0.5
     assert entry["near"] == {k: ood_metrics(ind, ood)[k] for k in ("auroc", "fpr95_classic", "fpr95_openood")}
     assert entry["far"]["fpr95_openood"] == fpr_at_tpr_openood(ind, far)
-    table = format_table(result, groups).splitlines()
-    header, row = table[0].split("  "), table[2].split()
-    header = [h.strip() for h in header if h.strip()]
+    header = [h.strip() for h in table[0].split("  ") if h.strip()]
     assert header[1:3] == list(groups)  # full set names
     assert header[3:] == [f"{g} {k}" for g in ("near", "far") for k in ("AUROC", "FPR@95 classic", "FPR@95 OpenOOD")]
-    assert row[1 + 2 + 2] == f"{100 * entry['near']['fpr95_openood']:.1f}"
+    near_auroc = f"{100 * entry['near']['auroc']:.1f} [{100 * lo:.1f}, {100 * hi:.1f}]"
+    assert near_auroc in table[2] and f"{100 * entry['near']['fpr95_openood']:.1f}" in table[2]
     footer = "\n".join(table[3:])
     assert "%" in footer and "FPR@95 classic: OOD accepted" in footer and "FPR@95 OpenOOD: InD flagged" in footer

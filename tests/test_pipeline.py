@@ -49,7 +49,7 @@ def test_synthesis_starts_where_inversion_stopped():
     images = torch.rand(3, 1, 16, 16)
     unet = RecordingUNet(torch.randn(3, 1, 16, 16))
     pipe = DiffGuardPipeline(DiffusionModel(unet, ALPHAS), small_classifier(), unguided(num_steps=10, depth=6))
-    latent = pipe.invert(images * 2 - 1, ["a", "b", "c"])["latent"]
+    latent = pipe.invert(images, ["a", "b", "c"])["latent"]
     inversion_calls = list(unet.calls)
     pipe.synthesize(latent, torch.zeros(3, dtype=torch.long), ["a", "b", "c"], with_reference=False)
     synthesis_calls = unet.calls[len(inversion_calls):]
@@ -191,8 +191,8 @@ def test_oracle_only_redoes_samples_whose_label_differs():
         assert oracle[name][2] == out["scores"][name][2]  # OOD: keeps the prediction
     assert out["unet_evals"].tolist() == [6, 9, 6, 9]
     # The oracle score is the score of guiding by the oracle label directly.
-    forced = pipe.synthesize(pipe.invert(images[1:2] * 2 - 1, ids[1:2])["latent"], oracle_labels[1:2], ids[1:2], False)[0]
-    l2 = ((forced + 1) / 2).clamp(0, 1).sub(images[1:2]).pow(2).mean()
+    forced = pipe.synthesize(pipe.invert(images[1:2], ids[1:2])["latent"], oracle_labels[1:2], ids[1:2], False)[0]
+    l2 = forced.sub(images[1:2]).pow(2).mean()
     assert torch.allclose(oracle["l2"][1], l2, rtol=1e-4)
 
 

@@ -12,7 +12,7 @@ from PIL import Image
 from diffguard_pl import config as config_lib
 from diffguard_pl.config import ConfigError, DiffusionConfig, EvalConfig
 from diffguard_pl.data.files import OPENOOD_BENCHMARKS, DataError
-from diffguard_pl.evaluation import evaluate
+from diffguard_pl.eval_job import evaluate
 from diffguard_pl.models import DiffusionModel, build_scheduler, build_unet, load_diffusion, save_diffusion
 from diffguard_pl.models.classifier import MissingCheckpointError
 

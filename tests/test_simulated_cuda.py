@@ -13,8 +13,9 @@ import json
 import pytest
 import torch
 
-import diffguard_pl.evaluation as evaluation
-import diffguard_pl.training as training
+import diffguard_pl.eval_job as eval_job
+import diffguard_pl.train_job as train_job
+import diffguard_pl.lightning_setup as lightning_setup
 from diffguard_pl import config as config_lib
 from diffguard_pl.config import EvalConfig, TrainConfig
 from diffguard_pl.ddim import Ladder
@@ -99,8 +100,9 @@ def run_both(pipe_cpu, pipe_gpu, images, ids, oracle=None):
                          "diffguard.aes.min_depth=1", "diffguard.distances=[l2,ssim,psnr,logit_l1,feature_cos]"]),
     ("digits_gdm.yaml", ["diffguard.runtime.channels_last=true", "diffguard.runtime.inference_mode=false"]),
     ("digits_cfg.yaml", ["diffguard.reference=unguided"]),
-    ("digits_gdm.yaml", ["diffguard.runtime.autocast=bf16", "diffguard.runtime.channels_last=true"]),
-    ("digits_cfg.yaml", ["diffguard.runtime.autocast=bf16"]),
+    pytest.param("digits_gdm.yaml", ["diffguard.runtime.autocast=bf16", "diffguard.runtime.channels_last=true"],
+                 marks=pytest.mark.slow),  # bf16 is emulated on CPUs without AVX-512 BF16
+    pytest.param("digits_cfg.yaml", ["diffguard.runtime.autocast=bf16"], marks=pytest.mark.slow),
 ], ids=["gdm_aes_reference", "gdm_channels_last", "cfg_dsg", "gdm_bf16", "cfg_dsg_bf16"])
 def test_pipeline_on_the_simulated_gpu_equals_the_cpu(benchmark, name, overrides):
     cfg = preset(name, "diffguard.num_steps=10", "diffguard.depth=6", *overrides)
@@ -188,10 +190,10 @@ def test_a_tensor_left_on_the_cpu_fails_on_the_simulated_gpu(benchmark, monkeypa
 
 def use_simulated_gpu(monkeypatch, module):
     """Make ``module.trainer_kwargs`` hand Lightning a simulated-GPU strategy; returns the strategies made."""
-    made, original = [], training.trainer_kwargs
+    made, original = [], lightning_setup.trainer_kwargs
 
-    def kwargs(t):
-        out = original(t)
+    def kwargs(t, training=False):
+        out = original(t, training)
         out.pop("accelerator")
         made.append(simulated_gpu_strategy())
         out["strategy"] = made[-1]
@@ -207,10 +209,10 @@ def test_evaluate_on_the_simulated_gpu_equals_the_cpu(tmp_path, benchmark, monke
             "diffguard.reference=unguided", "diffguard.aes.enabled=true", "diffguard.aes.psnr=12",
             "diffguard.aes.min_depth=1", "callbacks.reconstructions=2", "logger=wandb", f"models.classifier={CHECKPOINTS / 'classifier'}",
             f"models.diffusion={CHECKPOINTS / 'diffusion_uncond'}"]
-    cpu = evaluation.evaluate(config_lib.load(EvalConfig, argv + [f"output_dir={tmp_path / 'cpu'}"], None), benchmark)
-    strategies = use_simulated_gpu(monkeypatch, evaluation)
+    cpu = eval_job.evaluate(config_lib.load(EvalConfig, argv + [f"output_dir={tmp_path / 'cpu'}"], None), benchmark)
+    strategies = use_simulated_gpu(monkeypatch, lightning_setup)
     with simulated_cuda():
-        gpu = evaluation.evaluate(config_lib.load(EvalConfig, argv + [f"output_dir={tmp_path / 'gpu'}"], None),
+        gpu = eval_job.evaluate(config_lib.load(EvalConfig, argv + [f"output_dir={tmp_path / 'gpu'}"], None),
                                   benchmark)
     (strategy,) = strategies
     assert strategy.seen and all(seen == ({"cuda:0"}, {"cuda:0"}) for seen in strategy.seen)
@@ -228,10 +230,10 @@ def test_evaluate_on_the_simulated_gpu_equals_the_cpu(tmp_path, benchmark, monke
 def test_training_on_the_simulated_gpu_equals_the_cpu(tmp_path, benchmark, monkeypatch, files, extra):
     argv = [f"--config={ROOT / 'conf' / files}", "trainer.max_steps=2", "trainer.enable_progress_bar=false",
             "trainer.limit_val_batches=1", "data.batch_size=8", "trainer.log_every_n_steps=1", *extra]
-    cpu = training.train(config_lib.load(TrainConfig, argv + [f"output_dir={tmp_path / 'cpu'}"], None), benchmark)
-    strategies = use_simulated_gpu(monkeypatch, training)
+    cpu = train_job.train(config_lib.load(TrainConfig, argv + [f"output_dir={tmp_path / 'cpu'}"], None), benchmark)
+    strategies = use_simulated_gpu(monkeypatch, train_job)
     with simulated_cuda():
-        gpu = training.train(config_lib.load(TrainConfig, argv + [f"output_dir={tmp_path / 'gpu'}"], None), benchmark)
+        gpu = train_job.train(config_lib.load(TrainConfig, argv + [f"output_dir={tmp_path / 'gpu'}"], None), benchmark)
     assert strategies[0].seen and all(seen == ({"cuda:0"}, {"cuda:0"}) for seen in strategies[0].seen)
     assert cpu == gpu
     for exported in ("classifier/model.safetensors", "diffusion/unet/diffusion_pytorch_model.safetensors"):
@@ -242,6 +244,7 @@ def test_training_on_the_simulated_gpu_equals_the_cpu(tmp_path, benchmark, monke
 # --------------------------------------------------------------------------- the benchmark script
 
 
+@pytest.mark.slow
 def test_throughput_script_runs_its_cuda_path(tmp_path):
     """benchmarks/throughput.py --device cuda end to end, the paper-scale part as benchmarks/gpu_check.sh runs it
     (its torch.cuda calls answered by the simulator; the floor skipped: on a CPU its matmul rate would time

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import ROOT, eval_argv
-from diffguard_pl import shards
+from diffguard_pl import records as records_lib
 from diffguard_pl.config import ConfigError, EvalConfig, RuntimeConfig, compose, to_object
 from diffguard_pl.models import load_classifier, load_diffusion
 from diffguard_pl.oracle import Oracle
@@ -173,8 +173,14 @@ def test_runtime_config_checks_the_autocast_choice():
     assert cfg.diffguard.runtime.autocast == "bf16" and cfg.diffguard.runtime.channels_last
 
 
-@pytest.mark.parametrize("autocast", ["bf16", "fp16"])
-@pytest.mark.parametrize("name", ["digits_gdm.yaml", "digits_cfg.yaml"])
+# Half precision is emulated on CPUs without AVX-512 BF16 / FP16 (minutes per run there): one quick case in the
+# default suite, the rest marked slow.
+@pytest.mark.parametrize("name, autocast", [
+    ("digits_gdm.yaml", "fp16"),
+    pytest.param("digits_cfg.yaml", "fp16", marks=pytest.mark.slow),
+    pytest.param("digits_gdm.yaml", "bf16", marks=pytest.mark.slow),
+    pytest.param("digits_cfg.yaml", "bf16", marks=pytest.mark.slow),
+])
 def test_autocast_stays_close_to_fp32_and_changes_the_fingerprint(benchmark, name, autocast):
     """Tolerance: the same predictions; per distance a median relative gap below 5% and a Spearman rank
     correlation of at least 0.99 (measured with 14 of 20 steps: bf16 0.4-1.9% and >= 0.995, fp16 0.04-0.5%
@@ -194,7 +200,7 @@ def test_autocast_stays_close_to_fp32_and_changes_the_fingerprint(benchmark, nam
         assert fp32["scores"][distance].dtype == low["scores"][distance].dtype == torch.float32
     low_cfg = copy.deepcopy(cfg)
     low_cfg.diffguard.runtime.autocast = autocast
-    assert shards.fingerprint(shards.result_config(cfg)) != shards.fingerprint(shards.result_config(low_cfg))
+    assert records_lib.fingerprint(records_lib.result_config(cfg)) != records_lib.fingerprint(records_lib.result_config(low_cfg))
 
 
 @pytest.mark.parametrize("name", ["digits_gdm.yaml", "digits_cfg.yaml"])

@@ -8,7 +8,7 @@ import torch
 from diffguard_pl import config as config_lib
 from diffguard_pl.config import TrainConfig
 from diffguard_pl.models import load_classifier, load_diffusion
-from diffguard_pl.training import train
+from diffguard_pl.train_job import train
 
 from conftest import ROOT
 
@@ -48,7 +48,7 @@ def test_train_diffusion_exports_loadable_model(tmp_path, benchmark, cfg_file):
 
 
 def test_training_changes_weights_and_ema_lags(tmp_path, benchmark):
-    from diffguard_pl.training import build_module
+    from diffguard_pl.train_job import build_module
 
     cfg = make_cfg(tmp_path, *TINY_UNET, files=("train_diffusion_cond.yaml",))
     torch.manual_seed(0)

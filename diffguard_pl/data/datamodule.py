@@ -9,35 +9,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 
 from diffguard_pl.config import DataConfig
 from diffguard_pl.data.benchmark import Benchmark
-
-
-def file_transform(cfg: DataConfig):
-    """The preprocessing of a file benchmark: its standard one unless data.preprocess / data.resize say otherwise."""
-    from diffguard_pl.data.files import default_transform, standard_transform
-
-    definition = cfg.benchmark if cfg.benchmark != "lists" else dict(cfg.definition)
-    if cfg.preprocess is None and cfg.resize is None:
-        return default_transform(definition, cfg.resolution)
-    kind = cfg.preprocess or "resize_center_crop"
-    return standard_transform(kind, cfg.resolution, resize=cfg.resize if kind == "resize_center_crop" else None)
-
-
-def build_benchmark(cfg: DataConfig) -> Benchmark:
-    if cfg.benchmark == "digits":
-        from diffguard_pl.data.digits import build_digits_benchmark
-
-        return build_digits_benchmark(cfg)
-    if cfg.benchmark == "fashion":
-        from diffguard_pl.data.fashion import build_fashion_benchmark
-
-        return build_fashion_benchmark(cfg)
-    from diffguard_pl.data.files import build_file_benchmark
-
-    definition = cfg.benchmark if cfg.benchmark != "lists" else dict(cfg.definition)
-    return build_file_benchmark(
-        definition, cfg.root, cfg.resolution, cfg.channels, file_transform(cfg), cfg.on_error,
-        convert_grayscale=cfg.allow_grayscale, verify_files=cfg.verify_files, workers=cfg.decode_workers,
-    )
+from diffguard_pl.data.build import build_benchmark
 
 
 class BenchmarkDataModule(L.LightningDataModule):

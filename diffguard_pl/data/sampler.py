@@ -18,11 +18,11 @@ import torch.distributed as dist
 from torch.utils.data import Sampler
 
 
-class ShardSampler(Sampler[int]):
+class DistributedEvalSampler(Sampler[int]):
     def __init__(self, length: int, rank: Optional[int] = None, world_size: Optional[int] = None):
         self.length, self._rank, self._world_size = length, rank, world_size
 
-    def _shard(self) -> range:
+    def _indices(self) -> range:
         # Read the process group lazily: Lightning initialises it after the loader is built.
         initialized = dist.is_available() and dist.is_initialized()
         rank = self._rank if self._rank is not None else (dist.get_rank() if initialized else 0)
@@ -32,7 +32,7 @@ class ShardSampler(Sampler[int]):
         return range(rank, self.length, world)
 
     def __iter__(self) -> Iterator[int]:
-        return iter(self._shard())
+        return iter(self._indices())
 
     def __len__(self) -> int:
-        return len(self._shard())
+        return len(self._indices())

@@ -10,7 +10,7 @@ over all scores.
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Sequence
 
 import lightning as L
 import torch
@@ -18,9 +18,11 @@ import torch.distributed as dist
 
 from diffguard_pl import oracle as oracle_lib
 from diffguard_pl.baselines import BaselineStats, baseline_scores
+from diffguard_pl.detectors import FUSION_PARTNERS, distance_column, oracle_column
+from diffguard_pl.errors import UserError
 from diffguard_pl.pipeline import DiffGuardPipeline
-from diffguard_pl.results import DIFFGUARD, finalize, merge_records
-from diffguard_pl.shards import ShardWriter
+from diffguard_pl.records import RecordWriter
+from diffguard_pl.results import finalize, merge_records
 
 
 class DiffGuardEvaluator(L.LightningModule):
@@ -32,8 +34,9 @@ class DiffGuardEvaluator(L.LightningModule):
         oracle: str = "none",
         split: str = "test",
         previous: Optional[Dict[str, list]] = None,
-        shard_header: Optional[dict] = None,
+        record_header: Optional[dict] = None,
         output_dir: Optional[str] = None,
+        partners: Sequence[str] = FUSION_PARTNERS,
     ):
         super().__init__()
         self.pipeline = pipeline
@@ -47,8 +50,9 @@ class DiffGuardEvaluator(L.LightningModule):
         self.oracle = oracle
         self.split = split
         self.previous = previous or {}  # records finished by an earlier, interrupted run
-        self.shard_header, self.output_dir = shard_header, output_dir
-        self.writer: Optional[ShardWriter] = None
+        self.record_header, self.output_dir = record_header, output_dir
+        self.partners = list(partners)
+        self.writer: Optional[RecordWriter] = None
         self.records: List[Dict[str, list]] = []
         self.results: Optional[dict] = None
         self.all_records: Optional[Dict[str, list]] = None
@@ -57,21 +61,25 @@ class DiffGuardEvaluator(L.LightningModule):
         self.records, self.results, self.all_records = [], None, None
         self.baselines = self.baselines.to(self.device)
         self._started = time.perf_counter()
-        if self.shard_header is not None:
-            self.writer = ShardWriter(self.output_dir, self.global_rank, self.shard_header)
+        if self.record_header is not None:
+            self.writer = RecordWriter(self.output_dir, self.global_rank, self.record_header)
 
     def test_step(self, batch: dict, batch_idx: int) -> dict:
         oracles = oracle_lib.oracles(self.oracle, batch["label"], batch["id"],
                                      self.pipeline.classifier.spec.num_classes, self.pipeline.cfg.seed)
         try:
             out = self.pipeline(batch["image"], batch["id"], oracles)
-        except Exception as error:
-            where = f"test batch {batch_idx} ({len(batch['id'])} samples, first id {batch['id'][0]})"
-            kept = (f"; samples finished so far are kept in {self.output_dir}/shards and running the same command "
+        except UserError:
+            raise  # an interruption or a user's mistake says itself what to do
+        except torch.OutOfMemoryError as error:
+            kept = (f"; samples finished so far are kept in {self.output_dir}/records and running the same command "
                     f"again resumes" if self.writer is not None else "")
-            if isinstance(error, torch.OutOfMemoryError):
-                raise RuntimeError(f"out of memory in {where}: lower data.eval_batch_size{kept}") from error
-            raise RuntimeError(f"{where} failed: {type(error).__name__}: {error}{kept}") from error
+            raise RuntimeError(f"out of memory in {self._where(batch, batch_idx)}: lower data.eval_batch_size"
+                               f"{kept}") from error
+        except FloatingPointError as error:  # would recur on a resume: the message says what to change
+            raise FloatingPointError(f"{self._where(batch, batch_idx)}: {error}") from error
+        except Exception as error:
+            raise RuntimeError(f"{self._where(batch, batch_idx)} failed: {type(error).__name__}: {error}") from error
         record = {
             "id": list(batch["id"]),
             "set": list(batch["set"]),
@@ -82,12 +90,15 @@ class DiffGuardEvaluator(L.LightningModule):
             "unet_evals": out["unet_evals"].tolist(),
         }
         for name, value in out["scores"].items():
-            record[f"{DIFFGUARD}/{name}"] = value.double().tolist()
+            record[distance_column(name)] = value.double().tolist()
         for mode, scores in out.get("oracle_scores", {}).items():
             for name, value in scores.items():
-                record[oracle_lib.column(mode, f"{DIFFGUARD}/{name}")] = value.double().tolist()
+                record[oracle_column(mode, distance_column(name))] = value.double().tolist()
         for name, value in baseline_scores(self.baselines, out["logits"], out["features"]).items():
             record[name] = value.tolist()
+        depth = out["depth"].tolist()
+        for name, values in out["curves"].items():  # kept with the records: the plots cover resumed samples too
+            record[f"curve/{name}"] = [row[:d] for row, d in zip(values.double().tolist(), depth)]
         self.records.append(record)
         if self.writer is not None:
             self.writer.append(record)
@@ -107,4 +118,9 @@ class DiffGuardEvaluator(L.LightningModule):
         if not self.trainer.is_global_zero:
             return
         self.all_records = records
-        self.results = finalize(records, self.pipeline.cfg.score, self.groups, self.split, elapsed, new_images)
+        self.results = finalize(records, self.pipeline.cfg.score, self.groups, self.split, elapsed, new_images,
+                                self.partners)
+
+    @staticmethod
+    def _where(batch: dict, batch_idx: int) -> str:
+        return f"test batch {batch_idx} ({len(batch['id'])} samples, first id {batch['id'][0]})"

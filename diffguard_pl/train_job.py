@@ -17,37 +17,14 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from callbacks import ExportPortableCheckpoint
 from diffguard_pl import config as config_lib
-from diffguard_pl.config import TrainConfig, TrainerConfig
-from diffguard_pl.data import Benchmark, BenchmarkDataModule
+from diffguard_pl.config import TrainConfig
+from diffguard_pl.lightning_setup import build_logger, finish_logger, quiet_lightning, trainer_kwargs
+from diffguard_pl.data import Benchmark
+from diffguard_pl.data.datamodule import BenchmarkDataModule
 from diffguard_pl.models.classifier import ClassifierSpec
 from diffguard_pl.models.diffusion import build_scheduler, build_unet
 from diffguard_pl.modules import ClassifierModule, DiffusionModule, JointModule
 from diffguard_pl.modules.cotrain import load_diffusion_with_scheduler
-
-
-def build_logger(cfg, output_dir: Path):
-    """CSV by default; W&B (offline unless configured) with logger=wandb. ``cfg`` has .logger and .wandb."""
-    if cfg.logger == "wandb":
-        from lightning.pytorch.loggers import WandbLogger
-
-        return WandbLogger(
-            project=cfg.wandb.project,
-            entity=cfg.wandb.entity,
-            name=cfg.wandb.name,
-            tags=list(cfg.wandb.tags),
-            save_dir=str(output_dir),
-            offline=cfg.wandb.offline,
-        )
-    from lightning.pytorch.loggers import CSVLogger
-
-    return CSVLogger(save_dir=str(output_dir), name="logs", version="")
-
-
-def finish_logger(logger) -> None:
-    """Always close a W&B run, also after an exception."""
-    experiment = getattr(logger, "_experiment", None)
-    if experiment is not None and hasattr(experiment, "finish"):
-        experiment.finish()
 
 
 def classifier_spec(cfg: TrainConfig, benchmark: Benchmark) -> ClassifierSpec:
@@ -93,20 +70,7 @@ def build_module(cfg: TrainConfig, benchmark: Benchmark) -> L.LightningModule:
     )
 
 
-def trainer_kwargs(t: TrainerConfig) -> dict:
-    """The ``lightning.Trainer`` arguments every entry point takes from the config."""
-    return dict(
-        accelerator=t.accelerator,
-        devices=t.devices,
-        num_nodes=t.num_nodes,
-        strategy=t.strategy,
-        precision=t.precision,
-        enable_progress_bar=t.enable_progress_bar,
-    )
-
-
 def build_trainer(cfg: TrainConfig, output_dir: Path, logger, export_dir: Path) -> L.Trainer:
-    t = cfg.trainer
     if cfg.monitor:
         checkpoints = ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True, save_top_k=1,
                                       monitor=cfg.monitor, mode=cfg.monitor_mode, filename="best")
@@ -115,14 +79,7 @@ def build_trainer(cfg: TrainConfig, output_dir: Path, logger, export_dir: Path) 
     export = ExportPortableCheckpoint(export_dir, best_of=checkpoints if cfg.monitor else None)
     callbacks = [checkpoints, export, LearningRateMonitor("step")]
     return L.Trainer(
-        **trainer_kwargs(t),
-        max_steps=t.max_steps,
-        max_epochs=t.max_epochs,
-        log_every_n_steps=t.log_every_n_steps,
-        check_val_every_n_epoch=t.check_val_every_n_epoch,
-        limit_train_batches=t.limit_train_batches,
-        limit_val_batches=t.limit_val_batches,
-        deterministic=t.deterministic,
+        **trainer_kwargs(cfg.trainer, training=True),
         default_root_dir=str(output_dir),
         logger=logger,
         callbacks=callbacks,
@@ -131,10 +88,11 @@ def build_trainer(cfg: TrainConfig, output_dir: Path, logger, export_dir: Path) 
 
 def train(cfg: TrainConfig, benchmark: Optional[Benchmark] = None) -> dict:
     """Train one model as configured; returns the final metrics (also in metrics.json)."""
+    quiet_lightning(cfg.verbose)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     config_lib.save(cfg, output_dir / "config.yaml")
-    L.seed_everything(cfg.seed, workers=True)
+    L.seed_everything(cfg.seed, workers=True, verbose=cfg.verbose)
 
     datamodule = BenchmarkDataModule(cfg.data, benchmark=benchmark)
     datamodule.setup()

@@ -1,0 +1,157 @@
+"""What an evaluation reads: the models, the sets it scores, and the classifier features the baselines fit on.
+
+No Lightning here: the evaluation job (diffguard_pl/eval_job.py), the dry run (diffguard_pl/plan.py) and
+the calibration all use these.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import torch
+from torch.utils.data import DataLoader
+
+from diffguard_pl.baselines import BaselineStats, tune_baselines
+from diffguard_pl.config import DataConfig, EvalConfig
+from diffguard_pl.data import Benchmark, ImageSet, sample_seed
+from diffguard_pl.errors import ConfigError
+from diffguard_pl.models import Classifier, ClassifierSpec, DiffusionModel, build_classifier, load_classifier
+from diffguard_pl.models import load_diffusion
+
+
+def num_classes(data: DataConfig) -> int:
+    """The benchmark's number of InD classes, known from the config alone (nothing is read)."""
+    if data.benchmark in ("digits", "fashion"):
+        return len(data.ind_classes)
+    if data.benchmark == "lists":
+        return int(dict(data.definition)["num_classes"])
+    from diffguard_pl.data.files import OPENOOD_BENCHMARKS
+
+    return int(OPENOOD_BENCHMARKS[data.benchmark]["num_classes"])
+
+
+def load_models(cfg: EvalConfig) -> tuple[Classifier, DiffusionModel]:
+    """The classifier (portable folder, or weights file + ``models.classifier_*``) and the diffusion model."""
+    m, data = cfg.models, cfg.data
+    path = Path(m.classifier)
+    if path.is_file():
+        if m.classifier_arch is None:
+            raise ConfigError(f"models.classifier={path} is a weights file: set models.classifier_arch "
+                              f"(a timm name, e.g. resnet50 or openood_resnet18_32x32)")
+        spec = ClassifierSpec(
+            arch=m.classifier_arch, num_classes=num_classes(data), in_chans=data.channels,
+            input_size=m.classifier_input_size or data.resolution,
+            mean=list(m.classifier_mean) if m.classifier_mean is not None else [0.5] * data.channels,
+            std=list(m.classifier_std) if m.classifier_std is not None else [0.5] * data.channels,
+            view=m.classifier_view,
+        )
+        classifier = build_classifier(spec, path).eval()
+    else:
+        classifier = load_classifier(path)
+    diffusion = load_diffusion(m.diffusion, m.diffusion_num_classes, m.diffusion_null_class)
+    return classifier, diffusion
+
+
+def check_shapes(cfg: EvalConfig, classifier: Classifier, diffusion: DiffusionModel) -> None:
+    """What needs only the models' shapes: the images the config makes fit both models, the class counts
+    agree; ConfigError naming the key and the fix. Runs before any data is processed."""
+    from diffguard_pl.pipeline import check_models
+
+    data, m = cfg.data, cfg.models
+    size, channels = diffusion.image_size, diffusion.image_channels
+    if data.resolution != size or data.channels != channels:
+        raise ConfigError(
+            f"data.resolution={data.resolution} / data.channels={data.channels} do not fit the diffusion model "
+            f"{m.diffusion}, which takes {channels}-channel {size}x{size} images: set data.resolution={size} "
+            f"data.channels={channels}, or use a model for these images")
+    if classifier.spec.in_chans != data.channels:
+        raise ConfigError(
+            f"the classifier {m.classifier} takes {classifier.spec.in_chans}-channel images but data.channels="
+            f"{data.channels}: use a classifier for {data.channels}-channel images (or data.channels="
+            f"{classifier.spec.in_chans} with a diffusion model to match)")
+    expected = num_classes(data)
+    if classifier.spec.num_classes != expected:
+        raise ConfigError(f"the classifier {m.classifier} has {classifier.spec.num_classes} classes but benchmark "
+                          f"{data.benchmark} has {expected}: check models.classifier / data.benchmark")
+    try:
+        check_models(diffusion, classifier, cfg.diffguard)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
+def subset_by_id(image_set: ImageSet, limit: Optional[int], seed: int = 0) -> ImageSet:
+    """At most ``limit`` samples of a set, chosen by the hash of their ids: the same samples whatever the
+    set's order, the other sets or the number of processes (all with None)."""
+    if limit is None or len(image_set) <= limit:
+        return image_set
+    order = sorted(range(len(image_set)), key=lambda i: sample_seed(image_set.ids[i], seed))
+    return image_set.subset(sorted(order[:limit]))
+
+
+def evaluation_sets(benchmark: Benchmark, limit: Optional[int], split: str = "test") -> List[ImageSet]:
+    """InD validation (for the fused detectors' normalisation) and every set's ``split`` split, each limited
+    to ``limit`` samples chosen by id hash."""
+    if split == "val":
+        sets = [benchmark.val] + [s.val for s in benchmark.ood.values()]
+    else:
+        sets = [benchmark.val, benchmark.test] + [s.test for s in benchmark.ood.values()]
+    return [subset_by_id(s, limit) for s in sets if s is not None and len(s) > 0]
+
+
+@torch.no_grad()
+def classifier_outputs(classifier: Classifier, image_set, batch_size: int,
+                       num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The classifier's (logits [N, C], features [N, D]) on a set, float32 on its device (N may be 0)."""
+    classifier = classifier.eval()
+    device = next(classifier.parameters()).device
+    logits, feats = [], []
+    if image_set is not None and len(image_set) > 0:
+        for batch in DataLoader(image_set, batch_size=batch_size, num_workers=num_workers):
+            lo, fe = classifier.forward_with_features(batch["image"].to(device))
+            logits.append(lo.float())
+            feats.append(fe.float())
+    if not logits:
+        head = classifier.model.get_classifier()
+        return head.weight.new_zeros(0, head.weight.shape[0]), head.weight.new_zeros(0, head.weight.shape[1])
+    return torch.cat(logits), torch.cat(feats)
+
+
+def fit_classifier_baselines(classifier: Classifier, benchmark: Benchmark,
+                             cfg: EvalConfig) -> tuple[BaselineStats, dict]:
+    """KNN / ViM statistics from the classifier's features on the InD training split (``baselines.train_samples``
+    of them, chosen by id hash), KNN's k and ViM's dim tuned on validation splits like OpenOOD v1.5.
+
+    The choice uses the InD validation split against the pooled ``val`` splits of every OOD set (all their
+    samples: ``limit_per_set`` does not apply, so the choice depends only on the fingerprinted config). Test
+    splits are never used. Returns the statistics and the choice (results.json's ``baselines``).
+    """
+    batch, workers = cfg.data.eval_batch_size, cfg.data.num_workers
+    train = subset_by_id(benchmark.train, cfg.baselines.train_samples, cfg.data.seed)
+    train_logits, train_feats = classifier_outputs(classifier, train, batch, workers)
+    val_ind = classifier_outputs(classifier, benchmark.val, batch, workers)
+    ood_parts = [classifier_outputs(classifier, s.val, batch, workers) for s in benchmark.ood.values()]
+    val_ood = (torch.cat([lo for lo, _ in ood_parts] or [val_ind[0][:0]]),
+               torch.cat([fe for _, fe in ood_parts] or [val_ind[1][:0]]))
+    head = classifier.model.get_classifier()
+    b = cfg.baselines
+    try:
+        return tune_baselines(train_feats, train_logits, head.weight, head.bias, val_ind, val_ood,
+                              knn_grid=b.knn_k_grid, vim_grid=b.vim_dim_grid, knn_k=b.knn_k, vim_dim=b.vim_dim)
+    except ValueError as error:
+        if "baselines." in str(error):
+            raise ConfigError(str(error)) from error
+        raise
+
+
+def folder_images(cfg: EvalConfig, benchmark: Benchmark) -> ImageSet:
+    """The images of ``score_folder`` as one unlabelled set, preprocessed like the benchmark's."""
+    from diffguard_pl.data.build import file_transform
+    from diffguard_pl.data.files import folder_set, standard_transform
+
+    transform = (standard_transform("resize", cfg.data.resolution) if cfg.data.benchmark in ("digits", "fashion")
+                 else file_transform(cfg.data))
+    return folder_set(cfg.score_folder, "folder", transform=transform, channels=benchmark.channels,
+                      resolution=cfg.data.resolution,
+                      convert_grayscale=cfg.data.allow_grayscale or benchmark.channels == 1,
+                      on_error=cfg.data.on_error, verify_files=cfg.data.verify_files, workers=cfg.data.decode_workers)

@@ -1,0 +1,53 @@
+"""What both Lightning jobs (training and evaluation) set up the same way: the logger, the Trainer's arguments
+taken from :class:`~diffguard_pl.config.TrainerConfig`, and a quiet console."""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import fields
+from pathlib import Path
+
+from diffguard_pl.config import TrainerConfig
+
+# Trainer arguments that are not taken from TrainerConfig field by field (each job passes its own).
+JOB_OWNED = ("max_steps", "max_epochs", "log_every_n_steps", "check_val_every_n_epoch", "limit_train_batches",
+             "limit_val_batches", "deterministic")
+
+
+def trainer_kwargs(t: TrainerConfig, training: bool = False) -> dict:
+    """``lightning.Trainer`` arguments from the config: every field (training), or those an evaluation uses."""
+    return {f.name: getattr(t, f.name) for f in fields(t) if training or f.name not in JOB_OWNED}
+
+
+def quiet_lightning(verbose: bool = False) -> None:
+    """Silence Lightning's start-up lines (GPU / TPU availability, seeds, tips) and known harmless warnings,
+    unless ``verbose``; errors and real warnings still show."""
+    if verbose:
+        return
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.seed",
+                 "lightning.pytorch.accelerators.cuda", "lightning.fabric.utilities.distributed",
+                 "lightning.pytorch.utilities.distributed", "lightning.pytorch.trainer.connectors.signal_connector"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for pattern in (".*isinstance\\(treespec, LeafSpec\\).*", ".*does not have many workers.*",
+                    ".*Found .* module\\(s\\) in eval mode.*", ".*litlogger.*", ".*LeafSpec.*"):
+        warnings.filterwarnings("ignore", message=pattern)
+
+
+def build_logger(cfg, output_dir: Path):
+    """CSV by default; W&B (offline unless configured) with logger=wandb. ``cfg`` has .logger and .wandb."""
+    if cfg.logger == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+
+        return WandbLogger(project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.name,
+                           tags=list(cfg.wandb.tags), save_dir=str(output_dir), offline=cfg.wandb.offline)
+    from lightning.pytorch.loggers import CSVLogger
+
+    return CSVLogger(save_dir=str(output_dir), name="logs", version="")
+
+
+def finish_logger(logger) -> None:
+    """Always close a W&B run, also after an exception."""
+    experiment = getattr(logger, "_experiment", None)
+    if experiment is not None and hasattr(experiment, "finish"):
+        experiment.finish()
