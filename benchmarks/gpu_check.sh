@@ -7,7 +7,8 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 #   2 embedded models, bf16 autocast, batch 256: the three paths                     -> $OUT/embedded_bf16.json
 #   3 paper scale, released GDM settings: ADM-256 + ResNet-50 (random), bf16 + channels_last, 16 images
 #                                                                                    -> $OUT/paper_gdm_bf16.json
-#   4 paper scale, DiT-XL/2 + SD-VAE + ResNet-50 (random), CFG + DSG, bf16, 32 images -> $OUT/paper_dit_bf16.json
+#   4 paper scale, DiT-XL/2 + SD-VAE + ResNet-50 (random), classifier-free guidance + DSG, bf16, 32 images
+#                                                                                    -> $OUT/paper_dit_bf16.json
 #   5 host-device synchronisations per batch at two depths (must not grow)           -> $OUT/sync_check.json
 #   6 evaluate.py on the whole embedded benchmark, fp32 and bf16, and their AUROCs   -> $OUT/auroc_compare.json
 #   then, while time is left: 7 the DiT path at batch 64, 8 the GDM path without channels_last;
@@ -63,8 +64,8 @@ part embedded_bf16 50 $PY benchmarks/throughput.py --device $DEV $EMB_BF16 --jso
 # 3-4: paper-scale architectures with random weights (no checkpoints needed).
 part paper_gdm_bf16 140 $PY benchmarks/throughput.py --paper-scale --device $DEV --paths gdm --images $GDM_IMAGES \
   $PAPER --json "$OUT/paper_gdm_bf16.json" diffguard.runtime.autocast=bf16 diffguard.runtime.channels_last=true
-part paper_dit_bf16 60 $PY benchmarks/throughput.py --paper-scale --device $DEV --paths cfg_dsg --images $DIT_IMAGES \
-  $PAPER --json "$OUT/paper_dit_bf16.json" diffguard.runtime.autocast=bf16
+part paper_dit_bf16 60 $PY benchmarks/throughput.py --paper-scale --device $DEV --paths classifier_free_dsg \
+  --images $DIT_IMAGES $PAPER --json "$OUT/paper_dit_bf16.json" diffguard.runtime.autocast=bf16
 
 part sync_check 40 $PY benchmarks/sync_check.py --json "$OUT/sync_check.json"
 
@@ -79,8 +80,8 @@ part auroc_compare 15 $PY benchmarks/throughput.py --compare "$OUT/auroc_fp32" "
 rm -rf "$OUT"/auroc_*/shards || true
 
 # 7-8: extras while time is left.
-part paper_dit_bf16_b64 60 $PY benchmarks/throughput.py --paper-scale --device $DEV --paths cfg_dsg --images $DIT_BIG \
-  --batch-size $DIT_BIG $PAPER --json "$OUT/paper_dit_bf16_b64.json" diffguard.runtime.autocast=bf16
+part paper_dit_bf16_b64 60 $PY benchmarks/throughput.py --paper-scale --device $DEV --paths classifier_free_dsg \
+  --images $DIT_BIG --batch-size $DIT_BIG $PAPER --json "$OUT/paper_dit_bf16_b64.json" diffguard.runtime.autocast=bf16
 part paper_gdm_bf16_nocl 150 $PY benchmarks/throughput.py --paper-scale --device $DEV --paths gdm --images $GDM_IMAGES \
   $PAPER --json "$OUT/paper_gdm_bf16_nocl.json" diffguard.runtime.autocast=bf16
 

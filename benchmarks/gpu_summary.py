@@ -5,7 +5,7 @@
 Reads the JSON files that gpu_check.sh leaves in OUT (a part that failed or ran out of time has none and
 is reported as "not run") and prints one row per check: what was measured, the target and the verdict.
 Targets: overhead ratio <= 1.10 on every path; the released ImageNet GDM settings (ADM-256 + ResNet-50,
-bf16) >= 1 image/s on an H100; DiT-XL/2 CFG + DSG >= 15 images/s; host-device synchronisations per
+bf16) >= 1 image/s on an H100; DiT-XL/2 classifier-free guidance + DSG >= 15 images/s; host-device synchronisations per
 batch constant in the depth; fp32 and bf16 AUROC within 0.5 points. ``--strict`` exits 1 when a check
 fails or did not run.
 """
@@ -105,12 +105,13 @@ def summarize(folder: Path) -> List[Row]:
     rows += throughput_rows(_load(folder, "embedded_bf16.json"), "embedded bf16")
     rows += throughput_rows(_load(folder, "paper_gdm_bf16.json"), "ADM-256 GDM bf16 channels-last",
                             GDM_IMAGES_PER_S, ["gdm"])
-    rows += throughput_rows(_load(folder, "paper_dit_bf16.json"), "DiT-XL/2 CFG+DSG bf16", DIT_IMAGES_PER_S,
-                            ["cfg_dsg"])
+    rows += throughput_rows(_load(folder, "paper_dit_bf16.json"), "DiT-XL/2 classifier-free+DSG bf16",
+                            DIT_IMAGES_PER_S, ["classifier_free_dsg"])
     rows += sync_rows(_load(folder, "sync_check.json"))
     rows += auroc_rows(_load(folder, "auroc_compare.json"))
     for name, label, target, paths in (
-        ("paper_dit_bf16_b64.json", "DiT-XL/2 CFG+DSG bf16 (extra)", DIT_IMAGES_PER_S, ["cfg_dsg"]),
+        ("paper_dit_bf16_b64.json", "DiT-XL/2 classifier-free+DSG bf16 (extra)", DIT_IMAGES_PER_S,
+         ["classifier_free_dsg"]),
         ("paper_gdm_bf16_nocl.json", "ADM-256 GDM bf16 (extra)", GDM_IMAGES_PER_S, ["gdm"]),
     ):
         report = _load(folder, name)

@@ -32,7 +32,7 @@ from diffguard_pl.pipeline import DiffGuardPipeline  # noqa: E402
 PATHS = {
     "gdm": ("conf/digits_gdm.yaml", []),
     "gdm_aes": ("conf/digits_gdm.yaml", ["diffguard.aes.enabled=true", "diffguard.aes.psnr=7.8"]),
-    "cfg_dsg": ("conf/digits_cfg.yaml", []),
+    "classifier_free_dsg": ("conf/digits_classifier_free.yaml", []),
 }
 METADATA = {"detach", "lift_fresh", "_local_scalar_dense", "empty", "empty_strided", "set_"}
 

@@ -34,7 +34,7 @@ from diffguard_pl.pipeline import DiffGuardPipeline  # noqa: E402
 
 PATHS = {  # name: (preset, overrides, must stay constant)
     "gdm": ("conf/digits_gdm.yaml", ["diffguard.aes.record_curves=true"], True),
-    "cfg_dsg": ("conf/digits_cfg.yaml", [], True),
+    "classifier_free_dsg": ("conf/digits_classifier_free.yaml", [], True),
     "gdm_aes": ("conf/digits_gdm.yaml", ["diffguard.aes.enabled=true", "diffguard.aes.psnr=7.8"], False),
 }
 

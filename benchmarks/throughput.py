@@ -9,8 +9,8 @@ In one run on one device, for each path (``--paths``):
 
 - ``gdm``: classifier guidance (clean grad, cutout), AES off (``conf/digits_gdm.yaml``);
 - ``gdm_aes``: the same with adaptive early stop (PSNR threshold 7.80 dB, calibrated on InD validation);
-- ``cfg_dsg``: classifier-free guidance with DSG (``conf/digits_cfg.yaml``: the class-conditional model,
-  Grad-CAM masks),
+- ``classifier_free_dsg``: classifier-free guidance with DSG (``conf/digits_classifier_free.yaml``: the
+  class-conditional model, Grad-CAM masks),
 
 it measures the bare denoiser forward at the evaluation batch size, the classifier's forward + backward over
 the configured cutout crops of that batch, and the whole pipeline (``DiffGuardPipeline.__call__``:
@@ -23,8 +23,8 @@ Model time is the unavoidable cost: the time of *replaying*, with random inputs 
 else in between, exactly the model calls the pipeline made on the same images (recorded in a warm-up run):
 
 - every denoiser call with the rows the pipeline actually batched in it (inverting + synthesising rows, with
-  CFG their unconditional twins, with an unguided reference the reference rows; with AES the counts vary
-  from call to call);
+  classifier-free guidance their unconditional twins, with an unguided reference the reference rows; with AES
+  the counts vary from call to call);
 - classifier guidance: per synthesis step one classifier forward + backward (gradient with respect to its
   input) over the N_syn x K cutout crops at the classifier's input size;
 - DSG: Grad-CAM, one forward + backward per image (``diffguard_pl.cam.grad_cam``);
@@ -65,7 +65,7 @@ unconditional UNet (guided-diffusion's 256x256_diffusion_uncond flags through ``
 config mapping) with timm's ResNet-50 at 224 px for the GDM paths, settings of ``conf/imagenet_gdm.yaml``
 (100 spaced steps, depth 90, 8 cutouts, scale 3, unguided reference; ``gdm`` without AES, ``gdm_aes`` with
 the released thresholds); DiT-XL/2-256 with the Stable Diffusion autoencoder and ResNet-50 (Grad-CAM on
-layer4) for ``cfg_dsg``, settings of ``conf/imagenet_ldm.yaml`` (25 steps, omega 10). DISTS is replaced by
+layer4) for ``classifier_free_dsg``, settings of ``conf/imagenet_ldm.yaml`` (25 steps, omega 10). DISTS is replaced by
 ``l2`` (score and AES) when its weights are not in the torch hub cache (printed). Random weights make AES
 stop at meaningless depths: the ``gdm`` path (fixed depth 90) is the released-settings measurement.
 ``--tiny-arch`` shrinks these architectures (same code paths) to test the script on a CPU.
@@ -79,7 +79,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import sys
 import time
@@ -92,26 +91,26 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from diffguard_pl import config as config_lib  # noqa: E402
-from diffguard_pl.cam import grad_cam  # noqa: E402
 from diffguard_pl.config import EvalConfig  # noqa: E402
-from diffguard_pl.guidance import at_least_float32  # noqa: E402
 from diffguard_pl.pipeline import DiffGuardPipeline  # noqa: E402
-from diffguard_pl.profiling import COMPUTE_DTYPES, best_time, matmul_rate, peak_mb, reset_peak, sync  # noqa: E402,F401
+from diffguard_pl.profiling import (  # noqa: E402
+    COMPUTE_DTYPES, Recorder, Replay, bare_model_times, matmul_rate, peak_mb, reset_peak, sync,
+)
 
 EMBEDDED_PATHS = {
     "gdm": ("conf/digits_gdm.yaml", []),
     "gdm_aes": ("conf/digits_gdm.yaml", ["diffguard.aes.enabled=true", "diffguard.aes.psnr=7.8"]),
-    "cfg_dsg": ("conf/digits_cfg.yaml", []),
+    "classifier_free_dsg": ("conf/digits_classifier_free.yaml", []),
 }
 PAPER_PATHS = {
     "gdm": ("conf/imagenet_gdm.yaml", ["diffguard.aes.enabled=false"]),
     "gdm_aes": ("conf/imagenet_gdm.yaml", []),
-    "cfg_dsg": ("conf/imagenet_ldm.yaml", []),
+    "classifier_free_dsg": ("conf/imagenet_ldm.yaml", []),
 }
 DESCRIPTIONS = {
     "gdm": "classifier guidance + cutout, AES off",
     "gdm_aes": "classifier guidance + cutout, AES on",
-    "cfg_dsg": "classifier-free guidance + DSG",
+    "classifier_free_dsg": "classifier-free guidance + DSG",
 }
 ADM256_FLAGS = dict(  # guided-diffusion's 256x256_diffusion_uncond.pt
     attention_resolutions="32,16,8", class_cond=False, diffusion_steps=1000, image_size=256, learn_sigma=True,
@@ -121,175 +120,6 @@ ADM256_FLAGS = dict(  # guided-diffusion's 256x256_diffusion_uncond.pt
 TINY_ADM_FLAGS = dict(ADM256_FLAGS, image_size=32, num_channels=32, num_head_channels=16, num_res_blocks=1,
                       attention_resolutions="8,4")
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _cpu_attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
-    """FLOPs of the CPU flash-attention kernel (not in torch's table): the two products q k^T and p v."""
-    b, h, s_q, d = query
-    return 2 * b * h * s_q * key[-2] * (d + value[-1])
-
-
-# --------------------------------------------------------------------------- recording and replaying model calls
-
-
-class Recorder:
-    """Records the model calls of pipeline runs as events (kind, input shape, ...) in call order, through the
-    pipeline's model-call hook (and a classifier pre-hook for the guidance crops' shape)."""
-
-    def __init__(self, pipe: DiffGuardPipeline):
-        self.pipe, self.events = pipe, []
-        self._guiding = False
-        self._undo: list = []
-
-    def _on_call(self, kind: str, inputs: tuple) -> None:
-        shape = tuple(inputs[0].shape)
-        if kind == "denoiser":
-            self.events.append(("unet", shape, inputs[2] is not None))
-        elif kind == "guidance":
-            self._guiding = True  # the classifier's next forward takes the crops
-        elif kind == "grad_cam":
-            self.events.append(("cam", shape, self.pipe.cfg.guidance.cfg.cam_layer))
-        elif kind == "classifier":
-            self.events.append(("classify", shape))
-        else:  # encode, decode
-            self.events.append((kind, shape))
-
-    def _on_classifier(self, _module, args) -> None:
-        if self._guiding:
-            self.events.append(("guide", tuple(args[0].shape)))
-            self._guiding = False
-
-    def __enter__(self) -> "Recorder":
-        self.pipe.on_model_call = self._on_call
-        handle = self.pipe.classifier.register_forward_pre_hook(self._on_classifier)
-        self._undo = [handle.remove, lambda: setattr(self.pipe, "on_model_call", None)]
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for undo in reversed(self._undo):
-            undo()
-        self._undo = []
-
-
-class Replay:
-    """Runs the recorded model calls again on random inputs of the same shapes, with nothing in between."""
-
-    def __init__(self, pipe: DiffGuardPipeline, events: list, seed: int = 0):
-        self.pipe, self.events = pipe, events
-        self.device = pipe.device
-        self._inputs: dict = {}
-        self._generator = torch.Generator().manual_seed(seed)
-
-    def _rand(self, shape, kind: str = "normal") -> torch.Tensor:
-        fill = torch.rand if kind == "uniform" else torch.randn
-        x = fill(shape, generator=self._generator).to(self.device)
-        if self.pipe.runtime.cfg.channels_last and x.ndim == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x
-
-    def _labels(self, n: int, num_classes: int) -> torch.Tensor:
-        return torch.randint(0, num_classes, (n,), generator=self._generator).to(self.device)
-
-    def inputs(self, event: tuple):
-        if event not in self._inputs:
-            kind, shape = event[0], event[1]
-            diffusion, classes = self.pipe.diffusion, self.pipe.classifier.spec.num_classes
-            if kind == "unet":
-                t = torch.randint(0, diffusion.num_train_timesteps, (shape[0],), generator=self._generator)
-                labels = self._labels(shape[0], diffusion.num_classes) if event[2] else None
-                value = (self._rand(shape), t.to(self.device), labels)
-            elif kind in ("guide", "cam"):
-                value = (self._rand(shape, "uniform"), self._labels(shape[0], classes))
-            elif kind == "classify":
-                value = (self._rand(shape, "uniform"),)
-            else:  # encode: images in [-1, 1]; decode: latents
-                value = (self._rand(shape, "uniform") * 2 - 1 if kind == "encode" else self._rand(shape),)
-            self._inputs[event] = value
-        return self._inputs[event]
-
-    def prepare(self) -> None:
-        """Draw the random inputs of every recorded call now (outside any timing)."""
-        for event in self.events:
-            self.inputs(event)
-
-    def run_event(self, event: tuple, counting: bool = False) -> None:
-        """Run one recorded call.
-
-        ``counting``: under the FLOP counter, whose module tracker cannot hook a leaf that ``autograd.grad``
-        differentiates, so the crops go through one copy first (no FLOPs).
-        """
-        pipe, kind = self.pipe, event[0]
-        args = self.inputs(event)
-        if kind == "unet":
-            x, t, labels = args
-            with pipe.runtime.grad_free(), pipe.runtime.autocast(pipe.device):
-                pipe.diffusion.unet(x, t, class_labels=labels)
-        elif kind == "guide":
-            crops, labels = args
-            with torch.enable_grad(), pipe.runtime.autocast(pipe.device):
-                leaf = crops.detach().requires_grad_(True)
-                logits = pipe.classifier(leaf.clone() if counting else leaf)
-                log_probs = torch.log_softmax(at_least_float32(logits), dim=1)
-                torch.autograd.grad(log_probs.gather(1, labels.view(-1, 1)).sum(), leaf)
-        elif kind == "cam":
-            images, labels = args
-            grad_cam(pipe.classifier, images, labels, event[2])  # float32, as in the pipeline
-        elif kind == "classify":
-            with torch.no_grad(), pipe.runtime.autocast(pipe.device):
-                pipe.classifier.forward_with_features(args[0])
-        else:
-            with pipe.runtime.grad_free(), pipe.runtime.autocast(pipe.device):
-                getattr(pipe.diffusion.vae, kind)(args[0])
-
-    def __call__(self, kinds: Optional[set] = None) -> None:
-        with self.pipe.running():
-            for event in self.events:
-                if kinds is None or event[0] in kinds:
-                    self.run_event(event)
-
-    def flops(self) -> float:
-        """FLOPs of the recorded calls: each distinct call counted once under torch's FLOP counter, times its count.
-
-        A compiled denoiser is counted through its eager forward (the same arithmetic).
-        """
-        from collections import Counter
-
-        from torch.utils.flop_counter import FlopCounterMode
-
-        mapping = {}
-        cpu_attention = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-        if cpu_attention is not None:
-            mapping[cpu_attention] = _cpu_attention_flops
-        unet = self.pipe.diffusion.unet
-        compiled = getattr(unet, "_compiled_call_impl", None)
-        unet._compiled_call_impl = None
-        total = 0.0
-        try:
-            for event, times in Counter(self.events).items():
-                with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
-                    self.run_event(event, counting=True)
-                total += float(counter.get_total_flops()) * times
-        finally:
-            unet._compiled_call_impl = compiled
-        return total
-
-    def breakdown(self) -> Dict[str, float]:
-        """Seconds per group of calls (each group replayed on its own, synchronised)."""
-        groups = {"unet": {"unet"}, "classifier_guidance": {"guide"}, "grad_cam": {"cam"},
-                  "classifier_forward": {"classify"}, "autoencoder": {"encode", "decode"}}
-        present = {e[0] for e in self.events}
-        out = {}
-        for name, kinds in groups.items():
-            if kinds & present:
-                sync(self.device)
-                start = time.perf_counter()
-                self(kinds)
-                sync(self.device)
-                out[name] = time.perf_counter() - start
-        return out
 
 
 # --------------------------------------------------------------------------- models and data
@@ -343,7 +173,8 @@ class Models:
             diffusion = self._keep(f"diffusion:{cfg.models.diffusion}", lambda: load_diffusion(cfg.models.diffusion))
             return diffusion, classifier.eval()
         classifier = self._keep("classifier", self._resnet50)
-        diffusion = self._keep("dit" if path == "cfg_dsg" else "adm", self._dit if path == "cfg_dsg" else self._adm)
+        latent = path == "classifier_free_dsg"
+        diffusion = self._keep("dit" if latent else "adm", self._dit if latent else self._adm)
         return diffusion, classifier
 
     def _resnet50(self):
@@ -418,35 +249,6 @@ def run_pipeline(pipe: DiffGuardPipeline, images: torch.Tensor, ids: List[str], 
         evals.append(out["unet_evals"].float())
         depths.append(out["depth"].float())
     return {"unet_evals_per_image": float(torch.cat(evals).mean()), "mean_depth": float(torch.cat(depths).mean())}
-
-
-def bare_model_times(pipe: DiffGuardPipeline, batch: int, device: torch.device, repeats: int) -> dict:
-    """Bare denoiser forward at ``batch`` rows and classifier forward + backward over batch x K cutout crops."""
-    diffusion, spec = pipe.diffusion, pipe.classifier.spec
-    shape = (batch, diffusion.in_channels, diffusion.sample_size, diffusion.sample_size)
-    replay = Replay(pipe, [])
-    out = {}
-    event = ("unet", shape, diffusion.conditional)
-    with pipe.running():
-        out["bare_unet_ms"] = 1e3 * best_time(lambda: replay.run_event(event), device, repeats)
-        crops = pipe.cfg.guidance.cutout.num if pipe.cfg.guidance.mode == "classifier" else 0
-        if pipe.cfg.guidance.mode == "classifier":
-            rows = batch * max(crops, 1)
-            guide = ("guide", (rows, spec.in_chans, spec.input_size, spec.input_size))
-            out["classifier_fwd_bwd_ms"] = 1e3 * best_time(lambda: replay.run_event(guide), device, repeats)
-            out["classifier_rows"] = rows
-        if pipe.cfg.guidance.mode == "cfg" and pipe.cfg.guidance.cfg.dsg:
-            size = diffusion.image_size
-            cam = ("cam", (batch, spec.in_chans, size, size), pipe.cfg.guidance.cfg.cam_layer)
-            out["grad_cam_ms"] = 1e3 * best_time(lambda: replay.run_event(cam), device, repeats)
-        if diffusion.latent:
-            size = diffusion.image_size
-            encode = ("encode", (batch, spec.in_chans, size, size))
-            decode = ("decode", shape)
-            out["encode_ms"] = 1e3 * best_time(lambda: replay.run_event(encode), device, repeats)
-            out["decode_ms"] = 1e3 * best_time(lambda: replay.run_event(decode), device, repeats)
-    out["bare_unet_rows"] = batch
-    return out
 
 
 def measure(pipe: DiffGuardPipeline, images: torch.Tensor, ids: List[str], batch: int, repeats: int,
@@ -605,7 +407,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     parser.add_argument("--device", default="auto", help="cpu | cuda | cuda:N | auto (default: cuda if present)")
     parser.add_argument("--paper-scale", action="store_true", help="ADM-256 + ResNet-50 and DiT-XL/2 + SD-VAE, random")
     parser.add_argument("--tiny-arch", action="store_true", help="with --paper-scale: shrunken architectures (tests)")
-    parser.add_argument("--paths", default="gdm,gdm_aes,cfg_dsg", help="comma-separated: gdm, gdm_aes, cfg_dsg")
+    parser.add_argument("--paths", default="gdm,gdm_aes,classifier_free_dsg",
+                        help="comma-separated: gdm, gdm_aes, classifier_free_dsg")
     parser.add_argument("--batch-size", type=int, default=None,
                         help="evaluation batch size (default: 64 on a CPU, else the preset's data.eval_batch_size)")
     parser.add_argument("--images", type=int, default=None, help="images per measured pass (default: the batch size)")

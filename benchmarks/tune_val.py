@@ -3,7 +3,7 @@
 Runs evaluate.py with ``split=val`` (InD validation against every OOD set's validation split) over a grid and
 applies a fixed rule:
 
-1. ``diffguard.depth``, the guidance strength (``diffguard.guidance.scale``, or ``...cfg.omega`` in the
+1. ``diffguard.depth``, the guidance strength (``diffguard.guidance.scale``, or ``...classifier_free.omega`` in the
    classifier-free path) and ``diffguard.score`` (one of the computed distances): the highest near-OOD
    validation AUROC of DiffGuard alone (``diffguard/<distance>``), ties to the cheaper (shallower) setting;
 2. the fusion partner X of ``diffguard+X``: the highest near-OOD validation AUROC of the fused detector at
@@ -27,7 +27,7 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STRENGTH_KEYS = ("diffguard.guidance.scale", "diffguard.guidance.cfg.omega")
+STRENGTH_KEYS = ("diffguard.guidance.scale", "diffguard.guidance.classifier_free.omega")
 
 
 def run_point(preset: list, overrides: list, extra: list, out: Path) -> dict:

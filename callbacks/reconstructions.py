@@ -10,14 +10,19 @@ from callbacks._common import gather_to_rank_zero, output_folder, save_figure
 
 
 class ReconstructionLogger(L.Callback):
-    """Keeps the first ``per_set`` samples (by sample id) of every set and draws them at the end.
+    """Keeps ``per_set`` test samples of every set and draws them at the end.
 
-    Writes ``reconstructions/<set>.png`` and, with W&B, logs them as images
-    under ``reconstructions/<set>``. Rank 0 draws after gathering.
+    ``select="first"``: the first by sample id; ``select="extremes"``: the half with the lowest and the half with
+    the highest DiffGuard score ``score`` (for InD the best cases come first, for OOD the worst: an OOD sample
+    with a low score is one DiffGuard misses). Writes ``reconstructions/<set>.png`` and, with W&B, logs them as
+    images under ``reconstructions/<set>``. Rank 0 draws after gathering. Both choices depend only on the
+    samples, not on batches or processes (ties broken by id).
     """
 
-    def __init__(self, per_set: int = 8) -> None:
-        self.per_set = per_set
+    def __init__(self, per_set: int = 8, select: str = "first", score: str = "l2") -> None:
+        if select not in ("first", "extremes"):
+            raise ValueError(f"callbacks.reconstruction_select: {select!r} is not one of first, extremes")
+        self.per_set, self.select, self.score = per_set, select, score
         self.kept: Dict[str, List[dict]] = {}
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -33,10 +38,18 @@ class ReconstructionLogger(L.Callback):
             kept.append({
                 "id": batch["id"][i], "pred": int(outputs["pred"][i]), "label": int(batch["label"][i]),
                 "input": batch["image"][i].cpu(), "synthesis": outputs["synthesis"][i].cpu(),
-                "reference": outputs["reference"][i].cpu(),
+                "reference": outputs["reference"][i].cpu(), "score": float(outputs["scores"][self.score][i]),
             })
-            kept.sort(key=lambda r: r["id"])
-            del kept[self.per_set :]
+            self.kept[set_name] = self._keep(kept)
+
+    def _keep(self, rows: List[dict]) -> List[dict]:
+        rows = sorted({r["id"]: r for r in rows}.values(), key=lambda r: r["id"])
+        if self.select == "first":
+            return rows[: self.per_set]
+        rows.sort(key=lambda r: (r["score"], r["id"]))
+        low = (self.per_set + 1) // 2
+        high = self.per_set - low
+        return rows if len(rows) <= self.per_set else rows[:low] + rows[len(rows) - high:]
 
     def on_test_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         gathered = gather_to_rank_zero(self.kept)
@@ -50,7 +63,7 @@ class ReconstructionLogger(L.Callback):
         previous = getattr(pl_module, "previous", None) or {}
         resumed = len(previous.get("id", []))
         for set_name, rows in merged.items():
-            rows = sorted({r["id"]: r for r in rows}.values(), key=lambda r: r["id"])[: self.per_set]
+            rows = self._keep(rows)
             note = (f" (samples of this run only: {resumed:,} samples came from an earlier, resumed run)"
                     if resumed else "")
             save_figure(self._figure(set_name + note, rows), folder / f"{set_name}.png", trainer,
@@ -72,7 +85,8 @@ class ReconstructionLogger(L.Callback):
                 shown = image.permute(1, 2, 0).clamp(0, 1).numpy()
                 axes[i, j].imshow(shown.squeeze(-1) if shown.shape[-1] == 1 else shown, cmap="gray", vmin=0, vmax=1)
             axes[3, j].imshow(diff.numpy(), cmap="inferno", vmin=0, vmax=max(float(diff.max()), 1e-6))
-            axes[0, j].set_title(f"pred {r['pred']}" + (f" / y {r['label']}" if r["label"] >= 0 else ""), fontsize=7)
+            title = f"pred {r['pred']}" + (f" / y {r['label']}" if r["label"] >= 0 else "")
+            axes[0, j].set_title(title + (f"\n{r['score']:.3g}" if "score" in r else ""), fontsize=7)
             for i in range(4):
                 axes[i, j].axis("off")
         for i, title in enumerate(titles):

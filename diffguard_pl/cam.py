@@ -31,7 +31,8 @@ def cam_layer_name(model: nn.Module, layer: Optional[str]) -> str:
     info = getattr(model, "feature_info", None)
     if info is None:
         raise ValueError(
-            f"{type(model).__name__} has no feature_info to find its last stage; set diffguard.guidance.cfg.cam_layer"
+            f"{type(model).__name__} has no feature_info to find its last stage; "
+            "set diffguard.guidance.classifier_free.cam_layer"
         )
     last = info[-1] if isinstance(info, (list, tuple)) else info.get_dicts()[-1]
     return last["module"]
@@ -42,7 +43,7 @@ def _module(model: nn.Module, name: str) -> nn.Module:
     if name not in modules:
         candidates = [n for n in modules if n and "." not in n]
         raise ValueError(
-            f"diffguard.guidance.cfg.cam_layer={name!r} is not a module of {type(model).__name__}; "
+            f"diffguard.guidance.classifier_free.cam_layer={name!r} is not a module of {type(model).__name__}; "
             f"top-level modules: {candidates}"
         )
     return modules[name]

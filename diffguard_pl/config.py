@@ -67,7 +67,7 @@ class DataConfig:
 
     benchmark digits: the embedded Digits-OOD benchmark (built from installed packages).
     benchmark cifar10 / imagenet: OpenOOD v1.5 image lists under ``root`` (the folder holding
-    benchmark_imglist/, images_classic/, images_largescale/), see diffguard_pl/data/files.py.
+    benchmark_imglist/, images_classic/, images_largescale/), see diffguard_pl/data/image_lists.py.
     benchmark lists: your own image lists or folders, described by ``definition``::
 
         definition:
@@ -157,7 +157,7 @@ class ClassifierConfig:
 class DiffusionConfig:
     """A diffusers UNet2DModel trained as an epsilon-predicting DDPM."""
 
-    conditional: bool = False  # class-conditional with a null class for CFG
+    conditional: bool = False  # class-conditional with a null class for classifier-free guidance
     block_out_channels: List[int] = field(default_factory=lambda: [32, 64, 64])
     layers_per_block: int = 2
     attention_levels: List[bool] = field(default_factory=lambda: [False, False, True])
@@ -311,7 +311,7 @@ class CutoutConfig:
 
 
 @dataclass
-class CFGConfig:
+class ClassifierFreeConfig:
     """Classifier-free guidance with distinct semantic guidance (DSG), the paper's LDM path.
 
     eps = eps_u + omega * (eps_c - eps_u) inside the DSG mask, eps_u outside.
@@ -327,9 +327,10 @@ class CFGConfig:
     cam_threshold: float = 0.3  # released setting
 
     def __post_init__(self) -> None:
-        _check_positive("diffguard.guidance.cfg.omega", self.omega, allow_zero=True)
+        _check_positive("diffguard.guidance.classifier_free.omega", self.omega, allow_zero=True)
         if not 0.0 <= self.cam_threshold < 1.0:
-            raise ConfigError(f"diffguard.guidance.cfg.cam_threshold={self.cam_threshold} must lie in [0, 1)")
+            raise ConfigError(f"diffguard.guidance.classifier_free.cam_threshold={self.cam_threshold} "
+                              "must lie in [0, 1)")
 
 
 @dataclass
@@ -338,18 +339,21 @@ class GuidanceConfig:
 
     mode classifier (the paper's GDM path): eps_hat = eps - scale * sqrt(1 - a_t) * grad log p(y | x_clean),
     with clean grad and cutout; a class-conditional denoiser also receives the label.
-    mode cfg (the paper's LDM path): classifier-free guidance of a class-conditional
-    denoiser with a null class, optionally restricted by DSG (see :class:`CFGConfig`).
+    mode classifier_free (the paper's LDM path): classifier-free guidance of a class-conditional
+    denoiser with a null class, optionally restricted by DSG (see :class:`ClassifierFreeConfig`).
     """
 
-    mode: str = "classifier"  # classifier | cfg
+    mode: str = "classifier"  # classifier | classifier_free
     scale: float = 3.0  # classifier mode
     clean: str = "blend"  # what the classifier sees: x0_pred | blend (f x0_pred + (1-f) x_t) | noisy (x_t)
     cutout: CutoutConfig = field(default_factory=CutoutConfig)
-    cfg: CFGConfig = field(default_factory=CFGConfig)
+    classifier_free: ClassifierFreeConfig = field(default_factory=ClassifierFreeConfig)
 
     def __post_init__(self) -> None:
-        _check_choice("diffguard.guidance.mode", self.mode, ["classifier", "cfg"])
+        if self.mode == "cfg":
+            raise ConfigError("diffguard.guidance.mode=cfg is not allowed (cfg names the config): "
+                              "use diffguard.guidance.mode=classifier_free")
+        _check_choice("diffguard.guidance.mode", self.mode, ["classifier", "classifier_free"])
         _check_positive("diffguard.guidance.scale", self.scale, allow_zero=True)
         _check_choice("diffguard.guidance.clean", self.clean, ["x0_pred", "blend", "noisy"])
 
@@ -524,7 +528,11 @@ class BaselineConfig:
 class EvalCallbacksConfig:
     curves: bool = True  # per-step inversion quality curves per set (CSV, PNG, W&B line plots)
     reconstructions: int = 8  # samples per set drawn as input / synthesis / reference / difference; 0 = off
+    reconstruction_select: str = "first"  # first (by id) or extremes (half lowest, half highest DiffGuard score)
     score_plots: bool = True  # score histograms per detector, InD against each OOD set
+
+    def __post_init__(self) -> None:
+        _check_choice("callbacks.reconstruction_select", self.reconstruction_select, ["first", "extremes"])
 
 
 @dataclass

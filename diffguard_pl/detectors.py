@@ -23,7 +23,7 @@ BASELINES = ("msp", "ebo", "maxlogit", "knn", "vim")
 FUSION_PARTNERS = ("ebo", "vim", "knn")
 FUSED = "diffguard+ebo"
 ORACLE_PREFIX = "oracle-"  # oracle-<mode>/<detector>
-META_COLUMNS = ("id", "set", "split", "label", "pred", "depth", "unet_evals")
+META_COLUMNS = ("id", "set", "split", "label", "pred", "synthesis_pred", "depth", "unet_evals")
 
 
 def distance_column(distance: str) -> str:

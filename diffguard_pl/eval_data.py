@@ -26,7 +26,7 @@ def num_classes(data: DataConfig) -> int:
         return len(data.ind_classes)
     if data.benchmark == "lists":
         return int(dict(data.definition)["num_classes"])
-    from diffguard_pl.data.files import OPENOOD_BENCHMARKS
+    from diffguard_pl.data.image_lists import OPENOOD_BENCHMARKS
 
     return int(OPENOOD_BENCHMARKS[data.benchmark]["num_classes"])
 
@@ -147,7 +147,8 @@ def fit_classifier_baselines(classifier: Classifier, benchmark: Benchmark,
 def folder_images(cfg: EvalConfig, benchmark: Benchmark) -> ImageSet:
     """The images of ``score_folder`` as one unlabelled set, preprocessed like the benchmark's."""
     from diffguard_pl.data.build import file_transform
-    from diffguard_pl.data.files import folder_set, standard_transform
+    from diffguard_pl.data.file_benchmark import folder_set
+    from diffguard_pl.data.image_files import standard_transform
 
     transform = (standard_transform("resize", cfg.data.resolution) if cfg.data.benchmark in ("digits", "fashion")
                  else file_transform(cfg.data))

@@ -99,7 +99,7 @@ def write_outputs(results: dict, records: dict, groups: dict, output_dir: Path, 
     from diffguard_pl.results import format_table, write_json, write_scores_csv
 
     if cfg.data.benchmark not in ("digits", "fashion"):
-        from diffguard_pl.data.files import data_report
+        from diffguard_pl.data.file_benchmark import data_report
 
         results["data"] = data_report(benchmark)  # skipped lines / images, grayscale conversions
     if cfg.oracle != "none":
@@ -128,7 +128,7 @@ def _report_data(benchmark) -> None:
     """Skipped and converted images on the console (results.json counts them too)."""
     if benchmark.name in ("digits", "fashion"):
         return
-    from diffguard_pl.data.files import data_report
+    from diffguard_pl.data.file_benchmark import data_report
 
     report = data_report(benchmark)
     if report["skipped"] or report["grayscale_converted"]:
@@ -230,7 +230,8 @@ def _evaluate(cfg: EvalConfig, benchmark, classifier, diffusion, output_dir: Pat
     c = cfg.callbacks
     callbacks = [EvalProgress()] if cfg.trainer.enable_progress_bar else []
     callbacks += [InversionCurveLogger()] if c.curves else []
-    callbacks += [ReconstructionLogger(c.reconstructions)] if c.reconstructions > 0 else []
+    callbacks += ([ReconstructionLogger(c.reconstructions, c.reconstruction_select, cfg.diffguard.score)]
+                  if c.reconstructions > 0 else [])
     callbacks += [ScoreDistributionPlot()] if c.score_plots else []
     logger = build_logger(cfg, output_dir)
     if cfg.logger == "wandb":  # the run's config: the resolved config, as config.yaml holds it

@@ -221,7 +221,7 @@ class CutoutPlan:
         return self.params[rows, level - 1]
 
 
-def cfg_eps(
+def classifier_free_eps(
     eps_c: torch.Tensor, eps_u: torch.Tensor, omega: float, mask: Optional[torch.Tensor] = None
 ) -> torch.Tensor:
     """Classifier-free guidance: eps_u + omega * (eps_c - eps_u), and eps_u outside ``mask`` (DSG).

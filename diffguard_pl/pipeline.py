@@ -3,6 +3,7 @@
     pipeline = DiffGuardPipeline(load_diffusion(path), load_classifier(path), DiffGuardConfig())
     out = pipeline(images)               # images [N, C, H, W] in [0, 1]; ids optional (default "0", "1", ...)
     out["scores"]["l2"], out["pred"]     # per-sample OOD scores (higher = more OOD) and predictions
+    out["synthesis_pred"]                # what the classifier sees in the guided synthesis
 
 Stages of a call: check inputs; classify the input (label y, logits, features); with DSG, the Grad-CAM mask
 of y; encode (latent models); DDIM-invert for ``depth`` steps; synthesise back under y, in the same denoiser
@@ -10,7 +11,7 @@ batches as the unguided reconstruction when that is the reference; decode; score
 synthesis and the reference; optionally re-synthesise under oracle labels (diffguard_pl/oracle.py).
 
 Guidance (``diffguard.guidance.mode``): ``classifier``, classifier guidance with clean grad and cutout
-(diffguard_pl/guidance.py; a class-conditional denoiser also receives the label); ``cfg``, classifier-free
+(diffguard_pl/guidance.py; a class-conditional denoiser also receives the label); ``classifier_free``, classifier-free
 guidance eps_u + omega (eps_c - eps_u), both branches in one denoiser batch, restricted by DSG to the
 Grad-CAM mask (diffguard_pl/cam.py), eps_u outside. Inversion runs with the null class of a conditional model.
 
@@ -34,7 +35,7 @@ from diffguard_pl.aes import AdaptiveEarlyStop
 from diffguard_pl.cam import dsg_mask, grad_cam
 from diffguard_pl.config import DiffGuardConfig
 from diffguard_pl.ddim import Ladder, ddim_step, eps_from_x0, predict_x0
-from diffguard_pl.guidance import CutoutPlan, at_least_float32, cfg_eps, guided_eps
+from diffguard_pl.guidance import CutoutPlan, at_least_float32, classifier_free_eps, guided_eps
 from diffguard_pl.models.classifier import Classifier
 from diffguard_pl.models.diffusion import DiffusionModel
 from diffguard_pl.oracle import Oracle
@@ -45,8 +46,8 @@ from diffguard_pl.scores import (
 
 INVERT, SYNTHESISE, DONE = 0, 1, 2
 NONFINITE = ("the diffusion model returned NaN or Inf during the walk. Likeliest causes, in order: a guidance "
-             "scale or omega too large (diffguard.guidance.scale / diffguard.guidance.cfg.omega), a broken "
-             "checkpoint (models.diffusion), input images outside [0, 1]")
+             "scale or omega too large (diffguard.guidance.scale / diffguard.guidance.classifier_free.omega), "
+             "a broken checkpoint (models.diffusion), input images outside [0, 1]")
 
 
 @dataclass
@@ -93,7 +94,7 @@ class DiffGuardPipeline:
         check_models(diffusion, classifier, cfg)
         self.diffusion, self.classifier, self.cfg = diffusion, classifier.eval(), cfg
         self.diffusion.unet.eval()
-        self.cfg_mode = cfg.guidance.mode == "cfg"
+        self.classifier_free = cfg.guidance.mode == "classifier_free"
         self.ladder = Ladder.build(diffusion.alphas_cumprod, cfg.num_steps, cfg.ladder, cfg.handoff,
                                    cfg.timestep_offset)
         self.runtime = Runtime(cfg.runtime)
@@ -115,8 +116,9 @@ class DiffGuardPipeline:
 
     @property
     def synthesis_rows(self) -> int:
-        """Denoiser rows per synthesis step and sample, without the reference: 2 with CFG, else 1."""
-        return 2 if self.cfg_mode else 1
+        """Denoiser rows per synthesis step and sample, without the reference: 2 with classifier-free guidance,
+        else 1."""
+        return 2 if self.classifier_free else 1
 
     def to(self, device: torch.device | str) -> "DiffGuardPipeline":
         for module in (self.diffusion, self.classifier, self.perceptual):
@@ -162,12 +164,12 @@ class DiffGuardPipeline:
 
     def dsg_masks(self, images01: torch.Tensor, labels: torch.Tensor) -> Optional[torch.Tensor]:
         """DSG masks [N, 1, h, w] at the denoiser's resolution for ``labels``, or None without DSG."""
-        cfg = self.cfg.guidance.cfg
-        if not (self.cfg_mode and cfg.dsg):
+        free = self.cfg.guidance.classifier_free
+        if not (self.classifier_free and free.dsg):
             return None
         self._hook("grad_cam", images01, labels)
-        cam = grad_cam(self.classifier, images01, labels, cfg.cam_layer)
-        return dsg_mask(cam, cfg.cam_threshold, self.diffusion.sample_size)
+        cam = grad_cam(self.classifier, images01, labels, free.cam_layer)
+        return dsg_mask(cam, free.cam_threshold, self.diffusion.sample_size)
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] to model space (the autoencoder under the runtime's autocast), in the images' dtype."""
@@ -189,12 +191,19 @@ class DiffGuardPipeline:
 
     @torch.no_grad()
     def score(self, synthesis01: torch.Tensor, reference01: torch.Tensor, reference_logits: torch.Tensor,
-              reference_feats: torch.Tensor) -> Dict[str, torch.Tensor]:
+              reference_feats: torch.Tensor, synthesis_logits: Optional[list] = None) -> Dict[str, torch.Tensor]:
+        """The distances ``diffguard.distances`` between synthesis and reference (higher = more OOD).
+
+        ``synthesis_logits``: a list that receives the classifier's logits on the synthesis.
+        """
         names = self.cfg.distances
         scores = pixel_distances(synthesis01, reference01, [n for n in names if n in PIXEL])
-        if any(n in CLASSIFIER for n in names):
+        if any(n in CLASSIFIER for n in names) or synthesis_logits is not None:
             logits, feats = self.classify(synthesis01)
-            scores.update(classifier_distances(reference_logits, reference_feats, logits, feats, names))
+            scores.update(classifier_distances(reference_logits, reference_feats, logits, feats,
+                                               [n for n in names if n in CLASSIFIER]))
+            if synthesis_logits is not None:
+                synthesis_logits.append(logits)
         if self.perceptual is not None:
             scores.update(self.perceptual(synthesis01, reference01))
         for name, value in scores.items():
@@ -236,7 +245,7 @@ class DiffGuardPipeline:
                              "label: pass labels, or use an unconditional model / one trained with a null class")
         guidance = cfg.guidance
         crops = None
-        if not self.cfg_mode and guidance.scale != 0 and guidance.cutout.num > 0:
+        if not self.classifier_free and guidance.scale != 0 and guidance.cutout.num > 0:
             levels = self.ladder.synthesis_start(cfg.depth)  # synthesis steps start at levels 1 .. this
             crops = CutoutPlan.draw(ids, levels, guidance.cutout, cfg.seed, self.diffusion.image_size, x0.dtype)
         if latent is None:
@@ -307,7 +316,8 @@ class DiffGuardPipeline:
         return self._constant(null, len(rows.cpu))
 
     def _denoise(self, walk: Walk, inv: Optional[Rows], syn: Optional[Rows]) -> Dict[str, torch.Tensor]:
-        """One denoiser call: inverting rows, synthesising rows, their CFG twins and reference rows."""
+        """One denoiser call: inverting rows, synthesising rows, their unconditional twins (classifier-free guidance)
+        and reference rows."""
         parts, inputs, steps, labels = [], [], [], []
 
         def add(name, x, level, rows, guided):
@@ -322,7 +332,7 @@ class DiffGuardPipeline:
             if syn is not None:
                 x_syn = _take(walk.x, syn.device)
                 add("synthesis", x_syn, syn.level, syn, True)
-                if self.cfg_mode:
+                if self.classifier_free:
                     add("uncond", x_syn, syn.level, syn, False)
                 if walk.reference is not None:
                     add("reference", _take(walk.reference, syn.device), syn.level, syn, False)
@@ -348,12 +358,12 @@ class DiffGuardPipeline:
         guidance, clip = self.cfg.guidance, self.cfg.clip_x0 != "none"
         x = _take(walk.x, rows.device)
         coef_t, coef_s = self._coef(rows.level, x), self._coef(rows.level - 1, x)
-        if self.cfg_mode:
+        if self.classifier_free:
             with self.runtime.grad_free():
-                eps = cfg_eps(eps, extra["uncond"], guidance.cfg.omega, _take(walk.masks, rows.device)
-                              if walk.masks is not None else None)
+                eps = classifier_free_eps(eps, extra["uncond"], guidance.classifier_free.omega,
+                                          _take(walk.masks, rows.device) if walk.masks is not None else None)
         step_eps = self._clipped(x, eps, coef_t) if clip else eps
-        if not self.cfg_mode and guidance.scale != 0:  # outside inference mode: the classifier's gradient
+        if not self.classifier_free and guidance.scale != 0:  # outside inference mode: the classifier's gradient
             crops = None if walk.crops is None else walk.crops.at(rows.device, rows.level, self.device)
             labels = _take(walk.labels, rows.device)
             self._hook("guidance", x, labels, crops)
@@ -452,12 +462,14 @@ class DiffGuardPipeline:
             ref_logits, ref_feats = self.classify(reference01)
         else:
             reference01, ref_logits, ref_feats = images, logits, feats
-        scores = self.score(synthesis01, reference01, ref_logits, ref_feats)
+        synthesis_logits: list = []
+        scores = self.score(synthesis01, reference01, ref_logits, ref_feats, synthesis_logits)
         depth = run["depth"].cpu()
         synthesis_steps = self.ladder.synthesis_start(depth)
         unet_evals = depth + synthesis_steps * (self.synthesis_rows + int(with_reference))
         out = {
-            "logits": logits, "features": feats, "pred": pred, "synthesis": synthesis01, "reference": reference01,
+            "logits": logits, "features": feats, "pred": pred, "synthesis": synthesis01,
+            "synthesis_pred": synthesis_logits[0].argmax(dim=1), "reference": reference01,
             "scores": scores, "depth": depth, "unet_evals": unet_evals,
             "curves": {name: value.cpu() for name, value in run["curves"].items()},
         }
@@ -499,9 +511,10 @@ def check_models(diffusion: DiffusionModel, classifier: Classifier, cfg: DiffGua
     if diffusion.conditional and classifier.spec.num_classes > diffusion.num_classes:
         raise ValueError(f"the classifier has {classifier.spec.num_classes} classes but the conditional diffusion "
                          f"model only {diffusion.num_classes}")
-    if cfg.guidance.mode == "cfg" and (not diffusion.conditional or diffusion.null_class is None):
-        raise ValueError("diffguard.guidance.mode=cfg needs a class-conditional diffusion model with a null class; "
-                         "this one is unconditional or has no null class (use diffguard.guidance.mode=classifier)")
+    if cfg.guidance.mode == "classifier_free" and (not diffusion.conditional or diffusion.null_class is None):
+        raise ValueError("diffguard.guidance.mode=classifier_free needs a class-conditional diffusion model with a "
+                         "null class; this one is unconditional or has no null class "
+                         "(use diffguard.guidance.mode=classifier)")
     if diffusion.latent and cfg.clip_x0 != "none":
         raise ValueError("diffguard.clip_x0 clips to the image range [-1, 1]; a latent model has none (use none)")
     if diffusion.latent and cfg.aes.enabled and cfg.aes.dists is not None:

@@ -43,9 +43,10 @@ def print_plan(cfg: EvalConfig, benchmark: Benchmark, classifier: Classifier, di
     for s in sets:
         group = "" if s.name == "ind" else f" ({benchmark.ood[s.name].group})"
         lines.append(f"  {s.name}{group} {s.split}: {len(s)} images")
+    free = g.classifier_free
+    dsg = f"on, CAM threshold {free.cam_threshold}" if free.dsg else "off"
     guidance = (f"classifier guidance, scale {g.scale}, clean {g.clean}, {g.cutout.num} {g.cutout.mode} cutouts"
-                if g.mode == "classifier"
-                else f"CFG omega {g.cfg.omega}, DSG {'on, CAM threshold ' + str(g.cfg.cam_threshold) if g.cfg.dsg else 'off'}")
+                if g.mode == "classifier" else f"classifier-free guidance, omega {free.omega}, DSG {dsg}")
     reached, start = ladder.reached(d.depth), ladder.synthesis_start(d.depth)
     oracle = {"none": "none", "ind": "ind (true labels for InD samples)",
               "paper": "paper (true labels for InD, a random label per OOD sample, DSG off)",

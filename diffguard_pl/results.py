@@ -66,6 +66,7 @@ def summarize(records: Mapping[str, list], groups: Mapping[str, str], split: str
         "id_accuracy": float((ind_label == ind_pred).double().mean()) if len(ind_label) else float("nan"),
         "detectors": {},
         "num_samples": {IND: len(ind_label), **{s: len(select(records, split, s, "label")) for s in groups}},
+        "groups": dict(groups),
         "intervals": f"95% percentile bootstrap over {split} samples, {replicates} replicates, seed 0",
     }
     present = [s for s in groups if result["num_samples"][s] > 0]
@@ -88,7 +89,19 @@ def summarize(records: Mapping[str, list], groups: Mapping[str, str], split: str
                 per_ood[s]["auroc_ci"] = list(interval(draws[s]))
         result["detectors"][detector] = entry
     result["comparisons"] = comparisons(records, groups, split, replicates)
+    if "synthesis_pred" in records:
+        result["synthesis_follows_label"] = synthesis_agreement(records, [IND] + present, split)
     return result
+
+
+def synthesis_agreement(records: Mapping[str, list], sets: Sequence[str], split: str = "test") -> Dict[str, float]:
+    """Per set, how often the classifier calls the guided synthesis by the label that guided it (the
+    prediction): the mechanism's premise is that this holds for InD inputs and fails for OOD ones."""
+    out = {}
+    for s in sets:
+        pred, again = select(records, split, s, "pred"), select(records, split, s, "synthesis_pred")
+        out[s] = float((pred == again).double().mean()) if len(pred) else float("nan")
+    return out
 
 
 def comparisons(records: Mapping[str, list], groups: Mapping[str, str], split: str = "test",
@@ -179,6 +192,9 @@ def format_table(result: dict, groups: Mapping[str, str]) -> str:
                  "(InD positive, the paper's); FPR@95 OpenOOD: InD flagged when 95% of OOD is detected "
                  "(OOD positive, OpenOOD v1.5's leaderboard)")
     lines.append(f"InD accuracy: {100 * result['id_accuracy']:.2f}%")
+    if result.get("synthesis_follows_label"):
+        rates = ", ".join(f"{s} {100 * v:.0f}%" for s, v in result["synthesis_follows_label"].items())
+        lines.append(f"synthesis classified as its guiding label: {rates}")
     if "throughput" in result:
         tp = result["throughput"]
         lines.append(f"throughput: {tp['images_per_second']:.2f} images/s, {tp['unet_evals_per_image']:.1f} UNet evaluations per image")

@@ -18,7 +18,7 @@ import torch
 
 from diffguard_pl.data.benchmark import sample_seed
 from diffguard_pl.ddim import ddim_sample, spaced_timesteps
-from diffguard_pl.guidance import cfg_eps
+from diffguard_pl.guidance import classifier_free_eps
 from diffguard_pl.models import Classifier, DiffusionModel, load_classifier, load_diffusion
 
 
@@ -26,7 +26,7 @@ def seeded_noise(ids: list[str], shape: tuple, seed: int = 0) -> torch.Tensor:
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(sample_seed(i, seed))) for i in ids])
 
 
-def cfg_eps_fn(model: DiffusionModel, labels: torch.Tensor, guidance_scale: float):
+def classifier_free_eps_fn(model: DiffusionModel, labels: torch.Tensor, guidance_scale: float):
     """eps = eps_u + w (eps_c - eps_u); w = 1 is the plain conditional model (one forward)."""
 
     def eps_fn(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
@@ -37,7 +37,7 @@ def cfg_eps_fn(model: DiffusionModel, labels: torch.Tensor, guidance_scale: floa
         null = torch.full_like(labels, model.null_class)
         both = model.eps(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, null]))
         eps_c, eps_u = both.chunk(2)
-        return cfg_eps(eps_c, eps_u, guidance_scale)
+        return classifier_free_eps(eps_c, eps_u, guidance_scale)
 
     return eps_fn
 
@@ -64,7 +64,8 @@ def conditional_sample_accuracy(
     for start in range(0, len(labels), batch_size):
         y = labels[start : start + batch_size]
         x_T = seeded_noise(ids[start : start + batch_size], shape, seed)
-        x0 = ddim_sample(cfg_eps_fn(model, y, guidance_scale), model.alphas_cumprod, x_T, timesteps, clip_x0=clip_x0)
+        eps_fn = classifier_free_eps_fn(model, y, guidance_scale)
+        x0 = ddim_sample(eps_fn, model.alphas_cumprod, x_T, timesteps, clip_x0=clip_x0)
         x01 = ((x0 + 1) / 2).clamp(0, 1)
         preds.append(classifier(x01).argmax(dim=1))
         if return_images:

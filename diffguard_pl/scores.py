@@ -17,7 +17,7 @@ from typing import Dict, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from diffguard_pl.models.classifier import MissingCheckpointError
+from diffguard_pl.errors import MissingCheckpointError
 
 PIXEL = ("l1", "l2", "psnr", "ssim")
 CLASSIFIER = ("logit_l1", "feature_cos")

@@ -1,5 +1,4 @@
 import os
-from pathlib import Path
 
 # Small tensors: one thread per process is faster than two and keeps subprocess tests from oversubscribing.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -9,9 +8,6 @@ import torch  # noqa: E402
 
 from diffguard_pl.config import DataConfig  # noqa: E402
 from diffguard_pl.data import build_benchmark  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-CHECKPOINTS = ROOT / "checkpoints" / "digits"
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
@@ -41,14 +37,6 @@ def small_models(tmp_path_factory):
     save_diffusion(DiffusionModel(unet, build_scheduler(cfg).alphas_cumprod.double()), build_scheduler(cfg),
                    folder / "diffusion")
     return folder
-
-
-def eval_argv(out, models, *extra):
-    """evaluate.py arguments for a quick run on a slice of the embedded benchmark with ``models``."""
-    return [f"--config={ROOT / 'conf' / 'digits_gdm.yaml'}", f"output_dir={out}",
-            f"models.classifier={models / 'classifier'}", f"models.diffusion={models / 'diffusion'}",
-            "limit_per_set=6", "diffguard.num_steps=4", "diffguard.depth=2", "data.eval_batch_size=16",
-            "trainer.enable_progress_bar=false", *extra]
 
 
 @pytest.fixture(scope="session")

@@ -8,8 +8,8 @@ from diffguard_pl.models import DiffusionModel
 from diffguard_pl.pipeline import DiffGuardPipeline
 from diffguard_pl.scores import psnr
 
-from conftest import eval_argv
-from test_pipeline import ALPHAS, RecordingUNet, small_classifier, small_diffusion
+from helpers.configs import eval_argv
+from helpers.models import ALPHAS, RecordingUNet, small_classifier, small_diffusion
 
 STEPS = 20
 

@@ -7,7 +7,7 @@ from diffguard_pl.models import load_classifier, load_diffusion
 from diffguard_pl.pipeline import DiffGuardPipeline
 from diffguard_pl.sample_check import conditional_sample_accuracy
 
-from conftest import CHECKPOINTS
+from helpers.paths import CHECKPOINTS
 
 
 def test_checkpoints_fit_the_size_budget():

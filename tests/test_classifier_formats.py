@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from diffguard_pl.models import ClassifierSpec, build_classifier
-from diffguard_pl.models.classifier import guess_arch
+from diffguard_pl.models.classifier_files import guess_arch
 from diffguard_pl.models.openood import CIFAR10_MEAN, CIFAR10_STD
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]

@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from conftest import ROOT
+from helpers.paths import ROOT
 
 pytestmark = pytest.mark.subprocess
 
@@ -52,7 +52,8 @@ BAD = [
     (["diffguard.guidance.scale=inf"], "diffguard.guidance.scale=inf"),
     (["diffguard.guidance.scale=nan"], "diffguard.guidance.scale=nan"),
     (["diffguard.guidance.scale=-1"], "diffguard.guidance.scale=-1"),
-    (["--config=conf/digits_cfg.yaml", "diffguard.guidance.cfg.omega=inf"], "diffguard.guidance.cfg.omega=inf"),
+    (["--config=conf/digits_classifier_free.yaml", "diffguard.guidance.classifier_free.omega=inf"],
+     "diffguard.guidance.classifier_free.omega=inf"),
     (["data.eval_batch_size=0"], "data.eval_batch_size=0"),
     (["limit_per_set=0"], "limit_per_set=0"),
     (["trainer.devices=0"], "trainer.devices=0"),

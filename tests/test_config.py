@@ -4,7 +4,7 @@ from omegaconf import OmegaConf
 from diffguard_pl import config as config_lib
 from diffguard_pl.config import ConfigError, TrainConfig
 
-from conftest import ROOT
+from helpers.paths import ROOT
 
 
 def load(*overrides, files=()):
@@ -51,6 +51,17 @@ def test_bad_choice_is_named():
         load("task=classifier", "data.channels=2")
     with pytest.raises(ConfigError, match="logger"):
         load("task=classifier", "logger=tensorboard")
+
+
+def test_guidance_mode_cfg_names_its_new_value():
+    """``cfg`` means the config; classifier-free guidance is ``classifier_free``."""
+    from diffguard_pl.config import EvalConfig
+
+    with pytest.raises(ConfigError, match="use diffguard.guidance.mode=classifier_free"):
+        config_lib.load(EvalConfig, ["diffguard.guidance.mode=cfg"], None)
+    cfg = config_lib.load(EvalConfig, ["diffguard.guidance.mode=classifier_free",
+                                       "diffguard.guidance.classifier_free.omega=3"], None)
+    assert cfg.diffguard.guidance.mode == "classifier_free" and cfg.diffguard.guidance.classifier_free.omega == 3
 
 
 def test_override_without_equals_sign():

@@ -410,5 +410,6 @@ def test_converted_conditional_model_without_null_class_runs_diffguard(tmp_path)
     assert all(torch.isfinite(v).all() for v in out["scores"].values())
     with pytest.raises(ValueError, match="no null class"):
         pipe.invert(torch.rand(2, 3, 16, 16), ["a", "b"])
-    with pytest.raises(ValueError, match="cfg needs"):
-        DiffGuardPipeline(model, build_classifier(spec).eval(), DiffGuardConfig(guidance=GuidanceConfig(mode="cfg")))
+    with pytest.raises(ValueError, match="classifier_free needs"):
+        DiffGuardPipeline(model, build_classifier(spec).eval(),
+                          DiffGuardConfig(guidance=GuidanceConfig(mode="classifier_free")))

@@ -18,7 +18,8 @@ from diffguard_pl.modules import ClassifierModule, JointModule
 from diffguard_pl.modules.cotrain import clean_estimates, load_diffusion_with_scheduler
 from diffguard_pl.train_job import train
 
-from conftest import ROOT, eval_argv
+from helpers.configs import eval_argv
+from helpers.paths import ROOT
 
 SPEC = ClassifierSpec("diffguard_resnet_tiny", num_classes=6, in_chans=1, input_size=16, mean=[0.5], std=[0.5])
 OPTIM = OptimConfig(lr=1e-2, warmup_steps=0)
@@ -53,6 +54,7 @@ def tiny_diffusion(conditional: bool = False) -> tuple[DiffusionModel, object]:
                           6 if conditional else None), scheduler
 
 
+@pytest.mark.training
 def test_cotrain_step_changes_classifier_and_leaves_frozen_unet_bit_identical(benchmark):
     diffusion, _ = tiny_diffusion()  # dropout 0.1: train mode would change its outputs
     module = ClassifierModule(SPEC, OPTIM, diffusion=diffusion, cotrain=CoTrainConfig(t_max=900))
@@ -66,6 +68,7 @@ def test_cotrain_step_changes_classifier_and_leaves_frozen_unet_bit_identical(be
     assert {k for k in changed(classifier_before, module.classifier) if k.endswith("weight")}
 
 
+@pytest.mark.training
 def test_cotrain_weight_zero_is_plain_fine_tuning(benchmark):
     diffusion, _ = tiny_diffusion()
     module = ClassifierModule(SPEC, OPTIM, diffusion=diffusion, cotrain=CoTrainConfig(weight=0.0))
@@ -85,6 +88,7 @@ def test_clean_estimates_pass_gradients_to_the_unet():
     assert diffusion.unet.conv_in.weight.grad is not None and diffusion.unet.conv_in.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.training
 @pytest.mark.parametrize("conditional", [False, True])
 def test_joint_step_changes_classifier_and_unet(benchmark, conditional):
     diffusion, scheduler = tiny_diffusion(conditional)
@@ -100,6 +104,7 @@ def test_joint_step_changes_classifier_and_unet(benchmark, conditional):
     assert not module.ema_unet.training
 
 
+@pytest.mark.training
 def test_joint_ce_term_reaches_the_unet(benchmark):
     """Same seed and batches: the UNet ends up elsewhere with ce_weight 1 than with 0, so the CE gradient reaches it."""
     results = {}
@@ -134,6 +139,7 @@ def test_config_checks():
         ClassifierModule(SPEC, OPTIM, diffusion=diffusion, cotrain=CoTrainConfig(t_max=1000))
 
 
+@pytest.mark.training
 def test_train_cotrain_exports_classifier_for_the_evaluator(tmp_path, benchmark, small_models):
     train_dir = tmp_path / "train"
     metrics = train(make_cfg(train_dir, "classifier.pretrained_path=null",
@@ -145,6 +151,8 @@ def test_train_cotrain_exports_classifier_for_the_evaluator(tmp_path, benchmark,
     assert "diffguard" in results["detectors"] and 0.0 <= results["id_accuracy"] <= 1.0
 
 
+@pytest.mark.training
+@pytest.mark.subprocess
 def test_train_joint_exports_both_and_evaluate_py_takes_them(tmp_path, benchmark, small_models):
     train_dir = tmp_path / "train"
     metrics = train(make_cfg(train_dir, f"cotrain.diffusion_path={small_models / 'diffusion'}",
@@ -165,6 +173,7 @@ def test_train_joint_exports_both_and_evaluate_py_takes_them(tmp_path, benchmark
     assert str(train_dir / "diffusion") in fingerprint and str(train_dir / "classifier") in fingerprint
 
 
+@pytest.mark.training
 def test_joint_resumes_with_both_optimisers(tmp_path, benchmark, small_models):
     args = [f"cotrain.diffusion_path={small_models / 'diffusion'}", "classifier.pretrained_path=null"]
     train(make_cfg(tmp_path / "a", *args, "trainer.max_steps=2", files=("train_joint.yaml",)), benchmark)

@@ -11,21 +11,10 @@ from torch.utils.data import ConcatDataset, DataLoader
 from diffguard_pl.config import DataConfig
 from diffguard_pl.data import IND, OOD_LABEL, sample_seed
 from diffguard_pl.data.datamodule import BenchmarkDataModule
-from diffguard_pl.data.files import (
-    OPENOOD_BENCHMARKS,
-    DataError,
-    FileImageSet,
-    ResizeCenterCrop,
-    build_file_benchmark,
-    data_report,
-    folder_set,
-    is_grayscale,
-    read_image_folder,
-    read_image_list,
-    standard_transform,
-    to_mode,
-    verify,
-)
+from diffguard_pl.data.file_benchmark import FileImageSet, build_file_benchmark, data_report, folder_set
+from diffguard_pl.data.image_files import ResizeCenterCrop, is_grayscale, standard_transform, to_mode, verify
+from diffguard_pl.data.image_lists import OPENOOD_BENCHMARKS, read_image_folder, read_image_list
+from diffguard_pl.errors import DataError
 
 RNG = np.random.default_rng(0)
 

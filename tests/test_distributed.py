@@ -10,7 +10,10 @@ import time
 
 import pytest
 
-from conftest import ROOT, eval_argv
+from helpers.configs import eval_argv
+from helpers.paths import ROOT
+
+pytestmark = pytest.mark.subprocess  # every test here runs evaluate.py in subprocesses
 
 # AES and cutout on, so that per-sample seeding and per-sample stopping are exercised, with the released recipe
 # (its ladder, x0 clipping in both directions, whole-pixel cutouts). float64, so that what is compared is the

@@ -14,7 +14,8 @@ from diffguard_pl.eval_job import evaluate
 from diffguard_pl.detectors import add_derived_detectors
 from diffguard_pl.results import merge_records, summarize
 
-from conftest import ROOT, eval_argv
+from helpers.configs import eval_argv
+from helpers.paths import ROOT
 
 DETECTORS = {"diffguard", "msp", "ebo", "maxlogit", "knn", "vim", "diffguard+ebo"}
 
@@ -25,7 +26,7 @@ def test_evaluate_writes_results_and_scores(tmp_path, small_models, benchmark):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["detectors"].keys() == results["detectors"].keys()
     names = set(saved["detectors"])
-    assert DETECTORS <= names
+    assert DETECTORS <= names and not names & {"pred", "synthesis_pred", "depth", "unet_evals"}
     assert {f"diffguard/{d}" for d in cfg.diffguard.distances} <= names
     assert {"oracle-ind/diffguard", "oracle-ind/diffguard/l2"} <= names
     for name, entry in saved["detectors"].items():
@@ -41,6 +42,9 @@ def test_evaluate_writes_results_and_scores(tmp_path, small_models, benchmark):
     assert saved["num_samples"] == {"ind": 6, "digits_6to9": 6, "textures": 6, "faces": 6, "photos": 6,
                                     "noise": 6, "constant": 6}
     assert 0.0 <= saved["id_accuracy"] <= 1.0
+    # How often the synthesis is classified as its guiding label, per set, from the records' synthesis_pred.
+    assert set(saved["synthesis_follows_label"]) == {"ind"} | set(saved["num_samples"])
+    assert all(0.0 <= v <= 1.0 for v in saved["synthesis_follows_label"].values())
     assert saved["throughput"]["unet_evals_per_image"] >= 4 and saved["throughput"]["images_per_second"] > 0
     with open(tmp_path / "scores.csv") as handle:
         rows = list(csv.DictReader(handle))
@@ -48,7 +52,9 @@ def test_evaluate_writes_results_and_scores(tmp_path, small_models, benchmark):
     logged = (tmp_path / "logs" / "metrics.csv").read_text()
     assert "diffguard+ebo/near_auroc" in logged and "id_accuracy" in logged
     assert len({r["id"] for r in rows}) == len(rows)
-    assert {"id", "set", "split", "label", "pred", "depth", "unet_evals", "diffguard", "msp"} <= set(rows[0])
+    follows = [r["pred"] == r["synthesis_pred"] for r in rows if r["set"] == "faces"]
+    assert saved["synthesis_follows_label"]["faces"] == pytest.approx(sum(follows) / len(follows))
+    assert {"id", "set", "split", "label", "pred", "synthesis_pred", "depth", "unet_evals", "diffguard", "msp"} <= set(rows[0])
     # The near-OOD AUROC in results.json is recomputed from the CSV rows.
     from diffguard_pl.metrics import auroc
 
@@ -66,6 +72,7 @@ def test_evaluate_writes_results_and_scores(tmp_path, small_models, benchmark):
     assert json.loads((tmp_path / "results.json").read_text())["baselines"] == choice
 
 
+@pytest.mark.subprocess
 def test_cli_reports_missing_checkpoint(tmp_path):
     result = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), f"output_dir={tmp_path}",
                              f"models.classifier={tmp_path / 'nothing'}"], capture_output=True, text=True, cwd=ROOT)
@@ -80,6 +87,7 @@ def _records():
         "split": ["val", "val", "val", "test", "test", "test", "test"],
         "label": [0, 1, 0, 1, 0, -1, -1],
         "pred": [0, 1, 0, 1, 1, 0, 0],
+        "synthesis_pred": [5, 5, 5, 1, 0, 1, 1],
         "depth": [2] * 7,
         "unet_evals": [4] * 7,
         "diffguard/l2": [1.0, 2.0, 3.0, 1.5, 2.5, 4.0, 0.5],
@@ -104,6 +112,7 @@ def test_summary_counts_test_split_and_accuracy():
     add_derived_detectors(records, "l2")
     result = summarize(records, {"far1": "far"})
     assert result["id_accuracy"] == 0.5 and result["num_samples"] == {"ind": 2, "far1": 2}
+    assert result["synthesis_follows_label"] == {"ind": 0.5, "far1": 0.0}  # test split only
     # InD test {1.5, 2.5} vs OOD {4.0, 0.5}: pairs won 2 of 4
     assert result["detectors"]["diffguard"]["per_ood"]["far1"]["auroc"] == 0.5
     assert result["detectors"]["diffguard"]["far"]["auroc"] == 0.5
@@ -162,3 +171,17 @@ def test_out_of_memory_names_the_batch_and_keeps_finished_samples(tmp_path, smal
     monkeypatch.setattr(DiffGuardPipeline, "__call__", original)
     results = evaluate(cfg, benchmark)  # the same command resumes and completes
     assert sum(results["num_samples"].values()) == 6 * 7
+
+
+def test_reconstructions_keep_the_extremes_whatever_the_order():
+    from callbacks.reconstructions import ReconstructionLogger
+
+    rows = [{"id": f"s{i}", "score": float(score)} for i, score in enumerate([5, 1, 9, 3, 7, 1, 8])]
+    keep = ReconstructionLogger(per_set=4, select="extremes")._keep
+    # the two lowest (ties by id: s1 before s5) and the two highest scores
+    assert [r["id"] for r in keep(rows)] == ["s1", "s5", "s6", "s2"]
+    assert [r["id"] for r in keep(rows[::-1])] == ["s1", "s5", "s6", "s2"]
+    assert [r["id"] for r in keep(keep(rows[:4]) + keep(rows[4:]))] == ["s1", "s5", "s6", "s2"]  # per batch, merged
+    assert [r["id"] for r in ReconstructionLogger(per_set=3)._keep(rows[::-1])] == ["s0", "s1", "s2"]
+    with pytest.raises(ValueError, match="reconstruction_select"):
+        ReconstructionLogger(select="best")

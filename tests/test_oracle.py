@@ -11,9 +11,8 @@ from diffguard_pl.config import ConfigError, EvalConfig
 from diffguard_pl.eval_job import evaluate
 from diffguard_pl.pipeline import DiffGuardPipeline
 
-from conftest import eval_argv
-from test_cfg import cfg_config
-from test_pipeline import small_classifier, small_diffusion
+from helpers.configs import classifier_free_config, eval_argv
+from helpers.models import small_classifier, small_diffusion
 
 
 def test_paper_labels_are_true_for_ind_and_random_per_id_for_ood():
@@ -34,7 +33,7 @@ def test_paper_labels_are_true_for_ind_and_random_per_id_for_ood():
 
 
 def test_paper_oracle_turns_dsg_off_and_resynthesises_everything():
-    pipe = DiffGuardPipeline(small_diffusion(conditional=True), small_classifier(), cfg_config(omega=5.0))
+    pipe = DiffGuardPipeline(small_diffusion(conditional=True), small_classifier(), classifier_free_config(omega=5.0))
     images, ids = torch.rand(3, 1, 16, 16), ["a", "b", "c"]
     pred = pipe(images, ids)["pred"]
     labels = torch.stack([pred[0], torch.tensor(-1), torch.tensor(-1)])

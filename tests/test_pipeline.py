@@ -3,42 +3,14 @@
 import pytest
 import torch
 
-from diffguard_pl.config import AESConfig, CutoutConfig, DiffGuardConfig, DiffusionConfig, GuidanceConfig
+from diffguard_pl.config import AESConfig, CutoutConfig, DiffGuardConfig, GuidanceConfig
 from diffguard_pl.ddim import spaced_timesteps, step_coefficients
 from diffguard_pl.guidance import clean_estimate, cutout, cutout_params, guided_eps, log_prob_grad
-from diffguard_pl.models import ClassifierSpec, DiffusionModel, build_classifier, build_scheduler, build_unet
+from diffguard_pl.models import DiffusionModel
 from diffguard_pl.oracle import Oracle
 from diffguard_pl.pipeline import DiffGuardPipeline
 
-SPEC = ClassifierSpec("diffguard_resnet_tiny", num_classes=6, in_chans=1, input_size=16, mean=[0.5], std=[0.5])
-ALPHAS = build_scheduler(DiffusionConfig()).alphas_cumprod.double()
-
-
-def small_diffusion(conditional=False, seed=0):
-    torch.manual_seed(seed)
-    cfg = DiffusionConfig(conditional=conditional, block_out_channels=[32, 32], attention_levels=[False, True],
-                          layers_per_block=1)
-    unet = build_unet(cfg, 1, 16, 6 if conditional else None).eval()
-    return DiffusionModel(unet, ALPHAS, 6 if conditional else None, 6 if conditional else None)
-
-
-def small_classifier(seed=0):
-    torch.manual_seed(seed)
-    return build_classifier(SPEC).eval()
-
-
-class RecordingUNet(torch.nn.Module):
-    """Hand-made eps model: a fixed eps per sample position, recording every call."""
-
-    def __init__(self, eps):
-        super().__init__()
-        self.register_buffer("fixed", eps)
-        self.calls = []
-        self.config = type("Config", (), {"in_channels": eps.shape[1], "sample_size": eps.shape[-1]})()
-
-    def forward(self, x, t, class_labels=None):
-        self.calls.append((t.clone(), x.clone()))
-        return type("Out", (), {"sample": self.fixed[: x.shape[0]].to(x.dtype)})()
+from helpers.models import ALPHAS, RecordingUNet, small_classifier, small_diffusion
 
 
 def unguided(num_steps=10, depth=6, **kw):
@@ -175,6 +147,16 @@ def test_the_forced_general_path_equals_the_fast_path_bit_for_bit():
         for name in fast["scores"]:
             assert torch.equal(fast["scores"][name], forced["scores"][name]), (dtype, name)
         assert torch.equal(fast["synthesis"], forced["synthesis"]) and torch.equal(fast["reference"], forced["reference"])
+
+
+def test_synthesis_pred_is_the_classifier_on_the_synthesis():
+    diffusion, classifier = small_diffusion(), small_classifier()
+    cfg = DiffGuardConfig(num_steps=6, depth=3, distances=["l2"],
+                          guidance=GuidanceConfig(scale=3.0, cutout=CutoutConfig(num=0)))
+    out = DiffGuardPipeline(diffusion, classifier, cfg)(torch.rand(4, 1, 16, 16), list("abcd"))
+    with torch.no_grad():
+        expected = classifier(out["synthesis"]).argmax(dim=1)
+    assert out["synthesis_pred"].tolist() == expected.tolist()
 
 
 def test_oracle_only_redoes_samples_whose_label_differs():

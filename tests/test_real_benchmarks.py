@@ -11,12 +11,13 @@ from PIL import Image
 
 from diffguard_pl import config as config_lib
 from diffguard_pl.config import ConfigError, DiffusionConfig, EvalConfig
-from diffguard_pl.data.files import OPENOOD_BENCHMARKS, DataError
+from diffguard_pl.data.image_lists import OPENOOD_BENCHMARKS
+from diffguard_pl.errors import DataError, MissingCheckpointError
 from diffguard_pl.eval_job import evaluate
 from diffguard_pl.models import DiffusionModel, build_scheduler, build_unet, load_diffusion, save_diffusion
-from diffguard_pl.models.classifier import MissingCheckpointError
 
-from conftest import ROOT, eval_argv
+from helpers.configs import eval_argv
+from helpers.paths import ROOT
 
 
 def write_image(path, rng, size=(20, 18), gray=False):

@@ -15,8 +15,8 @@ from diffguard_pl.guidance import cutout_params, nearest_cutout
 from diffguard_pl.models import DiffusionModel, load_classifier, load_diffusion
 from diffguard_pl.pipeline import DiffGuardPipeline
 
-from conftest import CHECKPOINTS, ROOT
-from test_pipeline import ALPHAS, RecordingUNet
+from helpers.models import ALPHAS, RecordingUNet
+from helpers.paths import CHECKPOINTS, ROOT
 
 
 class ToyEps(torch.nn.Module):

@@ -1,4 +1,4 @@
-"""GPU code paths on the simulated CUDA device (tests/simulated_cuda.py): placement and host reads, on the CPU.
+"""GPU code paths on the simulated CUDA device (tests/helpers/simulated_cuda.py): placement and host reads, on the CPU.
 
 Every path a GPU user runs (the pipeline's guidance modes, latent models, evaluate.py through Lightning,
 train.py's modules, the throughput script) runs here with its models and data on a simulated ``cuda:0``:
@@ -7,7 +7,6 @@ the pipeline's reads back to the host must not grow with the number of steps.
 """
 
 import collections
-import importlib.util
 import json
 
 import pytest
@@ -23,8 +22,9 @@ from diffguard_pl.models import DiffusionModel, load_classifier, load_diffusion
 from diffguard_pl.oracle import Oracle
 from diffguard_pl.pipeline import DiffGuardPipeline
 
-from conftest import CHECKPOINTS, ROOT
-from simulated_cuda import on_cuda, simulated_cuda, simulated_gpu_strategy
+from helpers.paths import CHECKPOINTS, ROOT
+from helpers.scripts import load_benchmark
+from helpers.simulated_cuda import on_cuda, simulated_cuda, simulated_gpu_strategy
 
 
 def preset(name, *overrides):
@@ -99,11 +99,11 @@ def run_both(pipe_cpu, pipe_gpu, images, ids, oracle=None):
     ("digits_gdm.yaml", ["diffguard.reference=unguided", "diffguard.aes.enabled=true", "diffguard.aes.psnr=12",
                          "diffguard.aes.min_depth=1", "diffguard.distances=[l2,ssim,psnr,logit_l1,feature_cos]"]),
     ("digits_gdm.yaml", ["diffguard.runtime.channels_last=true", "diffguard.runtime.inference_mode=false"]),
-    ("digits_cfg.yaml", ["diffguard.reference=unguided"]),
+    ("digits_classifier_free.yaml", ["diffguard.reference=unguided"]),
     pytest.param("digits_gdm.yaml", ["diffguard.runtime.autocast=bf16", "diffguard.runtime.channels_last=true"],
                  marks=pytest.mark.slow),  # bf16 is emulated on CPUs without AVX-512 BF16
-    pytest.param("digits_cfg.yaml", ["diffguard.runtime.autocast=bf16"], marks=pytest.mark.slow),
-], ids=["gdm_aes_reference", "gdm_channels_last", "cfg_dsg", "gdm_bf16", "cfg_dsg_bf16"])
+    pytest.param("digits_classifier_free.yaml", ["diffguard.runtime.autocast=bf16"], marks=pytest.mark.slow),
+], ids=["gdm_aes_reference", "gdm_channels_last", "classifier_free_dsg", "gdm_bf16", "classifier_free_dsg_bf16"])
 def test_pipeline_on_the_simulated_gpu_equals_the_cpu(benchmark, name, overrides):
     cfg = preset(name, "diffguard.num_steps=10", "diffguard.depth=6", *overrides)
     images, ids = mixed(benchmark)
@@ -122,7 +122,8 @@ def test_pipeline_on_the_simulated_gpu_equals_the_cpu(benchmark, name, overrides
 
 @pytest.mark.parametrize("name", ["unet_kl", "dit_vq"])
 def test_latent_pipeline_on_the_simulated_gpu_equals_the_cpu(benchmark, latent_stack, name):
-    cfg = preset("digits_cfg.yaml", "diffguard.num_steps=6", "diffguard.depth=3", "diffguard.reference=unguided")
+    cfg = preset("digits_classifier_free.yaml", "diffguard.num_steps=6", "diffguard.depth=3",
+                 "diffguard.reference=unguided")
     images, ids = mixed(benchmark, per_set=1)
     run_both(pipeline(cfg, load_diffusion(latent_stack / name)), pipeline(cfg, load_diffusion(latent_stack / name)),
              images, ids)
@@ -147,8 +148,8 @@ def reads_by_depth(name, overrides, images, ids):
 
 @pytest.mark.parametrize("name, overrides", [
     ("digits_gdm.yaml", ["diffguard.aes.record_curves=true", "diffguard.reference=unguided"]),
-    ("digits_cfg.yaml", []),
-], ids=["gdm_curves_reference", "cfg_dsg"])
+    ("digits_classifier_free.yaml", []),
+], ids=["gdm_curves_reference", "classifier_free_dsg"])
 def test_host_reads_per_batch_do_not_grow_with_the_depth(benchmark, name, overrides):
     """The CPU twin of benchmarks/sync_check.py: a fixed number of device-to-host reads per batch."""
     images, ids = mixed(benchmark)
@@ -227,6 +228,7 @@ def test_evaluate_on_the_simulated_gpu_equals_the_cpu(tmp_path, benchmark, monke
     ("train_diffusion_cond.yaml", ["diffusion.block_out_channels=[32,32]", "diffusion.attention_levels=[false,true]",
                                    "diffusion.layers_per_block=1"]),
 ], ids=["finetune", "joint", "diffusion"])
+@pytest.mark.training
 def test_training_on_the_simulated_gpu_equals_the_cpu(tmp_path, benchmark, monkeypatch, files, extra):
     argv = [f"--config={ROOT / 'conf' / files}", "trainer.max_steps=2", "trainer.enable_progress_bar=false",
             "trainer.limit_val_batches=1", "data.batch_size=8", "trainer.log_every_n_steps=1", *extra]
@@ -248,19 +250,18 @@ def test_training_on_the_simulated_gpu_equals_the_cpu(tmp_path, benchmark, monke
 def test_throughput_script_runs_its_cuda_path(tmp_path):
     """benchmarks/throughput.py --device cuda end to end, the paper-scale part as benchmarks/gpu_check.sh runs it
     (its torch.cuda calls answered by the simulator; the floor skipped: on a CPU its matmul rate would time
-    4096 x 8192 products)."""
-    spec = importlib.util.spec_from_file_location("throughput", ROOT / "benchmarks" / "throughput.py")
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
+    4096 x 8192 products). The simulator patches torch in this process, so the script's main runs here."""
+    script = load_benchmark("throughput")
     with simulated_cuda(cuda_api=True):
         report = script.main(["--device", "cuda", "--images", "4", "--batch-size", "4", "--repeats", "1",
                               "--no-floor", "--scaling", "1,2", "--scaling-images", "2", "--json",
                               str(tmp_path / "t.json"), "diffguard.num_steps=4", "diffguard.depth=2"])
         paper = script.main(["--paper-scale", "--tiny-arch", "--device", "cuda", "--images", "2", "--no-floor",
-                             "--paths", "gdm,cfg_dsg", "diffguard.num_steps=3", "diffguard.depth=2",
+                             "--paths", "gdm,classifier_free_dsg", "diffguard.num_steps=3", "diffguard.depth=2",
                              "diffguard.runtime.channels_last=true", "diffguard.runtime.autocast=bf16"])
     assert report["device"] == paper["device"] == "simulated CUDA (CPU)"
-    assert set(report["paths"]) == {"gdm", "gdm_aes", "cfg_dsg"} and set(paper["paths"]) == {"gdm", "cfg_dsg"}
+    assert set(report["paths"]) == {"gdm", "gdm_aes", "classifier_free_dsg"}
+    assert set(paper["paths"]) == {"gdm", "classifier_free_dsg"}
     for path in list(report["paths"].values()) + list(paper["paths"].values()):
         assert path["overhead_ratio"] > 0 and path["unet_evals_per_image"] > 0
     assert json.loads((tmp_path / "t.json").read_text())["paths"].keys() == report["paths"].keys()

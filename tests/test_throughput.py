@@ -1,7 +1,7 @@
-"""The throughput benchmark (benchmarks/throughput.py) and the execution settings (diffguard.runtime)."""
+"""The throughput benchmark (benchmarks/throughput.py, its replay of the model calls in diffguard_pl/profiling.py)
+and the execution settings (diffguard.runtime)."""
 
 import copy
-import importlib.util
 import json
 import math
 import subprocess
@@ -10,25 +10,17 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, eval_argv
 from diffguard_pl import records as records_lib
 from diffguard_pl.config import ConfigError, EvalConfig, RuntimeConfig, compose, to_object
 from diffguard_pl.models import load_classifier, load_diffusion
 from diffguard_pl.oracle import Oracle
 from diffguard_pl.pipeline import DiffGuardPipeline
+from diffguard_pl.profiling import Replay, cpu_attention_flops
 from diffguard_pl.scores import check_perceptual_files
 
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("throughput", ROOT / "benchmarks" / "throughput.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def throughput():
-    return load_script()
+from helpers.configs import eval_argv
+from helpers.paths import ROOT
+from helpers.scripts import load_benchmark, run_benchmark
 
 
 def preset(name, *overrides):
@@ -58,16 +50,18 @@ def relative_gaps(a, b):
     return float(rel.median()), float(rel.max()), float(torch.corrcoef(ranks)[0, 1])
 
 
-def test_benchmark_reports_ratios_on_a_tiny_cpu_run(throughput, tmp_path, capsys):
+@pytest.mark.subprocess
+def test_benchmark_reports_ratios_on_a_tiny_cpu_run(tmp_path):
     out = tmp_path / "throughput.json"
-    report = throughput.main(["--device", "cpu", "--images", "4", "--batch-size", "4", "--repeats", "1",
-                              "--scaling", "1,2", "--scaling-images", "2", "--json", str(out),
-                              "diffguard.num_steps=4", "diffguard.depth=2"])
-    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
-    printed = capsys.readouterr().out
+    printed = run_benchmark("throughput", "--device", "cpu", "--images", "4", "--batch-size", "4", "--repeats", "1",
+                            "--scaling", "1,2", "--scaling-images", "2", "--json", str(out),
+                            "diffguard.num_steps=4", "diffguard.depth=2")
+    report = json.loads(out.read_text())
+    assert report["command"].startswith("python benchmarks/throughput.py --device cpu")
     assert "overhead ratio" in printed and "bare UNet forward at 4 rows" in printed
-    expected_evals = {"gdm": 4.0, "cfg_dsg": 6.0}  # depth 2 x (1 + 1), x (1 + 2) with the CFG twins
-    for name in ("gdm", "gdm_aes", "cfg_dsg"):
+    # depth 2 x (1 + 1), x (1 + 2) with the unconditional twins
+    expected_evals = {"gdm": 4.0, "classifier_free_dsg": 6.0}
+    for name in ("gdm", "gdm_aes", "classifier_free_dsg"):
         r = report["paths"][name]
         for key in ("overhead_ratio", "ratio_median", "ratio_formula", "images_per_second", "peak_memory_mb",
                     "bare_unet_ms", "model_seconds", "pipeline_seconds"):
@@ -78,13 +72,14 @@ def test_benchmark_reports_ratios_on_a_tiny_cpu_run(throughput, tmp_path, capsys
             assert r["unet_evals_per_image"] == expected_evals[name]
         assert r["unet_rows_per_image_replayed"] == r["unet_evals_per_image"]
     assert report["paths"]["gdm"]["guidance_steps_per_image"] == 2.0
-    assert report["paths"]["cfg_dsg"]["guidance_steps_per_image"] == 0.0
-    assert "grad_cam" in report["paths"]["cfg_dsg"]["model_breakdown_seconds"]
+    assert report["paths"]["classifier_free_dsg"]["guidance_steps_per_image"] == 0.0
+    assert "grad_cam" in report["paths"]["classifier_free_dsg"]["model_breakdown_seconds"]
     assert report["paths"]["gdm"]["classifier_rows"] == 4 * 4  # batch x cutouts (digits preset: 4)
     assert set(report["scaling"]) == {"1", "2"}
     assert report["scaling"]["2"]["speedup_vs_first"] > 0
     assert report["matmul_gflops_per_second"]["none"] > 0
-    for name in ("gdm", "gdm_aes", "cfg_dsg"):  # the floor: FLOPs of the model calls against the matmul rate
+    # the floor: FLOPs of the model calls against the matmul rate
+    for name in ("gdm", "gdm_aes", "classifier_free_dsg"):
         r = report["paths"][name]
         for key in ("model_gflop_per_image", "model_gflops_per_second", "fraction_of_matmul_rate",
                     "floor_images_per_second", "pipeline_fraction_of_floor"):
@@ -95,9 +90,7 @@ def test_benchmark_reports_ratios_on_a_tiny_cpu_run(throughput, tmp_path, capsys
 
 def summary_verdicts(report_file, report, folder):
     """benchmarks/gpu_summary.py on a real throughput report (as embedded_fp32.json) and a sync check that grew."""
-    spec = importlib.util.spec_from_file_location("gpu_summary", ROOT / "benchmarks" / "gpu_summary.py")
-    summary = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(summary)
+    summary = load_benchmark("gpu_summary")
     folder.mkdir()
     (folder / "embedded_fp32.json").write_text(report_file.read_text())
     (folder / "sync_check.json").write_text(json.dumps({
@@ -113,14 +106,12 @@ def summary_verdicts(report_file, report, folder):
     assert summary.main([str(folder)]) == 0 and summary.main([str(folder), "--strict"]) == 1
 
 
-@pytest.mark.parametrize("name", ["digits_gdm.yaml", "digits_cfg.yaml"])
+@pytest.mark.parametrize("name", ["digits_gdm.yaml", "digits_classifier_free.yaml"])
 def test_steps_launch_no_scalar_arithmetic(benchmark, name):
     """benchmarks/op_count.py: the uniform loop takes its DDIM coefficients from the per-run table, so the
     square roots outside the model calls do not grow with the steps (there were 12 per inversion + synthesis
     pair before), and the model calls hold most of the operations."""
-    spec = importlib.util.spec_from_file_location("op_count", ROOT / "benchmarks" / "op_count.py")
-    op_count = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(op_count)
+    op_count = load_benchmark("op_count")
     results = []
     for depth in (3, 6):
         cfg = preset(name, "diffguard.num_steps=8", f"diffguard.depth={depth}")
@@ -132,27 +123,31 @@ def test_steps_launch_no_scalar_arithmetic(benchmark, name):
     assert results[1]["model_per_call"] > 3 * results[1]["outside_per_call"] > 0
 
 
-def test_flop_count_of_the_replay(throughput, benchmark):
+def test_flop_count_of_the_replay(benchmark):
     """Each distinct call counted once and scaled by its count; FLOPs grow linearly with the rows; the CPU
     attention kernel (absent from torch's table) is counted as its two products."""
-    cfg = preset("digits_cfg.yaml")
+    cfg = preset("digits_classifier_free.yaml")
     pipe = DiffGuardPipeline(load_diffusion(cfg.models.diffusion), load_classifier(cfg.models.classifier),
                              cfg.diffguard)
     unet = ("unet", (2, 1, 16, 16), True)
-    one = throughput.Replay(pipe, [unet]).flops()
+    one = Replay(pipe, [unet]).flops()
     assert one > 0
-    assert throughput.Replay(pipe, [unet, unet, unet]).flops() == 3 * one
-    assert throughput.Replay(pipe, [("unet", (4, 1, 16, 16), True)]).flops() == 2 * one
+    assert Replay(pipe, [unet, unet, unet]).flops() == 3 * one
+    assert Replay(pipe, [("unet", (4, 1, 16, 16), True)]).flops() == 2 * one
     guide = ("guide", (8, 1, 16, 16))
-    assert throughput.Replay(pipe, [unet, guide]).flops() > one
+    assert Replay(pipe, [unet, guide]).flops() > one
     b, h, s, d = 2, 4, 64, 32
-    assert throughput._cpu_attention_flops((b, h, s, d), (b, h, s, d), (b, h, s, d)) == 2 * (2 * b * h * s * s * d)
+    assert cpu_attention_flops((b, h, s, d), (b, h, s, d), (b, h, s, d)) == 2 * (2 * b * h * s * s * d)
 
 
-def test_paper_scale_paths_run_with_shrunken_architectures(throughput, tmp_path):
-    report = throughput.main(["--paper-scale", "--tiny-arch", "--device", "cpu", "--images", "2",
-                              "--paths", "gdm,cfg_dsg", "diffguard.num_steps=3", "diffguard.depth=2"])
-    gdm, dit = report["paths"]["gdm"], report["paths"]["cfg_dsg"]
+@pytest.mark.subprocess
+def test_paper_scale_paths_run_with_shrunken_architectures(tmp_path):
+    out = tmp_path / "paper.json"
+    run_benchmark("throughput", "--paper-scale", "--tiny-arch", "--device", "cpu", "--images", "2",
+                  "--paths", "gdm,classifier_free_dsg", "--json", str(out), "diffguard.num_steps=3",
+                  "diffguard.depth=2")
+    report = json.loads(out.read_text())
+    gdm, dit = report["paths"]["gdm"], report["paths"]["classifier_free_dsg"]
     assert gdm["settings"]["reference"] == "unguided" and gdm["settings"]["cutouts"] == 8
     # The released ladder: 2 inversion steps, then 3 synthesis steps x (guided + unguided reference).
     assert gdm["unet_evals_per_image"] == 2 + 3 * 2
@@ -177,9 +172,9 @@ def test_runtime_config_checks_the_autocast_choice():
 # default suite, the rest marked slow.
 @pytest.mark.parametrize("name, autocast", [
     ("digits_gdm.yaml", "fp16"),
-    pytest.param("digits_cfg.yaml", "fp16", marks=pytest.mark.slow),
+    pytest.param("digits_classifier_free.yaml", "fp16", marks=pytest.mark.slow),
     pytest.param("digits_gdm.yaml", "bf16", marks=pytest.mark.slow),
-    pytest.param("digits_cfg.yaml", "bf16", marks=pytest.mark.slow),
+    pytest.param("digits_classifier_free.yaml", "bf16", marks=pytest.mark.slow),
 ])
 def test_autocast_stays_close_to_fp32_and_changes_the_fingerprint(benchmark, name, autocast):
     """Tolerance: the same predictions; per distance a median relative gap below 5% and a Spearman rank
@@ -203,7 +198,7 @@ def test_autocast_stays_close_to_fp32_and_changes_the_fingerprint(benchmark, nam
     assert records_lib.fingerprint(records_lib.result_config(cfg)) != records_lib.fingerprint(records_lib.result_config(low_cfg))
 
 
-@pytest.mark.parametrize("name", ["digits_gdm.yaml", "digits_cfg.yaml"])
+@pytest.mark.parametrize("name", ["digits_gdm.yaml", "digits_classifier_free.yaml"])
 def test_channels_last_gives_the_same_scores(benchmark, name):
     """Convolutions in another memory layout sum in another order, so the two runs differ by rounding only.
 
@@ -248,6 +243,7 @@ def test_guidance_under_inference_mode_equals_no_grad(benchmark):
     inference["scores"]["l2"].add_(0)  # usable in place
 
 
+@pytest.mark.subprocess
 def test_evaluate_honours_the_runtime_settings(tmp_path, small_models):
     out = tmp_path / "eval"
     argv = eval_argv(out, small_models, "diffguard.runtime.autocast=bf16", "diffguard.runtime.channels_last=true",

@@ -10,7 +10,9 @@ from diffguard_pl.config import TrainConfig
 from diffguard_pl.models import load_classifier, load_diffusion
 from diffguard_pl.train_job import train
 
-from conftest import ROOT
+from helpers.paths import ROOT
+
+pytestmark = pytest.mark.training  # every test here runs train() or train.py
 
 FAST = ["trainer.max_steps=3", "trainer.enable_progress_bar=false", "trainer.limit_val_batches=1",
         "data.batch_size=16", "trainer.log_every_n_steps=1"]
@@ -77,6 +79,7 @@ def run_cli(*args):
     return subprocess.run([sys.executable, str(ROOT / "train.py"), *args], capture_output=True, text=True, cwd=ROOT)
 
 
+@pytest.mark.subprocess
 def test_cli_unknown_key_fails_before_work(tmp_path):
     result = run_cli(f"output_dir={tmp_path}", "trainer.max_stepss=3")
     assert result.returncode == 2
@@ -84,12 +87,14 @@ def test_cli_unknown_key_fails_before_work(tmp_path):
     assert not (tmp_path / "config.yaml").exists()
 
 
+@pytest.mark.subprocess
 def test_cli_default_config_trains(tmp_path):
     result = run_cli(f"output_dir={tmp_path}", *FAST)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "classifier" / "model.safetensors").is_file()
 
 
+@pytest.mark.subprocess
 def test_cli_unknown_timm_model_is_explained(tmp_path):
     result = run_cli(f"output_dir={tmp_path}", "classifier.arch=resnet_does_not_exist", *FAST)
     assert result.returncode != 0

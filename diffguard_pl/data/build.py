@@ -8,7 +8,7 @@ from diffguard_pl.data.benchmark import Benchmark
 
 def file_transform(cfg: DataConfig):
     """The preprocessing of a file benchmark: its standard one unless data.preprocess / data.resize say otherwise."""
-    from diffguard_pl.data.files import default_transform, standard_transform
+    from diffguard_pl.data.image_files import default_transform, standard_transform
 
     definition = cfg.benchmark if cfg.benchmark != "lists" else dict(cfg.definition)
     if cfg.preprocess is None and cfg.resize is None:
@@ -26,7 +26,7 @@ def build_benchmark(cfg: DataConfig) -> Benchmark:
         from diffguard_pl.data.fashion import build_fashion_benchmark
 
         return build_fashion_benchmark(cfg)
-    from diffguard_pl.data.files import build_file_benchmark
+    from diffguard_pl.data.file_benchmark import build_file_benchmark
 
     definition = cfg.benchmark if cfg.benchmark != "lists" else dict(cfg.definition)
     return build_file_benchmark(

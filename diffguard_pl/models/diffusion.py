@@ -31,7 +31,7 @@ import torch.nn as nn
 from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from diffguard_pl.config import DiffusionConfig
-from diffguard_pl.models.classifier import MissingCheckpointError
+from diffguard_pl.errors import MissingCheckpointError
 
 META_FILE = "diffguard.json"
 NONFINITE_EPS = "the diffusion model returned NaN or Inf; check the checkpoint and the input range ([-1, 1])"

@@ -24,7 +24,6 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from timm.models import register_model
 from torch import nn
 
 CIFAR10_MEAN = [0.4914, 0.4822, 0.4465]
@@ -102,7 +101,6 @@ class OpenOODResNet32(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
-@register_model
 def openood_resnet18_32x32(pretrained: bool = False, **kwargs: Any) -> OpenOODResNet32:
     """OpenOOD v1.5 ``ResNet18_32x32``; load its ``best.ckpt`` with ``classifier.pretrained_path``."""
     if pretrained:

@@ -86,6 +86,7 @@ class DiffGuardEvaluator(L.LightningModule):
             "split": list(batch["split"]),
             "label": batch["label"].tolist(),
             "pred": out["pred"].tolist(),
+            "synthesis_pred": out["synthesis_pred"].tolist(),  # the classifier on the guided synthesis
             "depth": out["depth"].tolist(),
             "unet_evals": out["unet_evals"].tolist(),
         }

@@ -1,4 +1,5 @@
-"""The classifier-free path: CFG, Grad-CAM / DSG masks, latent models (UNet and DiT) on real small tensors."""
+"""The classifier-free path: classifier-free guidance, Grad-CAM / DSG masks, latent models (UNet and DiT) on real
+small tensors."""
 
 import subprocess
 import sys
@@ -7,41 +8,37 @@ import pytest
 import torch
 
 from diffguard_pl.cam import cam_layer_name, dsg_mask, grad_cam
-from diffguard_pl.config import AESConfig, CFGConfig, DiffGuardConfig, GuidanceConfig
+from diffguard_pl.config import AESConfig, DiffGuardConfig, GuidanceConfig
 from diffguard_pl.ddim import ddim_step, spaced_timesteps
-from diffguard_pl.guidance import cfg_eps
+from diffguard_pl.guidance import classifier_free_eps
 from diffguard_pl.models import load_classifier, load_diffusion
 from diffguard_pl.models.classifier import create_timm_model
 from diffguard_pl.oracle import Oracle
 from diffguard_pl.pipeline import DiffGuardPipeline
 from diffguard_pl.scores import psnr
 
-from conftest import CHECKPOINTS, ROOT, eval_argv
-from test_pipeline import small_classifier, small_diffusion
+from helpers.configs import classifier_free_config, eval_argv
+from helpers.models import small_classifier, small_diffusion
+from helpers.paths import CHECKPOINTS, ROOT
 
 
-def cfg_config(omega=3.0, dsg=True, num_steps=8, depth=4, **kw):
-    return DiffGuardConfig(num_steps=num_steps, depth=depth,
-                           guidance=GuidanceConfig(mode="cfg", cfg=CFGConfig(omega=omega, dsg=dsg)), **kw)
-
-
-def test_cfg_eps_combines_the_branches():
+def test_classifier_free_eps_combines_the_branches():
     eps_c, eps_u = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
-    assert torch.equal(cfg_eps(eps_c, eps_u, 1.0), eps_c)
-    assert torch.equal(cfg_eps(eps_c, eps_u, 0.0), eps_u)
-    assert torch.allclose(cfg_eps(eps_c, eps_u, 10.0), eps_u + 10 * (eps_c - eps_u))
+    assert torch.equal(classifier_free_eps(eps_c, eps_u, 1.0), eps_c)
+    assert torch.equal(classifier_free_eps(eps_c, eps_u, 0.0), eps_u)
+    assert torch.allclose(classifier_free_eps(eps_c, eps_u, 10.0), eps_u + 10 * (eps_c - eps_u))
     mask = (torch.rand(2, 1, 4, 4) > 0.5).float()
-    mixed = cfg_eps(eps_c, eps_u, 10.0, mask)
+    mixed = classifier_free_eps(eps_c, eps_u, 10.0, mask)
     inside = mask.bool().expand_as(mixed)
-    assert torch.equal(mixed[inside], cfg_eps(eps_c, eps_u, 10.0)[inside])
+    assert torch.equal(mixed[inside], classifier_free_eps(eps_c, eps_u, 10.0)[inside])
     assert torch.equal(mixed[~inside], eps_u[~inside])
 
 
-def test_cfg_with_omega_one_is_conditional_ddim():
+def test_classifier_free_with_omega_one_is_conditional_ddim():
     """omega = 1 without DSG: synthesis equals a DDIM loop on the conditional eps alone."""
     diffusion = small_diffusion(conditional=True)
     diffusion.unet.double()
-    pipe = DiffGuardPipeline(diffusion, small_classifier().double(), cfg_config(omega=1.0, dsg=False))
+    pipe = DiffGuardPipeline(diffusion, small_classifier().double(), classifier_free_config(omega=1.0, dsg=False))
     latent, labels = torch.randn(3, 1, 16, 16, dtype=torch.float64), torch.tensor([0, 3, 5])
     synthesis, _ = pipe.synthesize(latent, labels, ["a", "b", "c"], with_reference=False)
     steps = torch.cat([torch.tensor([-1]), spaced_timesteps(1000, 8)[:4]])
@@ -59,7 +56,8 @@ def test_dsg_mask_selects_the_branch_per_pixel():
     """With a hand-made mask: guided eps inside, unconditional eps outside, at every synthesis step."""
     diffusion = load_diffusion(CHECKPOINTS / "diffusion_cond")  # trained: its eps depends on the class
     diffusion.unet.double()
-    pipe = DiffGuardPipeline(diffusion, small_classifier().double(), cfg_config(omega=4.0, num_steps=4, depth=2))
+    config = classifier_free_config(omega=4.0, num_steps=4, depth=2)
+    pipe = DiffGuardPipeline(diffusion, small_classifier().double(), config)
     latent, labels = torch.randn(2, 1, 16, 16, dtype=torch.float64), torch.tensor([1, 4])
     mask = torch.zeros(2, 1, 16, 16, dtype=torch.float64)
     mask[0, :, :8] = 1
@@ -118,10 +116,10 @@ def test_dsg_mask_is_thresholded_and_resized_nearest():
     assert mask[0, 0, :4].sum() == 32 - 4 and mask[0, 0, 4:].sum() == 0
 
 
-def test_cfg_masks_and_scores_do_not_depend_on_the_batch():
+def test_classifier_free_masks_and_scores_do_not_depend_on_the_batch():
     diffusion = small_diffusion(conditional=True)
     diffusion.unet.double()
-    cfg = cfg_config(omega=5.0, reference="unguided", aes=AESConfig(enabled=True, psnr=20.0, min_depth=1))
+    cfg = classifier_free_config(omega=5.0, reference="unguided", aes=AESConfig(enabled=True, psnr=20.0, min_depth=1))
     pipe = DiffGuardPipeline(diffusion, small_classifier().double(), cfg)
     images, ids = torch.rand(5, 1, 16, 16, dtype=torch.float64), [f"id{i}" for i in range(5)]
     order = [3, 0, 4, 1, 2]
@@ -135,9 +133,9 @@ def test_cfg_masks_and_scores_do_not_depend_on_the_batch():
     assert batch["unet_evals"][position] == alone["unet_evals"][0] == 4 * alone["depth"][0]  # 1 + 2 + 1 per level
 
 
-def test_cfg_oracle_uses_the_oracle_label_and_its_mask():
+def test_classifier_free_oracle_uses_the_oracle_label_and_its_mask():
     diffusion = small_diffusion(conditional=True)
-    pipe = DiffGuardPipeline(diffusion, small_classifier(), cfg_config(omega=5.0))
+    pipe = DiffGuardPipeline(diffusion, small_classifier(), classifier_free_config(omega=5.0))
     images, ids = torch.rand(3, 1, 16, 16), ["a", "b", "c"]
     pred = pipe(images, ids)["pred"]
     oracle = torch.stack([pred[0], (pred[1] + 1) % 6, torch.tensor(-1)])
@@ -153,9 +151,9 @@ def test_cfg_oracle_uses_the_oracle_label_and_its_mask():
     assert out["unet_evals"].tolist() == [12, 20, 12]  # 3 per level, +2 per level re-synthesised
 
 
-def test_cfg_needs_a_conditional_model_with_a_null_class():
+def test_classifier_free_needs_a_conditional_model_with_a_null_class():
     with pytest.raises(ValueError, match="class-conditional"):
-        DiffGuardPipeline(small_diffusion(conditional=False), small_classifier(), cfg_config())
+        DiffGuardPipeline(small_diffusion(conditional=False), small_classifier(), classifier_free_config())
 
 
 def test_latent_models_load_through_from_pretrained(latent_stack):
@@ -182,10 +180,10 @@ def test_dit_learned_sigma_is_handled(latent_stack):
 
 
 @pytest.mark.parametrize("name", ["unet_kl", "dit_vq"])
-def test_latent_pipeline_runs_cfg_with_dsg(latent_stack, benchmark, name):
+def test_latent_pipeline_runs_classifier_free_with_dsg(latent_stack, benchmark, name):
     classifier = load_classifier(CHECKPOINTS / "classifier")
     pipe = DiffGuardPipeline(load_diffusion(latent_stack / name), classifier,
-                             cfg_config(omega=3.0, num_steps=10, depth=5, reference="unguided"))
+                             classifier_free_config(omega=3.0, num_steps=10, depth=5, reference="unguided"))
     images = benchmark.test.images[:4]
     out = pipe(images, benchmark.test.ids[:4])
     assert out["synthesis"].shape == images.shape and out["masks"].shape == (4, 1, 8, 8)
@@ -210,9 +208,11 @@ def test_latent_round_trip_stays_close_for_ind_images(latent_stack, benchmark):
     assert psnr(autoencoded, images).mean() > 25  # the autoencoder itself is fitted
 
 
-def test_evaluate_cli_runs_a_latent_cfg_model(tmp_path, latent_stack):
+@pytest.mark.subprocess
+def test_evaluate_cli_runs_a_latent_classifier_free_model(tmp_path, latent_stack):
     argv = eval_argv(tmp_path, CHECKPOINTS, f"models.diffusion={latent_stack / 'unet_kl'}",
-                     "diffguard.guidance.mode=cfg", "diffguard.guidance.cfg.omega=3", "limit_per_set=3",
+                     "diffguard.guidance.mode=classifier_free", "diffguard.guidance.classifier_free.omega=3",
+                     "limit_per_set=3",
                      "callbacks.curves=false", "callbacks.score_plots=false")
     result = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *argv], capture_output=True, text=True,
                             cwd=ROOT)
