@@ -198,8 +198,11 @@ class TrainerConfig:
     limit_val_batches: Optional[float] = neutral(None)
     enable_progress_bar: bool = neutral(True)
     deterministic: bool = neutral(False)
+    checkpoint_every_n_steps: int = neutral(200)  # train.py: OUT/checkpoints/last.ckpt this often (and at the end)
 
     def __post_init__(self) -> None:
+        if self.checkpoint_every_n_steps < 1:
+            raise ConfigError(f"trainer.checkpoint_every_n_steps={self.checkpoint_every_n_steps} must be >= 1")
         if self.devices == 0 or self.devices < -1:
             raise ConfigError(f"trainer.devices={self.devices} is not allowed: use a count >= 1, or -1 for all")
         if self.num_nodes < 1:

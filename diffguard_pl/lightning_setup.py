@@ -13,11 +13,13 @@ from diffguard_pl.config import TrainerConfig
 # Trainer arguments that are not taken from TrainerConfig field by field (each job passes its own).
 JOB_OWNED = ("max_steps", "max_epochs", "log_every_n_steps", "check_val_every_n_epoch", "limit_train_batches",
              "limit_val_batches", "deterministic")
+NOT_TRAINER = ("checkpoint_every_n_steps",)  # read by the training job, not a lightning.Trainer argument
 
 
 def trainer_kwargs(t: TrainerConfig, training: bool = False) -> dict:
     """``lightning.Trainer`` arguments from the config: every field (training), or those an evaluation uses."""
-    return {f.name: getattr(t, f.name) for f in fields(t) if training or f.name not in JOB_OWNED}
+    return {f.name: getattr(t, f.name) for f in fields(t)
+            if f.name not in NOT_TRAINER and (training or f.name not in JOB_OWNED)}
 
 
 def quiet_lightning(verbose: bool = False) -> None:

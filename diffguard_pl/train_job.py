@@ -70,14 +70,24 @@ def build_module(cfg: TrainConfig, benchmark: Benchmark) -> L.LightningModule:
     )
 
 
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` every ``every_n_train_steps`` and, before any export swaps weights, at the end of training."""
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
+        trainer.save_checkpoint(path)
+
+
 def build_trainer(cfg: TrainConfig, output_dir: Path, logger, export_dir: Path) -> L.Trainer:
+    # last.ckpt every few steps and at the end (a resume loses at most that much), best.ckpt at validations
+    last = LastCheckpoint(dirpath=output_dir / "checkpoints", save_last=True, save_top_k=0,
+                          every_n_train_steps=cfg.trainer.checkpoint_every_n_steps)
+    best = None
     if cfg.monitor:
-        checkpoints = ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True, save_top_k=1,
-                                      monitor=cfg.monitor, mode=cfg.monitor_mode, filename="best")
-    else:
-        checkpoints = ModelCheckpoint(dirpath=output_dir / "checkpoints", save_last=True, save_top_k=0)
-    export = ExportPortableCheckpoint(export_dir, best_of=checkpoints if cfg.monitor else None)
-    callbacks = [checkpoints, export, LearningRateMonitor("step")]
+        best = ModelCheckpoint(dirpath=output_dir / "checkpoints", save_top_k=1, monitor=cfg.monitor,
+                               mode=cfg.monitor_mode, filename="best")
+    export = ExportPortableCheckpoint(export_dir, best_of=best)
+    callbacks = [last] + ([best] if best else []) + [export, LearningRateMonitor("step")]
     return L.Trainer(
         **trainer_kwargs(cfg.trainer, training=True),
         default_root_dir=str(output_dir),
@@ -103,6 +113,10 @@ def train(cfg: TrainConfig, benchmark: Optional[Benchmark] = None) -> dict:
     try:
         trainer = build_trainer(cfg, output_dir, logger, export_dir)
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
+        export = next(c for c in trainer.callbacks if isinstance(c, ExportPortableCheckpoint))
+        if export.pending:  # the run ended between validations: measure the final weights before choosing
+            (final,) = trainer.validate(module, datamodule=datamodule, verbose=False)
+            export.export_best(trainer, module, float(final[cfg.monitor]))
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
         if cfg.task != "diffusion":
             (tested,) = trainer.test(module, datamodule=datamodule, verbose=False)

@@ -49,6 +49,21 @@ def test_train_diffusion_exports_loadable_model(tmp_path, benchmark, cfg_file):
     assert (tmp_path / "diffusion" / "model_index.json").is_file()
 
 
+def test_final_weights_are_validated_when_the_run_ends_between_validations(tmp_path, benchmark, capsys):
+    """7 steps, validation every 2 epochs of 2 batches (after step 4 only): the last 3 steps are unmeasured
+    until the job validates them; the export keeps the better weights and last.ckpt holds step 7."""
+    cfg = make_cfg(tmp_path, *TINY_UNET, "trainer.max_steps=7", "trainer.limit_train_batches=2",
+                   "trainer.check_val_every_n_epoch=2", "trainer.checkpoint_every_n_steps=3",
+                   files=("train_diffusion_uncond.yaml",))
+    assert cfg.monitor == "val/loss"
+    train(cfg, benchmark)
+    logged = [line for line in (tmp_path / "logs" / "metrics.csv").read_text().splitlines()[1:]
+              if line.split(",")[-1]]  # rows with a val/loss
+    assert len(logged) == 2  # the validation after step 4 and the job's validation of the final weights
+    assert torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)["global_step"] == 7
+    assert (tmp_path / "diffusion" / "model_index.json").is_file()
+
+
 def test_training_changes_weights_and_ema_lags(tmp_path, benchmark):
     from diffguard_pl.train_job import build_module
 
