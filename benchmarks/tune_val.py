@@ -27,7 +27,6 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-STRENGTH_KEYS = ("diffguard.guidance.scale", "diffguard.guidance.classifier_free.omega")
 
 
 def run_point(preset: list, overrides: list, extra: list, out: Path) -> dict:
