@@ -61,11 +61,13 @@ sample-check: setup
 	$(PY) -m diffguard_pl.sample_check checkpoints/fashion/diffusion_cond checkpoints/fashion/classifier \
 		--per-class 100 --grid $(OUT)/fashion_cond_samples.png
 
+# Tests run in TEST_WORKERS processes (pytest-xdist, one test file per worker at a time, one thread each).
+TEST_WORKERS ?= 2
 test: setup
-	$(PY) -m pytest -m "not slow" -q
+	$(PY) -m pytest -m "not slow" -q -n $(TEST_WORKERS) --dist loadfile
 
 test-all: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 # Re-create the committed checkpoints: Fashion-OOD (the classifier about 10 min, each diffusion model about an hour
 # on 2 CPU cores; docs/training.md) and Digits-OOD (about 15 min per diffusion model). Resumable: rerunning a

@@ -168,6 +168,12 @@ def main(argv: list) -> dict:
             compared[f"{name}: oracle-paper - diffguard"] = oracle
             lines.append(f"| {name}: `oracle-paper/diffguard - diffguard` | {difference(oracle['near'])} | "
                          f"{difference(oracle['far'])} |")
+    for name in ("cotrain", "joint"):  # the co-training question: against fine-tuning on real images alone
+        if name in runs and "finetune" in runs:
+            compared[f"{name} - finetune"] = paired_runs(scores[name], scores["finetune"], "diffguard", "diffguard",
+                                                         groups)
+            lines.append(f"| `diffguard`: {name} - finetune | {difference(compared[f'{name} - finetune']['near'])} | "
+                         f"{difference(compared[f'{name} - finetune']['far'])} |")
     diag = diagnosis(scores["gdm"], groups)
     lines += ["", "## Mechanism: how often the guided synthesis is classified as its guiding label", "",
               "| set | group | test samples | synthesis classified as the guiding label | mean `diffguard` score |",

@@ -42,7 +42,7 @@ class EvalProgress(L.Callback):
         if self.rank_zero:
             ranks = f" (this process's share, of {trainer.world_size} processes)" if trainer.world_size > 1 else ""
             self._write(f"evaluating {self.total:,} images in {self.batches:,} batches{ranks}\n")
-        pl_module.pipeline.on_step = self._on_step
+        pl_module.pipeline.walker.on_step = self._on_step
 
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         self.batch_index, self.in_batch = batch_idx + 1, len(batch["id"])
@@ -69,7 +69,7 @@ class EvalProgress(L.Callback):
         self._write(("\r\033[K" if self.tty else "") + self._status() + ("" if self.tty else "\n"))
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        pl_module.pipeline.on_step = None
+        pl_module.pipeline.walker.on_step = None
         if self.rank_zero:
             elapsed = time.perf_counter() - self.started
             self._write(("\n" if self.tty else "") + f"evaluated {self.done:,} images in {duration(elapsed)}\n")

@@ -217,20 +217,27 @@ def knn_score(stats: BaselineStats, features: torch.Tensor, chunk_size: int = 25
     are recomputed exactly in float64 and the k-th smallest is returned, so the
     result is accurate and does not hinge on float32 rounding or tie-breaking.
     """
+    return knn_scores(stats, features, [stats.knn_k], chunk_size)[stats.knn_k]
+
+
+def knn_scores(stats: BaselineStats, features: torch.Tensor, ks: Sequence[int],
+               chunk_size: int = 256) -> dict[int, torch.Tensor]:
+    """:func:`knn_score` for every ``k`` in ``ks`` from one search (top ``max(ks) + 16`` candidates): the k-th
+    smallest exact distance, for each k."""
     bank = stats.knn_bank.to(features.device)
-    k = stats.knn_k
-    n_candidates = min(bank.shape[0], k + 16)
+    n_candidates = min(bank.shape[0], max(ks) + 16)
     queries = F.normalize(features.detach().to(torch.float64), dim=-1)
     # The gathered candidates are [rows, M, D] float64: fewer rows per chunk for a large k and D.
     rows = max(1, min(chunk_size, KNN_CHUNK_ELEMENTS // max(1, n_candidates * bank.shape[1])))
-    out = []
+    out: dict[int, list] = {k: [] for k in ks}
     for q in queries.split(rows):
         similarity = q.to(bank.dtype) @ bank.T  # [B, N]
         idx = similarity.topk(n_candidates, dim=-1).indices  # [B, M]
         candidates = bank[idx].to(torch.float64)  # [B, M, D]
-        dist = torch.linalg.vector_norm(candidates - q[:, None, :], dim=-1)
-        out.append(dist.sort(dim=-1).values[:, k - 1])
-    return torch.cat(out) if out else queries.new_zeros(0)
+        dist = torch.linalg.vector_norm(candidates - q[:, None, :], dim=-1).sort(dim=-1).values
+        for k in ks:
+            out[k].append(dist[:, k - 1])
+    return {k: torch.cat(parts) if parts else queries.new_zeros(0) for k, parts in out.items()}
 
 
 def vim_score(stats: BaselineStats, logits: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
@@ -348,10 +355,9 @@ def tune_baselines(
     knn_auroc: dict[int, float] = {}
     vim_auroc: dict[int, float] = {}
     if not missing:
-        stats = fits[vim_candidates[0]]
-        for k in knn_candidates:
-            with_k = dataclasses.replace(stats, knn_k=k)
-            knn_auroc[k] = _auroc_of(lambda lo, fe: knn_score(with_k, fe, knn_chunk_size), val_ind, val_ood)
+        stats = fits[vim_candidates[0]]  # one search per set serves every k of the grid
+        ind, ood = (knn_scores(stats, val[1], knn_candidates, knn_chunk_size) for val in (val_ind, val_ood))
+        knn_auroc = {k: auroc(ind[k].cpu(), ood[k].cpu()) for k in knn_candidates}
         for dim, fitted in fits.items():
             vim_auroc[dim] = _auroc_of(lambda lo, fe: vim_score(fitted, lo, fe), val_ind, val_ood)
     best_k = _best(knn_auroc) if knn_auroc else knn_candidates[0]

@@ -80,12 +80,14 @@ class LastCheckpoint(ModelCheckpoint):
 
 def build_trainer(cfg: TrainConfig, output_dir: Path, logger, export_dir: Path) -> L.Trainer:
     # last.ckpt every few steps and at the end (a resume loses at most that much), best.ckpt at validations
+    # enable_version_counter=False: a run resumed in its own folder overwrites last.ckpt / best.ckpt instead of
+    # writing last-v1.ckpt beside them (which a second resume from last.ckpt would miss)
     last = LastCheckpoint(dirpath=output_dir / "checkpoints", save_last=True, save_top_k=0,
-                          every_n_train_steps=cfg.trainer.checkpoint_every_n_steps)
+                          every_n_train_steps=cfg.trainer.checkpoint_every_n_steps, enable_version_counter=False)
     best = None
     if cfg.monitor:
         best = ModelCheckpoint(dirpath=output_dir / "checkpoints", save_top_k=1, monitor=cfg.monitor,
-                               mode=cfg.monitor_mode, filename="best")
+                               mode=cfg.monitor_mode, filename="best", enable_version_counter=False)
     export = ExportPortableCheckpoint(export_dir, best_of=best)
     callbacks = [last] + ([best] if best else []) + [export, LearningRateMonitor("step")]
     return L.Trainer(

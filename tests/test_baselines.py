@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import numpy as np
@@ -13,6 +14,7 @@ from diffguard_pl.baselines import (
     fit_baselines,
     knn_grid_for_bank,
     knn_score,
+    knn_scores,
     max_logit,
     msp,
     tune_baselines,
@@ -157,6 +159,17 @@ def test_scores_do_not_depend_on_the_batch(data, stats):
     chunked = knn_score(stats, feats, chunk_size=3)
     torch.testing.assert_close(chunked, batch["knn"], rtol=1e-12, atol=1e-12)
 
+
+
+def test_one_search_gives_each_k_the_distance_of_its_own_search(data, stats):
+    """The tuner searches once for the grid's largest k; each k still gets its exact k-th distance."""
+    feats = torch.cat([data["in"][0][:40], data["out"][0][:40]])
+    ks = [1, 5, 50, 150]
+    together = knn_scores(stats, feats, ks, chunk_size=7)
+    for k in ks:
+        alone = knn_score(dataclasses.replace(stats, knn_k=k), feats)
+        assert torch.equal(together[k], alone), k
+    assert not torch.equal(together[1], together[150])
 
 def test_state_dict_roundtrip_and_to(data, stats, tmp_path):
     state = stats.state_dict()

@@ -33,8 +33,8 @@ def test_diffusion_checkpoints_load_as_described():
 def test_conditional_samples_show_their_class():
     result = conditional_sample_accuracy(
         load_diffusion(CHECKPOINTS / "diffusion_cond"), load_classifier(CHECKPOINTS / "classifier"),
-        per_class=25, num_steps=50,  # predicted x0 clipped at each step, as guided-diffusion samples
-    )
+        per_class=25, num_steps=20,  # predicted x0 clipped at each step, as guided-diffusion samples
+    )  # measured: 96% with 20 steps and with 50 (make sample-check's 50 steps, 100 per class: docs/results_digits.md)
     assert result["accuracy"] >= 0.9, result
 
 

@@ -23,11 +23,14 @@ from helpers.paths import CHECKPOINTS, ROOT
 
 
 def test_classifier_free_eps_combines_the_branches():
-    eps_c, eps_u = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
+    # float64 and a fixed generator: the equation is checked to rounding, whatever ran before this test
+    generator = torch.Generator().manual_seed(0)
+    eps_c, eps_u = torch.randn(2, 2, 3, 4, 4, dtype=torch.float64, generator=generator)
     assert torch.equal(classifier_free_eps(eps_c, eps_u, 1.0), eps_c)
     assert torch.equal(classifier_free_eps(eps_c, eps_u, 0.0), eps_u)
-    assert torch.allclose(classifier_free_eps(eps_c, eps_u, 10.0), eps_u + 10 * (eps_c - eps_u))
-    mask = (torch.rand(2, 1, 4, 4) > 0.5).float()
+    torch.testing.assert_close(classifier_free_eps(eps_c, eps_u, 10.0), eps_u + 10 * (eps_c - eps_u),
+                               rtol=1e-12, atol=1e-12)
+    mask = (torch.rand(2, 1, 4, 4, generator=generator) > 0.5).double()
     mixed = classifier_free_eps(eps_c, eps_u, 10.0, mask)
     inside = mask.bool().expand_as(mixed)
     assert torch.equal(mixed[inside], classifier_free_eps(eps_c, eps_u, 10.0)[inside])

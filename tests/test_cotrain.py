@@ -139,6 +139,7 @@ def test_config_checks():
         ClassifierModule(SPEC, OPTIM, diffusion=diffusion, cotrain=CoTrainConfig(t_max=1000))
 
 
+@pytest.mark.slow  # the co-training step is tested above; train.py -> evaluate.py runs below for joint training
 @pytest.mark.training
 def test_train_cotrain_exports_classifier_for_the_evaluator(tmp_path, benchmark, small_models):
     train_dir = tmp_path / "train"

@@ -115,18 +115,18 @@ def test_killed_run_resumes_to_identical_results(tmp_path, small_models, full_ru
     assert metrics(out) == metrics(full_run)
 
 
-def test_resume_and_merge_refuse_another_config_naming_the_keys(tmp_path, small_models):
+def test_resume_and_merge_refuse_another_config_naming_the_keys(tmp_path, small_models, full_run):
     out = tmp_path / "run"
-    run_eval(out, small_models, "shard=0/8")
-    changed = run_eval(out, small_models, "shard=0/8", "diffguard.aes.psnr=24", check=False)
+    run_eval(out, small_models, "shard=0/8", "diffguard.aes.psnr=24")
+    changed = run_eval(out, small_models, "shard=0/8", check=False)  # the full run's psnr, 23
     lines = [line for line in changed.stderr.splitlines() if line.strip()]
     assert changed.returncode == 2 and len(lines) == 1 and "another config" in lines[0]
-    assert "diffguard.aes.psnr: 23.0 then, 24.0 now" in lines[0]
-    run_eval(tmp_path / "other", small_models, "shard=1/8", "diffguard.aes.psnr=24")
-    merged = subprocess.run([sys.executable, "-m", "diffguard_pl.merge", str(out), str(tmp_path / "other"),
+    assert "diffguard.aes.psnr: 24.0 then, 23.0 now" in lines[0]
+    merged = subprocess.run([sys.executable, "-m", "diffguard_pl.merge", str(out), str(full_run),
                              "--output", str(tmp_path / "merged")], capture_output=True, text=True, cwd=ROOT)
     line = next(line for line in merged.stderr.splitlines() if line.startswith("error:"))
-    assert merged.returncode == 2 and "another config" in line and "diffguard.aes.psnr: 24.0 then, 23.0 now" in line
+    assert merged.returncode == 2 and "another config" in line and "diffguard.aes.psnr: 23.0 then, 24.0 now" in line
+    assert not (tmp_path / "merged").exists()
 
 
 def test_shards_split_by_hand_merge_to_the_full_result(tmp_path, small_models, full_run):

@@ -141,7 +141,7 @@ def test_the_forced_general_path_equals_the_fast_path_bit_for_bit():
         images = torch.cat([torch.rand(3, 1, 16, 16), torch.full((2, 1, 16, 16), 0.5)]).to(dtype)
         pipe = DiffGuardPipeline(diffusion, classifier, cfg)
         fast = pipe(images, list("abcde"))
-        pipe.force_rows = True
+        pipe.walker.force_rows = True
         forced = pipe(images, list("abcde"))
         assert torch.equal(fast["depth"], forced["depth"]) and len(set(fast["depth"].tolist())) > 1
         for name in fast["scores"]:

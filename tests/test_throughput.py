@@ -4,14 +4,14 @@ and the execution settings (diffguard.runtime)."""
 import copy
 import json
 import math
-import subprocess
-import sys
 
 import pytest
 import torch
 
+from diffguard_pl import config as config_lib
 from diffguard_pl import records as records_lib
 from diffguard_pl.config import ConfigError, EvalConfig, RuntimeConfig, compose, to_object
+from diffguard_pl.eval_job import evaluate
 from diffguard_pl.models import load_classifier, load_diffusion
 from diffguard_pl.oracle import Oracle
 from diffguard_pl.pipeline import DiffGuardPipeline
@@ -50,6 +50,7 @@ def relative_gaps(a, b):
     return float(rel.median()), float(rel.max()), float(torch.corrcoef(ranks)[0, 1])
 
 
+@pytest.mark.slow  # the benchmark script's own smoke test (benchmarks/gpu_check.sh SMOKE=1 runs it too)
 @pytest.mark.subprocess
 def test_benchmark_reports_ratios_on_a_tiny_cpu_run(tmp_path):
     out = tmp_path / "throughput.json"
@@ -140,6 +141,7 @@ def test_flop_count_of_the_replay(benchmark):
     assert cpu_attention_flops((b, h, s, d), (b, h, s, d), (b, h, s, d)) == 2 * (2 * b * h * s * s * d)
 
 
+@pytest.mark.slow  # the benchmark script's paper-scale mode (benchmarks/gpu_check.sh runs it on a GPU)
 @pytest.mark.subprocess
 def test_paper_scale_paths_run_with_shrunken_architectures(tmp_path):
     out = tmp_path / "paper.json"
@@ -198,7 +200,8 @@ def test_autocast_stays_close_to_fp32_and_changes_the_fingerprint(benchmark, nam
     assert records_lib.fingerprint(records_lib.result_config(cfg)) != records_lib.fingerprint(records_lib.result_config(low_cfg))
 
 
-@pytest.mark.parametrize("name", ["digits_gdm.yaml", "digits_classifier_free.yaml"])
+@pytest.mark.parametrize("name", ["digits_gdm.yaml",
+                                  pytest.param("digits_classifier_free.yaml", marks=pytest.mark.slow)])
 def test_channels_last_gives_the_same_scores(benchmark, name):
     """Convolutions in another memory layout sum in another order, so the two runs differ by rounding only.
 
@@ -243,14 +246,11 @@ def test_guidance_under_inference_mode_equals_no_grad(benchmark):
     inference["scores"]["l2"].add_(0)  # usable in place
 
 
-@pytest.mark.subprocess
-def test_evaluate_honours_the_runtime_settings(tmp_path, small_models):
+def test_evaluate_honours_the_runtime_settings(tmp_path, small_models, benchmark):
     out = tmp_path / "eval"
     argv = eval_argv(out, small_models, "diffguard.runtime.autocast=bf16", "diffguard.runtime.channels_last=true",
                      "callbacks.curves=false", "callbacks.reconstructions=0", "callbacks.score_plots=false")
-    result = subprocess.run([sys.executable, str(ROOT / "evaluate.py"), *argv], capture_output=True, text=True,
-                            cwd=ROOT)
-    assert result.returncode == 0, result.stderr[-2000:]
+    evaluate(config_lib.load(EvalConfig, argv, None), benchmark)
     assert "autocast: bf16" in (out / "config.yaml").read_text()
     assert json.loads((out / "results.json").read_text())["detectors"]["diffguard"]["near"]["auroc"] >= 0
 

@@ -82,6 +82,16 @@ def test_resume_continues_from_lightning_checkpoint(tmp_path, benchmark):
     assert train(resumed, benchmark)["global_step"] == 5
 
 
+def test_resume_in_place_keeps_saving_to_last_ckpt(tmp_path, benchmark):
+    """The documented resume (same output folder, a larger max_steps): the periodic saves overwrite last.ckpt, so
+    a second interruption resumes from the newest one (Lightning would otherwise save to last-v1.ckpt)."""
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    train(make_cfg(tmp_path, "trainer.max_steps=2"), benchmark)
+    train(make_cfg(tmp_path, "trainer.max_steps=6", "trainer.checkpoint_every_n_steps=2", f"resume={last}"), benchmark)
+    assert sorted(p.name for p in last.parent.glob("last*")) == ["last.ckpt"]
+    assert torch.load(last, weights_only=False)["global_step"] == 6
+
+
 def test_wandb_offline_run_is_written(tmp_path, benchmark, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_DIR", str(tmp_path))
