@@ -168,12 +168,12 @@ def main(argv: list) -> dict:
             compared[f"{name}: oracle-paper - diffguard"] = oracle
             lines.append(f"| {name}: `oracle-paper/diffguard - diffguard` | {difference(oracle['near'])} | "
                          f"{difference(oracle['far'])} |")
-    for name in ("cotrain", "joint"):  # the co-training question: against fine-tuning on real images alone
-        if name in runs and "finetune" in runs:
-            compared[f"{name} - finetune"] = paired_runs(scores[name], scores["finetune"], "diffguard", "diffguard",
-                                                         groups)
-            lines.append(f"| `diffguard`: {name} - finetune | {difference(compared[f'{name} - finetune']['near'])} | "
-                         f"{difference(compared[f'{name} - finetune']['far'])} |")
+    # co-training against fine-tuning on real images alone; DSG on against off
+    for name, base in (("cotrain", "finetune"), ("joint", "finetune"), ("classifier_free", "classifier_free_no_dsg")):
+        if name in runs and base in runs:
+            pair = compared[f"{name} - {base}"] = paired_runs(scores[name], scores[base], "diffguard", "diffguard",
+                                                               groups)
+            lines.append(f"| `diffguard`: {name} - {base} | {difference(pair['near'])} | {difference(pair['far'])} |")
     diag = diagnosis(scores["gdm"], groups)
     lines += ["", "## Mechanism: how often the guided synthesis is classified as its guiding label", "",
               "| set | group | test samples | synthesis classified as the guiding label | mean `diffguard` score |",
