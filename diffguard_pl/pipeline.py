@@ -53,8 +53,10 @@ class DiffGuardPipeline:
         self.on_model_call: Optional[Callable[[str, tuple], None]] = None  # (kind, inputs) before each model call
         # load_perceptual=False (dry runs: the pipeline cannot run) checks the DISTS / LPIPS files, loads nothing.
         self.perceptual = perceptual_from(cfg.distances, cfg.perceptual_size, load_perceptual)
-        aes = AdaptiveEarlyStop(cfg.aes, cfg.perceptual_size) if load_perceptual else None
-        if not load_perceptual:
+        aes = None
+        if load_perceptual:
+            aes = AdaptiveEarlyStop(cfg.aes, cfg.perceptual_size)
+        else:
             check_perceptual_files(["dists"] if cfg.aes.enabled and cfg.aes.dists is not None else [])
         # The walk's engine: walker.on_step(iteration, most) is called after each iteration (progress bars).
         self.walker = Walker(diffusion, self.classifier, cfg, self.ladder, self.runtime, aes, self._hook)
