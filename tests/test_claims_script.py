@@ -1,0 +1,79 @@
+"""benchmarks/fashion_claims.py's pure parts: paired run comparisons, the mechanism table, the printed intervals."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffguard_pl.metrics import auroc
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fashion_claims.py"
+GROUPS = {"near_set": "near", "far_a": "far", "far_b": "far"}
+
+
+@pytest.fixture(scope="module")
+def claims():
+    spec = importlib.util.spec_from_file_location("fashion_claims", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def rows(scores: dict, split: str = "test", extra=None) -> dict:
+    """scores.csv rows as read_scores gives them: {id: {column: str}}; scores = {set: tensor}."""
+    out = {}
+    for set_name, values in scores.items():
+        for k, v in enumerate(values.tolist()):
+            out[f"{set_name}/{k}"] = {"set": set_name, "split": split, "diffguard": str(v), "pred": "1",
+                                      "synthesis_pred": "1" if k % 4 else "0", **(extra or {})}
+    return out
+
+
+def sets(seed: int, shift: float) -> dict:
+    g = torch.Generator().manual_seed(seed)
+    return {"ind": torch.randn(60, generator=g), **{s: torch.randn(40, generator=g) + shift for s in GROUPS}}
+
+
+def test_a_run_against_itself_differs_by_exactly_zero(claims):
+    run = rows(sets(0, 0.5))
+    diff = claims.paired_runs(run, run, "diffguard", "diffguard", GROUPS)
+    assert set(diff) == {"near", "far"}
+    for group in diff.values():
+        assert group == [0.0, 0.0, 0.0]
+
+
+def test_the_better_run_wins_and_the_point_is_the_auroc_difference(claims):
+    good, weak = sets(1, 2.0), sets(2, 0.0)
+    a, b = rows(good), rows(weak)
+    diff = claims.paired_runs(a, b, "diffguard", "diffguard", GROUPS)
+    point, low, high = diff["near"]
+    expected = auroc(good["ind"], good["near_set"]) - auroc(weak["ind"], weak["near_set"])
+    assert point == pytest.approx(float(expected), abs=1e-12)
+    assert 0 < low <= point <= high
+
+
+def test_only_test_samples_both_runs_scored_are_paired(claims):
+    a = rows(sets(3, 1.0))
+    b = {i: r for i, r in a.items() if not i.endswith("/0")}  # b lacks sample 0 of every set
+    for run, value in ((a, 99.0), (b, -99.0)):  # validation rows that differ between the runs never enter
+        run.update({f"val/{i}": row for i, row in rows({"near_set": torch.full((5,), value)}, split="val").items()})
+    same = claims.paired_runs(a, b, "diffguard", "diffguard", GROUPS)
+    assert same["near"] == [0.0, 0.0, 0.0] and same["far"] == [0.0, 0.0, 0.0]
+    a["near_set/0"]["diffguard"] = "1e9"  # a sample only one run scored does not enter either
+    assert claims.paired_runs(a, b, "diffguard", "diffguard", GROUPS)["near"] == [0.0, 0.0, 0.0]
+
+
+def test_mechanism_table_counts_syntheses_classified_as_their_label(claims):
+    data = rows(sets(4, 1.0))
+    table = {row["set"]: row for row in claims.diagnosis(data, GROUPS)}
+    assert list(table) == ["ind", *GROUPS]
+    assert table["ind"]["n"] == 60 and table["near_set"]["group"] == "near"
+    assert table["ind"]["synthesis_classified_as_guiding_label"] == pytest.approx(45 / 60)  # k % 4 != 0
+    mean = float(sets(4, 1.0)["far_a"].double().mean())
+    assert table["far_a"]["mean_diffguard_score"] == pytest.approx(mean, abs=1e-12)
+
+
+def test_interval_printed_only_where_bootstrapped(claims):
+    assert claims.interval({"auroc": 0.5234, "auroc_ci": [0.5, 0.55]}) == "52.3 [50.0, 55.0]"
+    assert claims.interval({"auroc": 0.5234}) == "52.3"
