@@ -147,7 +147,8 @@ def main(argv: list) -> dict:
         runs[name] = evaluate(args.out / name, *plan, *limit, *extra)
 
     main_run = runs["gdm"]
-    lines = ["## Every detector (test splits; AUROC [95% bootstrap interval; headline detectors only], FPR@95 classic, in %)", "",
+    lines = ["## Every detector (test splits; AUROC [95% bootstrap interval; headline detectors only], FPR@95 classic, "
+             "in %)", "",
              "| detector | near AUROC | near FPR@95 | far AUROC | far FPR@95 |", "|---|---:|---:|---:|---:|"]
     for name, entry in main_run["detectors"].items():
         if "/" in name.replace("oracle-paper/", "").replace("oracle-ind/", "") and not name.startswith("diffguard/"):

@@ -20,13 +20,13 @@ def claims():
     return module
 
 
-def rows(scores: dict, split: str = "test", extra=None) -> dict:
+def rows(scores: dict, split: str = "test") -> dict:
     """scores.csv rows as read_scores gives them: {id: {column: str}}; scores = {set: tensor}."""
     out = {}
     for set_name, values in scores.items():
         for k, v in enumerate(values.tolist()):
             out[f"{set_name}/{k}"] = {"set": set_name, "split": split, "diffguard": str(v), "pred": "1",
-                                      "synthesis_pred": "1" if k % 4 else "0", **(extra or {})}
+                                      "synthesis_pred": "1" if k % 4 else "0"}
     return out
 
 
