@@ -1,25 +1,34 @@
 """Choose a preset's DiffGuard settings on validation splits only; test splits are never read.
 
 Runs evaluate.py with ``split=val`` (InD validation against every OOD set's validation split) over a grid and
-applies a fixed rule:
+applies a rule fixed before looking at any result:
 
-1. ``diffguard.depth``, the guidance strength (``diffguard.guidance.scale``, or ``...classifier_free.omega`` in the
-   classifier-free path) and ``diffguard.score`` (one of the computed distances): the highest near-OOD
-   validation AUROC of DiffGuard alone (``diffguard/<distance>``), ties to the cheaper (shallower) setting;
-2. the fusion partner X of ``diffguard+X``: the highest near-OOD validation AUROC of the fused detector at
-   the chosen settings.
+1. Candidates: every grid point x every computed distance x both references. A run with
+   ``diffguard.reference=unguided`` scores the guided synthesis against the unguided reconstruction
+   (``diffguard/<d>``) and against the input (``diffguard/<d>@input``, what ``reference=input`` scores), so one
+   run gives both.
+2. Objective: the mean of the near-OOD and the far-OOD validation AUROC of DiffGuard alone (the paper reports
+   both; far = the mean over the far sets).
+3. Among the candidates within ``--tolerance`` points (default 1.0) of the best objective, the cheapest in
+   denoiser evaluations per image (``reference=input`` saves the unguided pass), then the best objective.
+4. The fusion partner X of ``diffguard+X`` (every classifier baseline): the best objective of the fused
+   detector, recomputed from the chosen run's scores with the chosen distance.
 
-Every grid point is one evaluate.py run (all distances and fused detectors come from the same run), kept in
-``outputs/tune/<preset>/``, so an interrupted tuning resumes. Prints every candidate and writes the choice
-to ``outputs/tune/<preset>/choice.yaml`` (a fragment to include with ``--config``) and ``choice.json``.
+Every grid point is one evaluate.py run kept in ``outputs/tune/<tag>/<point>/``; ``limit_per_set`` is not part
+of a run's fingerprint, so a second call with a larger limit (coarse to fine) only evaluates the new samples.
+Prints every candidate (near, far, objective, MNIST, cost, speed) and writes the choice to
+``outputs/tune/<tag>/choice.yaml`` (a fragment to include with ``--config``), ``choice.json`` and
+``candidates.csv``.
 
-    python benchmarks/tune_val.py --config conf/fashion_gdm.yaml \\
-        --grid diffguard.depth=10,20,30 --grid diffguard.guidance.scale=1,3,10 limit_per_set=150
+    python benchmarks/tune_val.py --config conf/fashion_gdm.yaml --grid diffguard.depth=10,20,30,40 \\
+        --grid diffguard.guidance.scale=1,3,10 diffguard.reference=unguided limit_per_set=150
+    python benchmarks/tune_val.py ... --only "depth=30,scale=3"      # one point of the grid (coarse to fine)
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import itertools
 import json
 import subprocess
@@ -27,64 +36,154 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+BASELINES = ("msp", "ebo", "maxlogit", "knn", "vim")
 
 
 def run_point(preset: list, overrides: list, extra: list, out: Path) -> dict:
     cmd = [sys.executable, str(ROOT / "evaluate.py"), *preset, "split=val", f"output_dir={out}",
            "trainer.enable_progress_bar=false", "callbacks.reconstructions=0", "callbacks.score_plots=false",
-           *overrides, *extra]
+           *extra, *overrides]
     subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
     return json.loads((out / "results.json").read_text())
 
 
-def choose(points: list) -> dict:
-    """The rule of the module docstring over ``points`` = [(overrides dict, results), ...]."""
-    candidates = []
-    for order, (settings, results) in enumerate(points):
-        for name, entry in results["detectors"].items():
-            if name.startswith("diffguard/"):
-                candidates.append((entry["near"]["auroc"], -order, settings, name.split("/", 1)[1]))
-    near, _, settings, score = max(candidates, key=lambda c: (c[0], c[1]))
-    results = next(r for s, r in points if s == settings)
-    fused = {name.split("+", 1)[1]: entry["near"]["auroc"] for name, entry in results["detectors"].items()
-             if name.startswith("diffguard+")}
-    partner = max(fused, key=lambda p: (fused[p], p == "ebo"))
-    return {"settings": settings, "score": score, "near_val_auroc": near, "partner": partner,
-            "fused_near_val_auroc": fused[partner], "fused_candidates": fused}
+def read_scores(path: Path) -> dict:
+    """scores.csv as record columns (numbers where they parse)."""
+    with open(path, newline="") as handle:
+        rows = list(csv.DictReader(handle))
+
+    def value(text: str):
+        try:
+            return int(text)
+        except ValueError:
+            try:
+                return float(text)
+            except ValueError:
+                return text
+
+    return {c: [value(r[c]) for r in rows] for c in rows[0]}
+
+
+def objective(entry: dict) -> float:
+    return (entry["near"]["auroc"] + entry["far"]["auroc"]) / 2
+
+
+def synthesis_steps(cfg: dict) -> int:
+    d = cfg["diffguard"]
+    return d["depth"] + (d["ladder"] == "released") + (d["handoff"] == "released")
+
+
+def candidates_of(settings: dict, results: dict, cfg: dict) -> list:
+    """Every DiffGuard distance of one run as a candidate: settings, distance, reference, metrics, cost."""
+    evals = results["throughput"]["unet_evals_per_image"]
+    unguided = cfg["diffguard"]["reference"] == "unguided"
+    out = []
+    for name, entry in results["detectors"].items():
+        if not name.startswith("diffguard/"):
+            continue
+        distance = name.split("/", 1)[1]
+        against_input = distance.endswith("@input")
+        reference = "input" if against_input or not unguided else "unguided"
+        # reference=input runs no unguided pass: one denoiser row per synthesis step fewer
+        cost = evals - synthesis_steps(cfg) if unguided and reference == "input" else evals
+        out.append({"settings": settings, "distance": distance.removesuffix("@input"), "column": distance,
+                    "reference": reference, "near": entry["near"]["auroc"], "far": entry["far"]["auroc"],
+                    "objective": objective(entry), "mnist": entry["per_ood"].get("mnist", {}).get("auroc"),
+                    "unet_evals": cost, "images_per_second": results["throughput"]["images_per_second"]})
+    return out
+
+
+def choose(candidates: list, tolerance: float) -> dict:
+    """Rule 3 of the module docstring."""
+    best = max(c["objective"] for c in candidates)
+    close = [c for c in candidates if c["objective"] >= best - tolerance / 100]
+    return min(close, key=lambda c: (c["unet_evals"], -c["objective"]))
+
+
+def fused_partners(run_dir: Path, column: str, groups: dict) -> dict:
+    """Objective, near and far AUROC of diffguard+X for every baseline X, with ``column`` as DiffGuard's score."""
+    from diffguard_pl.detectors import add_derived_detectors
+    from diffguard_pl.results import summarize
+
+    records = read_scores(run_dir / "scores.csv")
+    records = {c: v for c, v in records.items() if not c.startswith("diffguard+") and c != "diffguard"}
+    add_derived_detectors(records, column.split("/", 1)[1], BASELINES)
+    keep = ["id", "set", "split", "label", "pred"] + [f"diffguard+{b}" for b in BASELINES] + list(BASELINES)
+    result = summarize({c: records[c] for c in keep}, groups, "val", replicates=0)
+    return {name: {"near": e["near"]["auroc"], "far": e["far"]["auroc"], "objective": objective(e)}
+            for name, e in result["detectors"].items()}
+
+
+def point_name(settings: dict) -> str:
+    return "_".join(f"{k.split('.')[-1]}{v}" for k, v in settings.items())
 
 
 def main(argv: list) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the preset to tune")
     parser.add_argument("--grid", action="append", required=True, help="key=v1,v2,... (repeatable)")
+    parser.add_argument("--tag", default=None, help="folder under outputs/tune (default: the preset's name)")
+    parser.add_argument("--tolerance", type=float, default=1.0, help="points of the objective that count as a tie")
+    parser.add_argument("--only", action="append", default=[],
+                        help="run only the points whose folder name contains this (the others are read if done)")
     args, extra = parser.parse_known_args(argv)
     import yaml
 
     grid = {k: [yaml.safe_load(x) for x in v.split(",")] for k, v in (item.split("=", 1) for item in args.grid)}
-    tag = Path(args.config).stem
-    folder = ROOT / "outputs" / "tune" / tag
-    points = []
+    folder = ROOT / "outputs" / "tune" / (args.tag or Path(args.config).stem)
+    candidates, groups, runs = [], None, {}
     for values in itertools.product(*grid.values()):
         settings = dict(zip(grid, values))
-        out = folder / "_".join(f"{k.split('.')[-1]}{v}" for k, v in settings.items())
-        results = run_point([f"--config={args.config}"], [f"{k}={v}" for k, v in settings.items()], extra, out)
-        points.append((settings, results))
-        best = max((e["near"]["auroc"], n) for n, e in results["detectors"].items() if n.startswith("diffguard"))
-        print(f"{' '.join(f'{k}={v}' for k, v in settings.items()):60s} best near val AUROC {100 * best[0]:.2f} "
-              f"({best[1]})", flush=True)
-    print(f"\n{'settings':60s} {'detector':28s} near AUROC  far AUROC")
-    for settings, results in points:
-        for name, entry in results["detectors"].items():
-            if name.startswith("diffguard"):
-                print(f"{' '.join(f'{k}={v}' for k, v in settings.items()):60s} {name:28s} "
-                      f"{100 * entry['near']['auroc']:10.2f} {100 * entry['far']['auroc']:10.2f}")
-    choice = choose(points)
-    choice["grid"] = grid
-    choice["extra"] = extra
+        out = folder / point_name(settings)
+        if args.only and not any(o in point_name(settings) for o in args.only):
+            if not (out / "results.json").is_file():
+                continue
+            results = json.loads((out / "results.json").read_text())
+        else:
+            results = run_point([f"--config={args.config}"], [f"{k}={v}" for k, v in settings.items()], extra, out)
+        cfg = yaml.safe_load((out / "config.yaml").read_text())
+        groups = results["groups"]
+        runs[point_name(settings)] = out
+        found = candidates_of(settings, results, cfg)
+        candidates += found
+        top = max(found, key=lambda c: c["objective"])
+        print(f"{point_name(settings):40s} best {top['column']:28s} near {100 * top['near']:5.1f} far "
+              f"{100 * top['far']:5.1f} ({results['num_samples']} samples)", flush=True)
+    print(f"\n{'point':40s} {'distance':14s} {'reference':9s} {'near':>6s} {'far':>6s} {'mean':>6s} {'mnist':>6s} "
+          f"{'evals':>6s} {'img/s':>6s}")
+    for c in sorted(candidates, key=lambda c: -c["objective"]):
+        print(f"{point_name(c['settings']):40s} {c['distance']:14s} {c['reference']:9s} {100 * c['near']:6.1f} "
+              f"{100 * c['far']:6.1f} {100 * c['objective']:6.1f} {100 * (c['mnist'] or float('nan')):6.1f} "
+              f"{c['unet_evals']:6.0f} {c['images_per_second']:6.2f}")
+    chosen = choose(candidates, args.tolerance)
+    partners = fused_partners(runs[point_name(chosen["settings"])], f"diffguard/{chosen['column']}", groups)
+    baseline = {b: partners[b] for b in BASELINES}
+    fused = {b: partners[f"diffguard+{b}"] for b in BASELINES}
+    partner = max(fused, key=lambda b: fused[b]["objective"])
+    print(f"\nat the chosen settings, objective (near / far) of diffguard+X and X alone:")
+    for b in BASELINES:
+        print(f"  {b:9s} fused {100 * fused[b]['objective']:5.1f} ({100 * fused[b]['near']:5.1f} / "
+              f"{100 * fused[b]['far']:5.1f})   alone {100 * baseline[b]['objective']:5.1f} "
+              f"({100 * baseline[b]['near']:5.1f} / {100 * baseline[b]['far']:5.1f})")
+    choice = {"settings": chosen["settings"], "score": chosen["distance"], "reference": chosen["reference"],
+              "objective": chosen["objective"], "near": chosen["near"], "far": chosen["far"],
+              "unet_evals": chosen["unet_evals"], "partner": partner, "fused": fused, "baselines": baseline,
+              "rule": f"mean of near and far validation AUROC; ties within {args.tolerance} points to the cheapest",
+              "grid": grid, "extra": extra}
+    folder.mkdir(parents=True, exist_ok=True)
     (folder / "choice.json").write_text(json.dumps(choice, indent=2))
-    lines = ["# Chosen on validation splits by benchmarks/tune_val.py (see choice.json)."]
+    with open(folder / "candidates.csv", "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["point", "distance", "reference", "near", "far", "objective", "mnist", "unet_evals",
+                         "images_per_second"])
+        for c in candidates:
+            writer.writerow([point_name(c["settings"]), c["distance"], c["reference"], c["near"], c["far"],
+                             c["objective"], c["mnist"], c["unet_evals"], c["images_per_second"]])
     tree: dict = {}
-    for key, value in {**choice["settings"], "diffguard.score": choice["score"]}.items():
+    for key, value in {**chosen["settings"], "diffguard.score": chosen["distance"],
+                       "diffguard.reference": chosen["reference"], "fusion_partners": [partner]}.items():
         node = tree
         *parents, leaf = key.split(".")
         for p in parents:
@@ -92,11 +191,11 @@ def main(argv: list) -> dict:
         node[leaf] = value
     from omegaconf import OmegaConf
 
-    lines.append(OmegaConf.to_yaml(OmegaConf.create(tree)).rstrip())
-    (folder / "choice.yaml").write_text("\n".join(lines) + "\n")
-    print(f"\nchosen: {choice['settings']} score={choice['score']} (near val AUROC {100 * choice['near_val_auroc']:.2f}); "
-          f"fusion partner {choice['partner']} (diffguard+{choice['partner']} near val AUROC "
-          f"{100 * choice['fused_near_val_auroc']:.2f}); written to {folder / 'choice.yaml'}")
+    (folder / "choice.yaml").write_text("# Chosen on validation splits by benchmarks/tune_val.py (see choice.json).\n"
+                                        + OmegaConf.to_yaml(OmegaConf.create(tree)))
+    print(f"\nchosen: {chosen['settings']} score={chosen['distance']} reference={chosen['reference']} "
+          f"(near {100 * chosen['near']:.1f}, far {100 * chosen['far']:.1f}, {chosen['unet_evals']:.0f} UNet "
+          f"evaluations per image); fusion partner {partner}; written to {folder / 'choice.yaml'}")
     return choice
 
 

@@ -78,10 +78,12 @@ class DiffGuard:
     def from_preset(cls, name: str, *overrides: str, device: Union[str, torch.device] = "cpu") -> "DiffGuard":
         from diffguard_pl.pipeline import DiffGuardPipeline
 
+        from diffguard_pl.eval_data import load_encoder
+
         cfg = load_preset(name, *overrides)
         m = cfg.models
         pipeline = DiffGuardPipeline(load_diffusion(m.diffusion, m.diffusion_num_classes, m.diffusion_null_class),
-                                     load_classifier(m.classifier), cfg.diffguard)
+                                     load_classifier(m.classifier), cfg.diffguard, encoder=load_encoder(cfg))
         return cls(pipeline.to(device))
 
     @property

@@ -34,6 +34,7 @@ from omegaconf import OmegaConf
 from diffguard_pl import config as config_lib
 from diffguard_pl.config import ConfigError, EvalConfig, _check_choice
 from diffguard_pl.data import Benchmark, ImageSet, build_benchmark
+from diffguard_pl.eval_data import load_encoder
 from diffguard_pl.metrics import auroc
 from diffguard_pl.models import load_classifier, load_diffusion
 from diffguard_pl.pipeline import DiffGuardPipeline
@@ -95,6 +96,7 @@ def calibrate(cfg: CalibrationConfig, benchmark: Optional[Benchmark] = None) -> 
     config_lib.save(cfg, output_dir / "config.yaml")
     benchmark = benchmark or build_benchmark(cfg.data)
     classifier, diffusion = load_classifier(cfg.models.classifier), load_diffusion(cfg.models.diffusion)
+    encoder = load_encoder(cfg)
     limit = cfg.limit_per_set
 
     def val(s: ImageSet) -> ImageSet:
@@ -102,7 +104,7 @@ def calibrate(cfg: CalibrationConfig, benchmark: Optional[Benchmark] = None) -> 
 
     base = copy.deepcopy(cfg.diffguard)
     base.aes.enabled, base.aes.record_curves = False, True
-    pipe = DiffGuardPipeline(diffusion, classifier, base)
+    pipe = DiffGuardPipeline(diffusion, classifier, base, encoder=encoder)
     lows = lowest_quality(pipe, val(benchmark.val), settings.metric, cfg.data.eval_batch_size)
     finite = lows[torch.isfinite(lows)].double()
 
@@ -121,7 +123,8 @@ def calibrate(cfg: CalibrationConfig, benchmark: Optional[Benchmark] = None) -> 
             trial = copy.deepcopy(cfg.diffguard)
             trial.aes.enabled = True
             setattr(trial.aes, settings.metric, threshold)
-            results = score_sets(DiffGuardPipeline(diffusion, classifier, trial), sets, cfg.data.eval_batch_size)
+            results = score_sets(DiffGuardPipeline(diffusion, classifier, trial, encoder=encoder), sets,
+                                 cfg.data.eval_batch_size)
             ind = results[0]
             per_set = {n: auroc(ind["scores"], r["scores"]) for n, r in zip(names, results[1:])}
             candidates.append({

@@ -272,10 +272,38 @@ class CoTrainConfig:
 
 
 @dataclass
+class ContrastiveConfig:
+    """The contrastive encoder (task=contrastive, diffguard_pl/modules/contrastive.py), trained on InD training
+    images only; its backbone is ``classifier.arch``.
+
+    Two views per image: a random square crop (area fraction >= ``crop_min_scale``) resized back, mirrored
+    with probability 1/2 (``flip``), contrast / brightness jitter of strength ``jitter``, and a light blur with
+    probability ``blur_probability``. ``supervised``: views of images of the same InD class are positives
+    (supervised contrastive loss); false: only the two views of one image (SimCLR).
+    """
+
+    supervised: bool = True
+    temperature: float = 0.1
+    projection_dim: int = 64  # output of the projection head (used in training only)
+    crop_min_scale: float = 0.6
+    flip: bool = True
+    jitter: float = 0.4
+    blur_probability: float = 0.5
+
+    def __post_init__(self) -> None:
+        _check_positive("contrastive.temperature", self.temperature)
+        _check_positive("contrastive.projection_dim", self.projection_dim)
+        if not 0.0 < self.crop_min_scale <= 1.0:
+            raise ConfigError(f"contrastive.crop_min_scale={self.crop_min_scale} must lie in (0, 1]")
+        if not 0.0 <= self.jitter < 1.0 or not 0.0 <= self.blur_probability <= 1.0:
+            raise ConfigError("contrastive.jitter must lie in [0, 1) and contrastive.blur_probability in [0, 1]")
+
+
+@dataclass
 class TrainConfig(RunConfig):
     """Root schema of ``train.py``: a classifier, a diffusion model, or both (co-training, joint training)."""
 
-    task: str = MISSING  # classifier | diffusion | cotrain (classifier, frozen diffusion) | joint (both)
+    task: str = MISSING  # classifier | diffusion | cotrain (classifier, frozen diffusion) | joint (both) | contrastive
     output_dir: str = neutral("outputs/train")  # checkpoints/, the exported model, logs, metrics.json
     resume: Optional[str] = None  # a Lightning checkpoint (e.g. OUTPUT/checkpoints/last.ckpt)
     monitor: Optional[str] = None  # e.g. val/loss: export the best checkpoint by this metric, not the last
@@ -284,10 +312,11 @@ class TrainConfig(RunConfig):
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     cotrain: CoTrainConfig = field(default_factory=CoTrainConfig)
+    contrastive: ContrastiveConfig = field(default_factory=ContrastiveConfig)
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _check_choice("task", self.task, ["classifier", "diffusion", "cotrain", "joint"])
+        _check_choice("task", self.task, ["classifier", "diffusion", "cotrain", "joint", "contrastive"])
         _check_choice("monitor_mode", self.monitor_mode, ["min", "max"])
 
 
@@ -416,7 +445,7 @@ class RuntimeConfig:
         _check_choice("diffguard.runtime.autocast", self.autocast, ["none", "bf16", "fp16"])
 
 
-DISTANCES = ["l1", "l2", "psnr", "ssim", "logit_l1", "feature_cos", "dists", "lpips"]
+DISTANCES = ["l1", "l2", "psnr", "ssim", "logit_l1", "feature_cos", "contrastive", "dists", "lpips"]
 
 
 CLIP_X0 = ["none", "synthesis", "both"]
@@ -497,6 +526,7 @@ class ModelPaths:
     classifier_mean: Optional[List[float]] = None  # default: 0.5 per channel
     classifier_std: Optional[List[float]] = None
     classifier_view: str = "resize"  # resize | center_crop: how a larger image reaches classifier_input_size
+    encoder: Optional[str] = None  # the contrastive encoder folder (train.py task=contrastive) of distance contrastive
     diffusion_num_classes: Optional[int] = None  # override what the checkpoint says (conditional models)
     diffusion_null_class: Optional[int] = None
 
@@ -579,7 +609,8 @@ def _describe(error: OmegaConfBaseException) -> str:
 # Keys that hold an input path. They are made absolute when the config is composed: a relative value in a YAML
 # file is relative to the file's project (the folder that holds its conf/ folder), so presets work from any
 # working directory; on the command line, to the working directory. A saved config.yaml is then self-contained.
-PATH_KEYS = ("models.classifier", "models.diffusion", "cotrain.diffusion_path", "classifier.pretrained_path")
+PATH_KEYS = ("models.classifier", "models.diffusion", "models.encoder", "cotrain.diffusion_path",
+             "classifier.pretrained_path")
 HUB_ID = r"^[A-Za-z0-9][\w.-]*/[\w.-]+$"
 
 

@@ -2,13 +2,16 @@
 
 With a = alpha_bar (cumulative product), a step from level t to level s is
 
-    x0_pred = (x_t - sqrt(1 - a_t) * eps) / sqrt(a_t)
+    x0_pred = sqrt(1 / a_t) * x_t - sqrt(1 / a_t - 1) * eps
     x_s     = sqrt(a_s) * x0_pred + sqrt(1 - a_s) * eps
+
+(the arithmetic in guided-diffusion's order and from its four float64 tables, so a float64 run reproduces its
+loop to rounding).
 
 Synthesis walks towards the image, inversion towards noise with the eps
 predicted at x_t (the paper's Eq. 6). Clipping (guided-diffusion's
 ``clip_denoised``) clips x0_pred to [-1, 1] and re-derives eps from it,
-eps = (x_t - sqrt(a_t) * x0) / sqrt(1 - a_t), before the step.
+eps = (sqrt(1 / a_t) x_t - x0) / sqrt(1 / a_t - 1), before the step.
 
 Levels (:class:`Ladder`): level 0 is the clean image (a = 1); level k >= 1 is
 the k-th spaced timestep t_{k-1} = (k - 1) * stride + offset. Two ladders:
@@ -23,7 +26,8 @@ the k-th spaced timestep t_{k-1} = (k - 1) * stride + offset. Two ladders:
   that level's alpha_bar), and each inversion step from level k to k + 1 uses
   eps at the timestep of level k, the level it stands on. Depth d reaches t_d
   (100 spaced steps, depth 90: t = 900). Synthesis is the same as above and
-  ends at level 0, one step more than the inversion took.
+  ends at level 0, one step more than the inversion took. Its alpha_bar table is
+  guided-diffusion's respaced one (:func:`respaced_alpha_bar`).
 
 Synthesis starts at the level the inversion reached (``handoff: exact``); the
 released code started one level above it (``handoff: released``, a switch for
@@ -38,7 +42,7 @@ from typing import Callable, Dict, Optional, Tuple, Union
 import torch
 
 EpsFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-Coefficients = Tuple[torch.Tensor, torch.Tensor]  # (sqrt(a), sqrt(1 - a)), see step_coefficients
+Coefficients = Tuple[torch.Tensor, ...]  # (sqrt(a), sqrt(1 - a), sqrt(1 / a), sqrt(1 / a - 1)): step_coefficients
 LADDERS = ("symmetric", "released")
 HANDOFFS = ("exact", "released")
 
@@ -60,31 +64,57 @@ def alpha_bar(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return padded.to(t.device)[t + 1]
 
 
+def respaced_alpha_bar(spaced: torch.Tensor) -> torch.Tensor:
+    """guided-diffusion's ``SpacedDiffusion`` table: the betas of the kept timesteps, 1 - a_i / a_{i-1}, then
+    their cumulative product again, in float64 (equal to ``spaced`` up to rounding, which a float64 run of the
+    released recipe would otherwise carry into the last digits of its scores)."""
+    import numpy as np
+
+    values, last, betas = spaced.to(torch.float64).tolist(), 1.0, []
+    for a in values:
+        betas.append(1 - a / last)
+        last = a
+    return torch.from_numpy(np.cumprod(1.0 - np.array(betas, dtype=np.float64)))
+
+
 def _bcast(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return a.to(x.dtype).view(-1, *([1] * (x.ndim - 1)))
 
 
+def coefficient_table(a: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """(sqrt(a), sqrt(1 - a), sqrt(1 / a), sqrt(1 / a - 1)) of float64 alpha_bar ``a``, in float64: the four
+    numbers a step reads (guided-diffusion keeps the same four tables)."""
+    a = a.to(torch.float64)
+    return a.sqrt(), (1 - a).sqrt(), (1 / a).sqrt(), (1 / a - 1).sqrt()
+
+
 def step_coefficients(a: torch.Tensor, like: torch.Tensor) -> Coefficients:
-    """(sqrt(a), sqrt(1 - a)) of alpha_bar ``a`` (float64, one per sample or one for all), in ``like``'s dtype
-    and shaped to broadcast over its rows.
+    """:func:`coefficient_table` of alpha_bar ``a`` (float64, one per sample or one for all), in ``like``'s
+    dtype and shaped to broadcast over its rows.
 
     Computed in float64 and rounded once, so a table of them built once per run (as :class:`Ladder` does)
     gives bit for bit the numbers a step computes from ``a``.
     """
-    return _bcast(a.sqrt(), like), _bcast((1 - a).sqrt(), like)
+    return tuple(_bcast(c, like) for c in coefficient_table(a))
 
 
 def predict_x0(x_t: torch.Tensor, eps: torch.Tensor, a_t: Optional[torch.Tensor],
                coef_t: Optional[Coefficients] = None) -> torch.Tensor:
-    """x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t); ``coef_t`` = step_coefficients(a_t, x_t) when precomputed."""
-    root_a, root_1ma = coef_t if coef_t is not None else step_coefficients(a_t, x_t)
-    return (x_t - root_1ma * eps) / root_a
+    """x0 = sqrt(1 / a_t) x_t - sqrt(1 / a_t - 1) eps (guided-diffusion's order of the arithmetic);
+    ``coef_t`` = step_coefficients(a_t, x_t) when precomputed."""
+    _, _, recip, recip_m1 = coef_t if coef_t is not None else step_coefficients(a_t, x_t)
+    return x_t * recip - recip_m1 * eps
 
 
-def eps_from_x0(x_t: torch.Tensor, x0: torch.Tensor, coef_t: Coefficients) -> torch.Tensor:
-    """eps = (x_t - sqrt(a_t) x0) / sqrt(1 - a_t): the noise that a given x0 implies (not at the clean level)."""
-    root_a, root_1ma = coef_t
-    return (x_t - root_a * x0) / root_1ma
+def eps_from_x0(x_t: torch.Tensor, x0: torch.Tensor, coef_t: Coefficients,
+                at_clean: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """eps = (sqrt(1 / a_t) x_t - x0) / sqrt(1 / a_t - 1): the noise that a given x0 implies. At the clean level
+    (a_t = 1) no noise is implied: there the result is ``at_clean`` (required if a row may be at that level)."""
+    _, _, recip, recip_m1 = coef_t
+    if at_clean is None:
+        return (x_t * recip - x0) / recip_m1
+    # sqrt(1 / a_t - 1) floored at 1e-10 where it is 0, so that the discarded branch stays finite
+    return torch.where(recip_m1 > 0, (x_t * recip - x0) / recip_m1.clamp_min(1e-10), at_clean)
 
 
 def ddim_step(
@@ -96,19 +126,18 @@ def ddim_step(
     ``coef_t`` / ``coef_s``: the levels' :func:`step_coefficients` when precomputed (then ``a_t`` / ``a_s``
     may be None); the result is the same to the bit.
 
-    ``clip_x0`` clips the predicted x0 to [-1, 1] and re-derives eps from it
-    (guided-diffusion's ``clip_denoised``): cleaner samples, but the step is
-    then no longer exactly invertible. At the clean level (a_t = 1) eps is kept.
+    As guided-diffusion's ``ddim_sample`` / ``ddim_reverse_sample``: x0 is predicted, clipped to [-1, 1] with
+    ``clip_x0`` (its ``clip_denoised``: cleaner samples, but the step is then no longer exactly invertible),
+    and eps re-derived from that x0 before the step (a no-op up to rounding without clipping; at the clean
+    level, a_t = 1, eps is kept).
     """
-    root_a_t, root_1ma_t = coef_t if coef_t is not None else step_coefficients(a_t, x_t)
-    root_a_s, root_1ma_s = coef_s if coef_s is not None else step_coefficients(a_s, x_t)
-    x0 = (x_t - root_1ma_t * eps) / root_a_t
+    coef_t = coef_t if coef_t is not None else step_coefficients(a_t, x_t)
+    root_a_s, root_1ma_s = (coef_s if coef_s is not None else step_coefficients(a_s, x_t))[:2]
+    x0 = predict_x0(x_t, eps, None, coef_t)
     if clip_x0:
         x0 = x0.clamp(-1, 1)
-        # sqrt(1 - a_t) floored at 1e-10 (= sqrt(1e-20)) for the clean level, where eps is not predicted.
-        derived = (x_t - root_a_t * x0) / root_1ma_t.clamp_min(1e-10)
-        eps = torch.where(root_1ma_t > 0, derived, eps)
-    return root_a_s * x0 + root_1ma_s * eps
+    eps = eps_from_x0(x_t, x0, coef_t, at_clean=eps)
+    return x0 * root_a_s + root_1ma_s * eps
 
 
 @dataclass
@@ -132,7 +161,10 @@ class Ladder:
             raise ValueError(f"ladder {kind!r} / handoff {handoff!r}: choose from {LADDERS} / {HANDOFFS}")
         steps = spaced_timesteps(int(alphas_cumprod.shape[0]), num_steps, offset)
         timesteps = torch.cat([torch.tensor([-1]), steps])
-        return cls(timesteps, alpha_bar(alphas_cumprod.cpu(), timesteps), kind, handoff)
+        alphas = alpha_bar(alphas_cumprod.cpu(), timesteps)
+        if kind == "released":
+            alphas[1:] = respaced_alpha_bar(alphas[1:])
+        return cls(timesteps, alphas, kind, handoff)
 
     @property
     def num_levels(self) -> int:
@@ -167,11 +199,12 @@ class Ladder:
         return inversion + synthesis
 
     def on(self, device: torch.device, dtype: torch.dtype) -> tuple:
-        """(timesteps [levels] long, sqrt(a) [levels], sqrt(1 - a) [levels]) on ``device``, ``dtype``; cached."""
+        """(timesteps [levels] long, then the four :func:`coefficient_table` columns [levels]) on ``device``, in
+        ``dtype``; cached."""
         key = (device, dtype)
         if key not in self._tables:
-            root_a, root_1ma = self.alphas.sqrt().to(dtype), (1 - self.alphas).sqrt().to(dtype)
-            self._tables[key] = (self.timesteps.to(device), root_a.to(device), root_1ma.to(device))
+            columns = (c.to(device=device, dtype=dtype) for c in coefficient_table(self.alphas))
+            self._tables[key] = (self.timesteps.to(device), *columns)
         return self._tables[key]
 
 

@@ -3,7 +3,8 @@
 Higher scores mean more OOD. Columns of the per-sample records (``scores.csv``):
 
 - ``diffguard/<distance>``: DiffGuard with each distance of ``diffguard.distances``;
-  ``diffguard``: the configured one (``diffguard.score``);
+  ``diffguard``: the configured one (``diffguard.score``); with ``diffguard.reference=unguided`` also
+  ``diffguard/<distance>@input``: the same synthesis against the input (what ``reference=input`` scores);
 - ``msp``, ``ebo``, ``maxlogit``, ``knn``, ``vim``: the classifier baselines (diffguard_pl/baselines.py);
 - ``diffguard+<X>``: DiffGuard fused with baseline X, the sum of both z-scores, normalised on the InD
   validation split only (X in ``fusion_partners``);
@@ -23,12 +24,15 @@ BASELINES = ("msp", "ebo", "maxlogit", "knn", "vim")
 FUSION_PARTNERS = ("ebo", "vim", "knn")
 FUSED = "diffguard+ebo"
 ORACLE_PREFIX = "oracle-"  # oracle-<mode>/<detector>
-META_COLUMNS = ("id", "set", "split", "label", "pred", "synthesis_pred", "depth", "unet_evals")
+META_COLUMNS = ("id", "set", "split", "label", "pred", "synthesis_pred", "reference_pred", "round_trip_psnr", "depth",
+                "unet_evals")
+AGAINST_INPUT = "@input"
 
 
-def distance_column(distance: str) -> str:
-    """The column of DiffGuard with one distance."""
-    return f"{DIFFGUARD}/{distance}"
+def distance_column(distance: str, against_input: bool = False) -> str:
+    """The column of DiffGuard with one distance (``against_input``: the synthesis against the input in a run
+    whose reference is the unguided reconstruction)."""
+    return f"{DIFFGUARD}/{distance}{AGAINST_INPUT if against_input else ''}"
 
 
 def fused_column(partner: str) -> str:

@@ -53,7 +53,21 @@ def load_models(cfg: EvalConfig) -> tuple[Classifier, DiffusionModel]:
     return classifier, diffusion
 
 
-def check_shapes(cfg: EvalConfig, classifier: Classifier, diffusion: DiffusionModel) -> None:
+def load_encoder(cfg: EvalConfig) -> Optional[Classifier]:
+    """The contrastive encoder (``models.encoder``) when ``contrastive`` is among the distances, else None."""
+    from diffguard_pl.scores import CONTRASTIVE
+
+    if CONTRASTIVE not in cfg.diffguard.distances:
+        return None
+    if cfg.models.encoder is None:
+        raise ConfigError(f"diffguard.distances has {CONTRASTIVE!r}, which needs models.encoder: a folder made by "
+                          f"`python train.py --config conf/train_fashion_encoder.yaml` (OUT/encoder), or drop "
+                          f"{CONTRASTIVE!r} from diffguard.distances")
+    return load_classifier(cfg.models.encoder)
+
+
+def check_shapes(cfg: EvalConfig, classifier: Classifier, diffusion: DiffusionModel,
+                 encoder: Optional[Classifier] = None) -> None:
     """What needs only the models' shapes: the images the config makes fit both models, the class counts
     agree; ConfigError naming the key and the fix. Runs before any data is processed."""
     from diffguard_pl.pipeline import check_models
@@ -75,7 +89,7 @@ def check_shapes(cfg: EvalConfig, classifier: Classifier, diffusion: DiffusionMo
         raise ConfigError(f"the classifier {m.classifier} has {classifier.spec.num_classes} classes but benchmark "
                           f"{data.benchmark} has {expected}: check models.classifier / data.benchmark")
     try:
-        check_models(diffusion, classifier, cfg.diffguard)
+        check_models(diffusion, classifier, cfg.diffguard, encoder)
     except ValueError as error:
         raise ConfigError(str(error)) from None
 

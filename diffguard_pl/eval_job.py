@@ -149,20 +149,21 @@ def evaluate(cfg: EvalConfig, benchmark=None) -> Optional[dict]:
     if benchmark is None:
         check_available(cfg.data)
 
-    from diffguard_pl.eval_data import check_shapes, load_models
+    from diffguard_pl.eval_data import check_shapes, load_encoder, load_models
 
     classifier, diffusion = load_models(cfg)
-    check_shapes(cfg, classifier, diffusion)
+    encoder = load_encoder(cfg)
+    check_shapes(cfg, classifier, diffusion, encoder)
     benchmark = benchmark or build_benchmark(cfg.data)
     _report_data(benchmark)
     if cfg.dry_run:
         from diffguard_pl.plan import print_plan
 
-        print_plan(cfg, benchmark, classifier, diffusion)
+        print_plan(cfg, benchmark, classifier, diffusion, encoder)
         return None
     with interruptible():
         try:
-            return _evaluate(cfg, benchmark, classifier, diffusion, output_dir, part)
+            return _evaluate(cfg, benchmark, classifier, diffusion, encoder, output_dir, part)
         except RunInterrupted as stop:
             _, finished, _ = records_lib.read_records([output_dir], None, "counting")
             raise RunInterrupted(
@@ -170,7 +171,7 @@ def evaluate(cfg: EvalConfig, benchmark=None) -> Optional[dict]:
                 f"run the same command again to resume", stop.exit_code) from None
 
 
-def _evaluate(cfg: EvalConfig, benchmark, classifier, diffusion, output_dir: Path, part) -> Optional[dict]:
+def _evaluate(cfg: EvalConfig, benchmark, classifier, diffusion, encoder, output_dir: Path, part) -> Optional[dict]:
     import lightning as L
     from torch.utils.data import ConcatDataset, DataLoader, Subset
 
@@ -218,7 +219,7 @@ def _evaluate(cfg: EvalConfig, benchmark, classifier, diffusion, output_dir: Pat
         write_outputs(results, previous, groups, output_dir, cfg, benchmark)
         return results
 
-    pipeline = DiffGuardPipeline(diffusion, classifier, cfg.diffguard)
+    pipeline = DiffGuardPipeline(diffusion, classifier, cfg.diffguard, encoder=encoder)
     print(f"fitting KNN / ViM on {min(len(benchmark.train), cfg.baselines.train_samples or len(benchmark.train)):,} "
           f"InD training images (k and dim chosen on validation splits)", flush=True)
     stats, choice = fit_classifier_baselines(classifier, benchmark, cfg)

@@ -190,7 +190,7 @@ def guided_eps(
     x_clean = clean_estimate(x_t, eps, a_t, cfg.clean, coef_t)
     grad = log_prob_grad(classifier, x_clean, labels, crop_params, cfg.cutout.mode)
     sigma = coef_t[1].to(eps.dtype)  # sqrt(1 - a_t); eps and x_t share their dtype in the pipeline
-    return base - cfg.scale * sigma * grad
+    return base - sigma * (grad * cfg.scale)  # guided-diffusion's condition_score: the cond_fn returns grad * scale
 
 
 @dataclass

@@ -8,7 +8,8 @@
 Stages of a call: check inputs; classify the input (label y, logits, features); with DSG, the Grad-CAM mask
 of y; encode (latent models); DDIM-invert for ``depth`` steps; synthesise back under y, in the same denoiser
 batches as the unguided reconstruction when that is the reference; decode; score the distance between the
-synthesis and the reference; optionally re-synthesise under oracle labels (diffguard_pl/oracle.py).
+synthesis and the reference (with the unguided reference, also against the input, and the round trip's PSNR);
+optionally re-synthesise under oracle labels (diffguard_pl/oracle.py).
 
 Guidance (``diffguard.guidance.mode``): ``classifier``, classifier guidance with clean grad and cutout
 (diffguard_pl/guidance.py; a class-conditional denoiser also receives the label); ``classifier_free``, classifier-free
@@ -21,6 +22,7 @@ diffguard_pl/walk.py. Execution settings (autocast, channels-last, compile, cuDN
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
@@ -35,16 +37,34 @@ from diffguard_pl.models.diffusion import DiffusionModel
 from diffguard_pl.oracle import Oracle
 from diffguard_pl.runtime import Runtime, ordinary
 from diffguard_pl.scores import (
-    CLASSIFIER, PIXEL, check_perceptual_files, classifier_distances, perceptual_from, pixel_distances,
+    CLASSIFIER, CONTRASTIVE, PIXEL, check_perceptual_files, classifier_distances, cosine_distance, perceptual_from,
+    pixel_distances, psnr,
 )
 from diffguard_pl.walk import Walker
 
 
+@dataclass
+class View:
+    """Images in [0, 1] with what the distances read of them: the classifier's logits and penultimate features,
+    and the contrastive encoder's features (None without ``contrastive`` among the distances)."""
+
+    images: torch.Tensor
+    logits: torch.Tensor
+    feats: torch.Tensor
+    embedding: Optional[torch.Tensor] = None
+
+    def __getitem__(self, rows) -> "View":
+        return View(self.images[rows], self.logits[rows], self.feats[rows],
+                    None if self.embedding is None else self.embedding[rows])
+
+
 class DiffGuardPipeline:
     def __init__(self, diffusion: DiffusionModel, classifier: Classifier, cfg: DiffGuardConfig,
-                 load_perceptual: bool = True):
-        check_models(diffusion, classifier, cfg)
+                 load_perceptual: bool = True, encoder: Optional[Classifier] = None):
+        check_models(diffusion, classifier, cfg, encoder)
         self.diffusion, self.classifier, self.cfg = diffusion, classifier.eval(), cfg
+        # the contrastive distance's encoder (models.encoder), used only where that distance is asked for
+        self.encoder = encoder.eval() if encoder is not None and CONTRASTIVE in cfg.distances else None
         self.diffusion.unet.eval()
         self.classifier_free = cfg.guidance.mode == "classifier_free"
         self.ladder = Ladder.build(diffusion.alphas_cumprod, cfg.num_steps, cfg.ladder, cfg.handoff,
@@ -72,14 +92,15 @@ class DiffGuardPipeline:
         return 2 if self.classifier_free else 1
 
     def to(self, device: torch.device | str) -> "DiffGuardPipeline":
-        for module in (self.diffusion, self.classifier, self.perceptual):
+        for module in (self.diffusion, self.classifier, self.perceptual, self.encoder):
             if module is not None:
                 module.to(device)
         return self
 
     def running(self):
         """The runtime settings (channels-last, compile once; cuDNN) and the device, while a run lasts."""
-        self.runtime.prepare([self.diffusion.unet, self.diffusion.vae, self.classifier], self.diffusion.unet)
+        self.runtime.prepare([self.diffusion.unet, self.diffusion.vae, self.classifier, self.encoder],
+                             self.diffusion.unet)
         return self.runtime.running(self.device)
 
     def _hook(self, kind: str, *inputs) -> None:
@@ -141,22 +162,30 @@ class DiffGuardPipeline:
         return ((z + 1) / 2).clamp(0, 1)
 
     @torch.no_grad()
-    def score(self, synthesis01: torch.Tensor, reference01: torch.Tensor, reference_logits: torch.Tensor,
-              reference_feats: torch.Tensor, synthesis_logits: Optional[list] = None) -> Dict[str, torch.Tensor]:
-        """The distances ``diffguard.distances`` between synthesis and reference (higher = more OOD).
+    def view(self, images01: torch.Tensor, logits: Optional[torch.Tensor] = None,
+             feats: Optional[torch.Tensor] = None) -> View:
+        """What the distances read of ``images01`` (the classifier's ``logits`` / ``feats`` when known)."""
+        if logits is None:
+            logits, feats = self.classify(images01)
+        embedding = None
+        if self.encoder is not None:
+            self._hook("encoder", images01)
+            with self.runtime.autocast(self.device):
+                _, embedding = self.encoder.forward_with_features(self.runtime.model_input(images01))
+            embedding = at_least_float32(embedding)
+        return View(images01, logits, feats, embedding)
 
-        ``synthesis_logits``: a list that receives the classifier's logits on the synthesis.
-        """
+    @torch.no_grad()
+    def score(self, synthesis: View, reference: View) -> Dict[str, torch.Tensor]:
+        """The distances ``diffguard.distances`` between synthesis and reference (higher = more OOD)."""
         names = self.cfg.distances
-        scores = pixel_distances(synthesis01, reference01, [n for n in names if n in PIXEL])
-        if any(n in CLASSIFIER for n in names) or synthesis_logits is not None:
-            logits, feats = self.classify(synthesis01)
-            scores.update(classifier_distances(reference_logits, reference_feats, logits, feats,
-                                               [n for n in names if n in CLASSIFIER]))
-            if synthesis_logits is not None:
-                synthesis_logits.append(logits)
+        scores = pixel_distances(synthesis.images, reference.images, [n for n in names if n in PIXEL])
+        scores.update(classifier_distances(reference.logits, reference.feats, synthesis.logits, synthesis.feats,
+                                           [n for n in names if n in CLASSIFIER]))
+        if self.encoder is not None:
+            scores[CONTRASTIVE] = cosine_distance(synthesis.embedding, reference.embedding)
         if self.perceptual is not None:
-            scores.update(self.perceptual(synthesis01, reference01))
+            scores.update(self.perceptual(synthesis.images, reference.images))
         for name, value in scores.items():
             if not torch.isfinite(value).all():
                 raise FloatingPointError(f"distance {name!r} is NaN or Inf for some samples")
@@ -214,34 +243,33 @@ class DiffGuardPipeline:
         x0 = self.encode(images * 2 - 1)
         with_reference = self.cfg.reference == "unguided"
         run = self.run(x0, ids, pred, with_reference, masks=masks)
-        synthesis01 = self.to_images(run["synthesis"])
-        if with_reference:
-            reference01 = self.to_images(run["reference"])
-            ref_logits, ref_feats = self.classify(reference01)
-        else:
-            reference01, ref_logits, ref_feats = images, logits, feats
-        synthesis_logits: list = []
-        scores = self.score(synthesis01, reference01, ref_logits, ref_feats, synthesis_logits)
+        source = self.view(images, logits, feats)
+        synthesis = self.view(self.to_images(run["synthesis"]))
+        reference = self.view(self.to_images(run["reference"])) if with_reference else source
+        scores = self.score(synthesis, reference)
         depth = run["depth"].cpu()
         synthesis_steps = self.ladder.synthesis_start(depth)
         unet_evals = depth + synthesis_steps * (self.synthesis_rows + int(with_reference))
         out = {
-            "logits": logits, "features": feats, "pred": pred, "synthesis": synthesis01,
-            "synthesis_pred": synthesis_logits[0].argmax(dim=1), "reference": reference01,
+            "logits": logits, "features": feats, "pred": pred, "synthesis": synthesis.images,
+            "synthesis_pred": synthesis.logits.argmax(dim=1), "reference": reference.images,
             "scores": scores, "depth": depth, "unet_evals": unet_evals,
             "curves": {name: value.cpu() for name, value in run["curves"].items()},
         }
+        if with_reference:  # what reference=input would score, and how well the unguided walk returns
+            out["input_scores"] = self.score(synthesis, source)
+            out["reference_pred"] = reference.logits.argmax(dim=1)
+            out["round_trip_psnr"] = psnr(reference.images, images)
         if masks is not None:
             out["masks"] = masks
         if oracles:
-            reference = (reference01, ref_logits, ref_feats)
             out["oracle_scores"] = {
                 name: self._oracle(images, x0, run, oracle, pred, masks, ids, reference, scores, unet_evals)
                 for name, oracle in oracles.items()
             }
         return out
 
-    def _oracle(self, images, x0, run: dict, oracle: Oracle, pred, masks, ids: List[str], reference: tuple,
+    def _oracle(self, images, x0, run: dict, oracle: Oracle, pred, masks, ids: List[str], reference: View,
                 scores: Dict[str, torch.Tensor], unet_evals: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Scores under the oracle labels (-1: the prediction); only samples whose synthesis changes run again."""
         labels = oracle.labels.to(self.device)
@@ -254,15 +282,24 @@ class DiffGuardPipeline:
             redo_masks = self.dsg_masks(images[idx], labels[idx]) if oracle.dsg else None
             again = self.run(x0[idx], [ids[i] for i in idx.tolist()], labels[idx], False,
                              latent=run["latent"][idx], depth=run["depth"][idx], masks=redo_masks)
-            redone = self.score(self.to_images(again["synthesis"]), *(r[idx] for r in reference))
+            redone = self.score(self.view(self.to_images(again["synthesis"])), reference[idx])
             for name, value in redone.items():
                 result[name][idx] = value
             unet_evals[idx.cpu()] += self.ladder.synthesis_start(run["depth"][idx].cpu()) * self.synthesis_rows
         return result
 
 
-def check_models(diffusion: DiffusionModel, classifier: Classifier, cfg: DiffGuardConfig) -> None:
+def check_models(diffusion: DiffusionModel, classifier: Classifier, cfg: DiffGuardConfig,
+                 encoder: Optional[Classifier] = None) -> None:
     """What needs only the models' shapes and the config: raises ValueError naming the key and the fix."""
+    if CONTRASTIVE in cfg.distances:
+        if encoder is None:
+            raise ValueError(f"distance {CONTRASTIVE!r} needs the contrastive encoder: set models.encoder (made by "
+                             f"`python train.py --config conf/train_fashion_encoder.yaml`), or drop {CONTRASTIVE!r} "
+                             f"from diffguard.distances")
+        if encoder.spec.in_chans != diffusion.image_channels:
+            raise ValueError(f"the encoder (models.encoder) takes {encoder.spec.in_chans}-channel images, the "
+                             f"diffusion model {diffusion.image_channels}-channel ones: use models that agree")
     if classifier.spec.in_chans != diffusion.image_channels:
         raise ValueError(f"the classifier takes {classifier.spec.in_chans}-channel images, the diffusion model "
                          f"{diffusion.image_channels}-channel ones: use models that agree (data.channels)")

@@ -8,6 +8,8 @@ model / classifier compatibility) and the work is counted.
 
 from __future__ import annotations
 
+from typing import Optional
+
 from diffguard_pl.config import EvalConfig
 from diffguard_pl.data import Benchmark
 from diffguard_pl.eval_data import evaluation_sets
@@ -20,10 +22,11 @@ def unet_evals_per_image(cfg: EvalConfig, synthesis_rows: int, synthesis_steps: 
     return d.depth + synthesis_steps * (synthesis_rows + int(d.reference == "unguided"))
 
 
-def print_plan(cfg: EvalConfig, benchmark: Benchmark, classifier: Classifier, diffusion: DiffusionModel) -> dict:
+def print_plan(cfg: EvalConfig, benchmark: Benchmark, classifier: Classifier, diffusion: DiffusionModel,
+               encoder: Optional[Classifier] = None) -> dict:
     from diffguard_pl.pipeline import DiffGuardPipeline
 
-    pipeline = DiffGuardPipeline(diffusion, classifier, cfg.diffguard, load_perceptual=False)
+    pipeline = DiffGuardPipeline(diffusion, classifier, cfg.diffguard, load_perceptual=False, encoder=encoder)
     d, g = cfg.diffguard, cfg.diffguard.guidance
     sets = evaluation_sets(benchmark, cfg.limit_per_set, cfg.split)
     ladder = pipeline.ladder

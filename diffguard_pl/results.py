@@ -91,15 +91,22 @@ def summarize(records: Mapping[str, list], groups: Mapping[str, str], split: str
     result["comparisons"] = comparisons(records, groups, split, replicates)
     if "synthesis_pred" in records:
         result["synthesis_follows_label"] = synthesis_agreement(records, [IND] + present, split)
+    if "round_trip_psnr" in records:  # the unguided reference: how well each set's walk returns unguided
+        result["round_trip_psnr"] = {s: float(select(records, split, s, "round_trip_psnr").mean())
+                                     for s in [IND] + present}
+        result["reference_follows_label"] = synthesis_agreement(records, [IND] + present, split, "reference_pred")
     return result
 
 
-def synthesis_agreement(records: Mapping[str, list], sets: Sequence[str], split: str = "test") -> Dict[str, float]:
+def synthesis_agreement(records: Mapping[str, list], sets: Sequence[str], split: str = "test",
+                        column: str = "synthesis_pred") -> Dict[str, float]:
     """Per set, how often the classifier calls the guided synthesis by the label that guided it (the
-    prediction): the mechanism's premise is that this holds for InD inputs and fails for OOD ones."""
+    prediction): the mechanism's premise is that this holds for InD inputs and fails for OOD ones.
+    ``column="reference_pred"``: the same for the unguided reconstruction (the prediction kept without
+    guidance)."""
     out = {}
     for s in sets:
-        pred, again = select(records, split, s, "pred"), select(records, split, s, "synthesis_pred")
+        pred, again = select(records, split, s, "pred"), select(records, split, s, column)
         out[s] = float((pred == again).double().mean()) if len(pred) else float("nan")
     return out
 

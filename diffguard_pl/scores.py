@@ -5,6 +5,9 @@
 ``ssim``: 1 - SSIM (Gaussian window 11 / sigma 1.5, data range 1; equal to piq.ssim).
 ``logit_l1``: mean absolute difference of the classifier's logits.
 ``feature_cos``: 1 - cosine similarity of the classifier's penultimate features.
+``contrastive``: 1 - cosine similarity of a contrastive encoder's features (``models.encoder``, trained on InD
+training images only by ``train.py`` with ``task=encoder``): a semantic distance that does not use the
+classifier that guides the synthesis.
 ``dists`` / ``lpips``: piq's DISTS and LPIPS distances; their weights must exist
 locally (nothing is downloaded at run time), see :class:`PerceptualDistances`.
 """
@@ -21,6 +24,7 @@ from diffguard_pl.errors import MissingCheckpointError
 
 PIXEL = ("l1", "l2", "psnr", "ssim")
 CLASSIFIER = ("logit_l1", "feature_cos")
+CONTRASTIVE = "contrastive"
 PERCEPTUAL = ("dists", "lpips")
 
 # The files piq and torchvision fetch with torch.hub into <torch hub dir>/checkpoints/.
@@ -99,8 +103,13 @@ def classifier_distances(
     if "logit_l1" in names:
         out["logit_l1"] = (logits_x - logits_y).abs().mean(dim=1)
     if "feature_cos" in names:
-        out["feature_cos"] = 1.0 - F.cosine_similarity(feats_x, feats_y, dim=1)
+        out["feature_cos"] = cosine_distance(feats_x, feats_y)
     return out
+
+
+def cosine_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """1 - cosine similarity per row of two [N, D] feature batches."""
+    return 1.0 - F.cosine_similarity(a, b, dim=1)
 
 
 def hub_checkpoint_dir() -> Path:

@@ -1,14 +1,15 @@
 """Build the objects a training run needs from a :class:`TrainConfig` and run it.
 
 Outputs in ``cfg.output_dir``: ``config.yaml`` (the resolved config),
-``checkpoints/`` (Lightning checkpoints for resuming), ``classifier/`` or
-``diffusion/`` (the portable model; task=joint writes both), ``logs/`` (CSV
+``checkpoints/`` (Lightning checkpoints for resuming), ``classifier/``,
+``diffusion/`` or ``encoder/`` (the portable model; task=joint writes both of the first two), ``logs/`` (CSV
 metrics) or ``wandb/``, and ``metrics.json`` (final validation / test figures).
 """
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Optional
 
@@ -24,6 +25,7 @@ from diffguard_pl.data.datamodule import BenchmarkDataModule
 from diffguard_pl.models.classifier import ClassifierSpec
 from diffguard_pl.models.diffusion import build_scheduler, build_unet
 from diffguard_pl.modules import ClassifierModule, DiffusionModule, JointModule
+from diffguard_pl.modules.contrastive import ContrastiveModule
 from diffguard_pl.modules.cotrain import load_diffusion_with_scheduler
 
 
@@ -51,6 +53,9 @@ def build_module(cfg: TrainConfig, benchmark: Benchmark) -> L.LightningModule:
     )
     if cfg.task == "classifier":
         return ClassifierModule(classifier_spec(cfg, benchmark), cfg.optim, **classifier_args)
+    if cfg.task == "contrastive":  # the backbone without a classification head
+        spec = replace(classifier_spec(cfg, benchmark), num_classes=0)
+        return ContrastiveModule(spec, cfg.optim, cfg.contrastive)
     if cfg.task in ("cotrain", "joint"):
         diffusion, scheduler = load_diffusion_with_scheduler(cfg.cotrain.diffusion_path)
         if cfg.task == "cotrain":
@@ -110,7 +115,8 @@ def train(cfg: TrainConfig, benchmark: Optional[Benchmark] = None) -> dict:
     datamodule.setup()
     module = build_module(cfg, datamodule.benchmark)
     export_dir = {"classifier": output_dir / "classifier", "cotrain": output_dir / "classifier",
-                  "diffusion": output_dir / "diffusion", "joint": output_dir}[cfg.task]  # joint: both folders
+                  "diffusion": output_dir / "diffusion", "joint": output_dir,  # joint: both folders
+                  "contrastive": output_dir / "encoder"}[cfg.task]
     logger = build_logger(cfg, output_dir)
     try:
         trainer = build_trainer(cfg, output_dir, logger, export_dir)

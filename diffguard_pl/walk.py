@@ -181,10 +181,11 @@ class Walker:
         return self.ladder.on(self.device, torch.float64)[0][level]
 
     def _coef(self, level: Union[int, torch.Tensor], like: torch.Tensor) -> tuple:
-        """(sqrt(a), sqrt(1 - a)) of ``level`` in ``like``'s dtype, shaped to broadcast over its rows."""
-        _, root_a, root_1ma = self.ladder.on(self.device, like.dtype)
+        """The step coefficients (diffguard_pl/ddim.py) of ``level`` in ``like``'s dtype, shaped to broadcast over
+        its rows."""
+        _, *columns = self.ladder.on(self.device, like.dtype)
         shape = (1,) * like.ndim if isinstance(level, int) else (-1,) + (1,) * (like.ndim - 1)
-        return root_a[level].view(shape), root_1ma[level].view(shape)
+        return tuple(c[level].view(shape) for c in columns)
 
     def _label_rows(self, walk: Walk, rows: Rows, guided: bool) -> Optional[torch.Tensor]:
         """Denoiser labels of ``rows``: the synthesis label where ``guided``, else the null class (a conditional
@@ -243,19 +244,21 @@ class Walker:
             with self.runtime.grad_free():
                 eps = classifier_free_eps(eps, extra["uncond"], guidance.classifier_free.omega,
                                           _take(walk.masks, rows.device) if walk.masks is not None else None)
-        step_eps = self._clipped(x, eps, coef_t) if clip else eps
+        clip_step = clip
         if not self.classifier_free and guidance.scale != 0:  # outside inference mode: the classifier's gradient
             crops = None if walk.crops is None else walk.crops.at(rows.device, rows.level, self.device)
             labels = _take(walk.labels, rows.device)
             self._hook("guidance", x, labels, crops)
+            base = self._clipped(x, eps, coef_t) if clip else eps  # the guidance is added to the clipped eps
             with self.runtime.autocast(self.device):
-                step_eps = guided_eps(eps, x, None, labels, self.classifier, guidance, crops, coef_t, base=step_eps)
+                eps = guided_eps(eps, x, None, labels, self.classifier, guidance, crops, coef_t, base=base)
+            clip_step = False  # the guided x0 is not clipped again (guided-diffusion's condition_score)
         with self.runtime.grad_free():
-            _put(walk.x, rows.device, ddim_step(x, step_eps, None, None, coef_t=coef_t, coef_s=coef_s))
+            _put(walk.x, rows.device, ddim_step(x, eps, None, None, clip_step, coef_t=coef_t, coef_s=coef_s))
             if walk.reference is not None:
-                ref, ref_eps = _take(walk.reference, rows.device), extra["reference"]
-                ref_eps = self._clipped(ref, ref_eps, coef_t) if clip else ref_eps
-                _put(walk.reference, rows.device, ddim_step(ref, ref_eps, None, None, coef_t=coef_t, coef_s=coef_s))
+                ref = _take(walk.reference, rows.device)
+                _put(walk.reference, rows.device,
+                     ddim_step(ref, extra["reference"], None, None, clip, coef_t=coef_t, coef_s=coef_s))
         walk.level[rows.cpu] -= 1
         walk.phase[rows.cpu[walk.level[rows.cpu] == 0]] = DONE
 
@@ -265,9 +268,8 @@ class Walker:
         x = _take(walk.x, rows.device)
         with self.runtime.grad_free():
             coef_t, coef_s = self._coef(k, x), self._coef(k + 1, x)
-            if self.cfg.clip_x0 == "both" and k > self.ladder.start:
-                eps = self._clipped(x, eps, coef_t)
-            x = ddim_step(x, eps, None, None, coef_t=coef_t, coef_s=coef_s)
+            clip = self.cfg.clip_x0 == "both" and k > self.ladder.start
+            x = ddim_step(x, eps, None, None, clip, coef_t=coef_t, coef_s=coef_s)
             _put(walk.x, rows.device, x)
             walk.level[rows.cpu] += 1
             walk.depth[rows.cpu] += 1

@@ -77,7 +77,7 @@ def test_missing_config_file_is_named(tmp_path):
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "conf").glob("train_*.yaml")))
 def test_shipped_configs_load(name):
     cfg = load(files=[ROOT / "conf" / name])
-    assert cfg.task in ("classifier", "diffusion", "cotrain", "joint")
+    assert cfg.task in ("classifier", "diffusion", "cotrain", "joint", "contrastive")
 
 
 @pytest.mark.parametrize("name", sorted(p.name for p in (ROOT / "conf").glob("*.yaml") if not p.name.startswith("train_")))

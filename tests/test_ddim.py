@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from diffguard_pl.ddim import alpha_bar, ddim_sample, ddim_step, predict_x0, spaced_timesteps, step_coefficients
+from diffguard_pl.ddim import alpha_bar, coefficient_table, ddim_sample, ddim_step, predict_x0, spaced_timesteps, step_coefficients
 
 ALPHAS = torch.linspace(0.999, 0.01, 1000, dtype=torch.float64)
 
@@ -67,11 +67,11 @@ def test_clipped_step_keeps_x0_in_range_and_is_plain_when_inside():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("clip", [False, True])
 def test_precomputed_coefficients_give_the_same_step_to_the_bit(dtype, clip):
-    """The pipeline builds sqrt(a) and sqrt(1 - a) of every level once per run; steps from that table must equal
+    """The pipeline builds the step coefficients of every level once per run; steps from that table must equal
     steps computed from alpha_bar, bit for bit (also at the clean level, where clipping keeps eps)."""
     levels = torch.tensor([-1, 0, 10, 500, 999])
     alphas = alpha_bar(ALPHAS, levels)
-    table = (alphas.sqrt().to(dtype), (1 - alphas).sqrt().to(dtype))
+    table = tuple(c.to(dtype) for c in coefficient_table(alphas))
     x, eps = torch.randn(3, 2, 4, 4, dtype=dtype) * 2, torch.randn(3, 2, 4, 4, dtype=dtype)
     for t, s in ((1, 0), (0, 1), (3, 2), (2, 4), (4, 3)):
         coef_t = tuple(c[t].view(1, 1, 1, 1) for c in table)

@@ -2,17 +2,21 @@
 the hand-off, and the whole ImageNet GDM loop against a guided-diffusion-style loop written from its equations."""
 
 import csv
-
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from diffguard_pl import config as config_lib
-from diffguard_pl.config import ConfigError, CutoutConfig, DiffGuardConfig, EvalConfig, GuidanceConfig
+from diffusers import DDPMScheduler
+
+from diffguard_pl.config import ConfigError, CutoutConfig, DiffGuardConfig, DiffusionConfig, EvalConfig, GuidanceConfig
 from diffguard_pl.ddim import Ladder
 from diffguard_pl.eval_job import evaluate
 from diffguard_pl.guidance import cutout_params, nearest_cutout
-from diffguard_pl.models import DiffusionModel, load_classifier, load_diffusion
+from diffguard_pl.convert import adm_scheduler
+from diffguard_pl.models import DiffusionModel, build_unet, load_classifier, load_diffusion, save_diffusion
+from diffguard_pl.models.diffusion import schedule_alphas_cumprod
 from diffguard_pl.pipeline import DiffGuardPipeline
 
 from helpers.models import ALPHAS, RecordingUNet
@@ -144,46 +148,108 @@ def test_nearest_cutout_equals_slicing_and_interpolate():
     assert len(side.unique()) == 8 and (left == 0).any() and (left == 20 - side).any()
 
 
-def _guided_diffusion_loop(model, classifier, x0, labels, timesteps, depth, scale):
+def _guided_diffusion_loop(model, classifier, x0, labels, timesteps, depth, scale, alphas=ALPHAS):
     """DiffGuard's GDM loop as guided-diffusion runs it with clip_denoised=True and the hand-off fixed, written
-    from its equations: ddim_reverse_sample for ``depth`` steps, then ddim_sample with condition_score (the
-    cond_fn re-runs the model for an unclipped x0 and blends it), plus the unguided reconstruction."""
-    ac = ALPHAS[timesteps].to(x0.dtype)  # the spaced schedule: index i = timestep timesteps[i]
+    from its code's equations in its order of arithmetic: the respaced schedule (new betas from the spaced
+    alpha_bar, then their cumulative product), ``ddim_reverse_sample`` for ``depth`` steps (x0 clipped after the
+    first), then ``ddim_sample`` with ``condition_score`` (the released cond_fn re-runs the model for an
+    unclipped x0 and blends it), plus the unguided reconstruction. eps is re-derived from x0 wherever
+    guided-diffusion re-derives it."""
+    last, betas = 1.0, []
+    for t in timesteps.tolist():  # SpacedDiffusion: betas of the kept timesteps, alpha_bar re-accumulated
+        betas.append(1 - float(alphas[t]) / last)
+        last = float(alphas[t])
+    ac = torch.from_numpy(np.cumprod(1.0 - np.array(betas, dtype=np.float64))).to(x0.dtype)
+    recip, recip_m1 = (1 / ac).sqrt(), (1 / ac - 1).sqrt()  # sqrt_recip(m1)_alphas_cumprod
 
     def eps_at(x, i):
         return model(x, torch.full((len(x),), int(timesteps[i])), None).sample
 
+    def xstart_from_eps(x, i, eps):
+        return recip[i] * x - recip_m1[i] * eps
+
+    def eps_from_xstart(x, i, xstart):
+        return (recip[i] * x - xstart) / recip_m1[i]
+
     x = x0
-    for i in range(depth):
-        eps, a, a_next = eps_at(x, i), ac[i], ac[i + 1]
-        if i > 0:
-            x0_pred = ((x - eps * (1 - a).sqrt()) / a.sqrt()).clamp(-1, 1)
-            eps = (x - x0_pred * a.sqrt()) / (1 - a).sqrt()
-        xstart = (x - eps * (1 - a).sqrt()) / a.sqrt()
-        x = xstart * a_next.sqrt() + (1 - a_next).sqrt() * eps
+    for i in range(depth):  # ddim_reverse_sample
+        pred_xstart = xstart_from_eps(x, i, eps_at(x, i))
+        if i > 0:  # the released inversion clips from its second step on
+            pred_xstart = pred_xstart.clamp(-1, 1)
+        eps = eps_from_xstart(x, i, pred_xstart)
+        x = pred_xstart * ac[i + 1].sqrt() + (1 - ac[i + 1]).sqrt() * eps
 
     def sample(x, guided):
-        for i in range(depth, -1, -1):
+        for i in range(depth, -1, -1):  # ddim_sample, eta = 0
             a = ac[i]
             a_prev = ac[i - 1] if i > 0 else torch.ones((), dtype=x.dtype)
-            eps = eps_at(x, i)
-            pred_xstart = (x * (1 / a).sqrt() - (1 / a - 1).sqrt() * eps).clamp(-1, 1)  # p_mean_variance
-            eps = (x * (1 / a).sqrt() - pred_xstart) / (1 / a - 1).sqrt()  # _predict_eps_from_xstart
+            pred_xstart = xstart_from_eps(x, i, eps_at(x, i)).clamp(-1, 1)  # p_mean_variance
             if guided:  # condition_score with the released cond_fn
+                eps = eps_from_xstart(x, i, pred_xstart)
                 with torch.enable_grad():
                     x_in = x.detach().requires_grad_(True)
-                    unclipped = x_in * (1 / a).sqrt() - (1 / a - 1).sqrt() * eps_at(x_in, i)
+                    unclipped = xstart_from_eps(x_in, i, eps_at(x_in, i))
                     fac = (1 - a).sqrt()
                     blend = unclipped * fac + x_in * (1 - fac)
                     blend = blend.detach().requires_grad_(True)
                     log_probs = torch.log_softmax(classifier((blend + 1) / 2), dim=-1)
                     grad = torch.autograd.grad(log_probs[range(len(x)), labels].sum(), blend)[0] * scale
                 eps = eps - (1 - a).sqrt() * grad
-                pred_xstart = x * (1 / a).sqrt() - (1 / a - 1).sqrt() * eps
-            x = pred_xstart * a_prev.sqrt() + (1 - a_prev).sqrt() * eps
+                pred_xstart = xstart_from_eps(x, i, eps)
+            eps = eps_from_xstart(x, i, pred_xstart)
+            x = pred_xstart * a_prev.sqrt() + (1 - a_prev - 0.0).sqrt() * eps
         return x
 
     return sample(x, True), sample(x, False)
+
+
+def _guided_diffusion_alphas_cumprod():
+    """alpha_bar as guided-diffusion builds ADM-256's linear schedule: float64 numpy betas, numpy cumprod."""
+    betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
+    return torch.from_numpy(np.cumprod(1.0 - betas, axis=0))
+
+
+def test_a_converted_adm_schedule_is_guided_diffusions_float64_table(tmp_path):
+    """The level table of a converted ADM checkpoint is guided-diffusion's, bit for bit; diffusers' own float32
+    table is up to ~4e-7 away (what 90 guided steps amplify into the scores)."""
+    scheduler = adm_scheduler(1000, "linear", learn_sigma=True)
+    want = _guided_diffusion_alphas_cumprod()
+    assert torch.equal(schedule_alphas_cumprod(scheduler), want)
+    assert (scheduler.alphas_cumprod.double() - want).abs().max() > 1e-7
+    # saved as a converted checkpoint folder and loaded back: the same table
+    cfg = DiffusionConfig(block_out_channels=[32], attention_levels=[False], layers_per_block=1)
+    save_diffusion(DiffusionModel(build_unet(cfg, 1, 16, None), want), scheduler, tmp_path / "adm")
+    assert torch.equal(load_diffusion(tmp_path / "adm").alphas_cumprod, want)
+
+
+def test_the_imagenet_gdm_recipe_in_float64_equals_guided_diffusion_to_1e12():
+    """imagenet_gdm.yaml's walk (100 steps, released ladder to t = 900, x0 clipped both ways, scale 3, clean blend,
+    unguided reference; cutouts and AES off) on a converted ADM schedule, in float64: the guided synthesis and
+    the unguided reconstruction equal a guided-diffusion-style loop on guided-diffusion's own float64 table to
+    1e-12. On diffusers' float32 table the same loop lands more than 1e-9 away."""
+    preset = config_lib.compose(EvalConfig, [ROOT / "conf" / "imagenet_gdm.yaml"],
+                                ["diffguard.guidance.cutout.num=0", "diffguard.aes.enabled=false",
+                                 "diffguard.distances=[l2]", "diffguard.score=l2"])
+    cfg = config_lib.to_object(preset).diffguard
+    assert (cfg.num_steps, cfg.depth, cfg.ladder, cfg.clip_x0, cfg.reference) == (100, 90, "released", "both",
+                                                                                   "unguided")
+    classifier = _classifier(torch.float64)
+    alphas = schedule_alphas_cumprod(adm_scheduler(1000, "linear", learn_sigma=True))
+    pipe = DiffGuardPipeline(DiffusionModel(ToyEps(), alphas), classifier, cfg)
+    x0 = torch.rand(3, 1, 16, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    labels = torch.tensor([1, 4, 2])
+    run = pipe.run(x0, ["a", "b", "c"], labels, with_reference=True)
+    toy = ToyEps()
+    model = lambda x, t, y: toy(x, t)  # noqa: E731
+    timesteps = torch.arange(100) * 10
+    guided, unguided = _guided_diffusion_loop(model, classifier, x0, labels, timesteps, 90, 3.0,
+                                              _guided_diffusion_alphas_cumprod())
+    assert (run["synthesis"] - guided).abs().max() < 1e-12
+    assert (run["reference"] - unguided).abs().max() < 1e-12
+    assert (run["synthesis"] - run["reference"]).abs().max() > 1e-3  # the guidance did something
+    float32_table = DDPMScheduler(beta_schedule="linear").alphas_cumprod.double()
+    guided32, _ = _guided_diffusion_loop(model, classifier, x0, labels, timesteps, 90, 3.0, float32_table)
+    assert (guided32 - guided).abs().max() > 1e-9
 
 
 @pytest.mark.slow  # 272 denoiser calls per image in float64 (a minute or two); the maths: the by-hand test above

@@ -14,7 +14,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from diffguard_pl.config import OptimConfig
 from diffguard_pl.data.augment import random_shift
 from diffguard_pl.data.benchmark import sample_seed
-from diffguard_pl.models.diffusion import DiffusionModel, save_diffusion
+from diffguard_pl.models.diffusion import DiffusionModel, save_diffusion, schedule_alphas_cumprod
 from diffguard_pl.modules.optim import configure
 
 
@@ -66,7 +66,7 @@ class DiffusionModule(L.LightningModule):
     def diffusion_model(self, ema: bool = True) -> DiffusionModel:
         """The trained denoiser as a :class:`DiffusionModel` (EMA weights by default)."""
         unet = self.ema_unet if ema else self.unet
-        return DiffusionModel(unet, self.noise_scheduler.alphas_cumprod.double(), self.num_classes, self.null_class)
+        return DiffusionModel(unet, schedule_alphas_cumprod(self.noise_scheduler), self.num_classes, self.null_class)
 
     def _loss(self, unet: UNet2DModel, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor,
               labels: Optional[torch.Tensor]) -> torch.Tensor:

@@ -90,8 +90,13 @@ class DiffGuardEvaluator(L.LightningModule):
             "depth": out["depth"].tolist(),
             "unet_evals": out["unet_evals"].tolist(),
         }
+        for name in ("reference_pred", "round_trip_psnr"):  # with the unguided reference
+            if name in out:
+                record[name] = out[name].tolist()
         for name, value in out["scores"].items():
             record[distance_column(name)] = value.double().tolist()
+        for name, value in out.get("input_scores", {}).items():
+            record[distance_column(name, against_input=True)] = value.double().tolist()
         for mode, scores in out.get("oracle_scores", {}).items():
             for name, value in scores.items():
                 record[oracle_column(mode, distance_column(name))] = value.double().tolist()

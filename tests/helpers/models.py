@@ -4,9 +4,10 @@ import torch
 
 from diffguard_pl.config import DiffusionConfig
 from diffguard_pl.models import ClassifierSpec, DiffusionModel, build_classifier, build_scheduler, build_unet
+from diffguard_pl.models.diffusion import schedule_alphas_cumprod
 
 SPEC = ClassifierSpec("diffguard_resnet_tiny", num_classes=6, in_chans=1, input_size=16, mean=[0.5], std=[0.5])
-ALPHAS = build_scheduler(DiffusionConfig()).alphas_cumprod.double()
+ALPHAS = schedule_alphas_cumprod(build_scheduler(DiffusionConfig()))
 
 
 def small_diffusion(conditional=False, seed=0):
