@@ -59,7 +59,7 @@ cotrain-bench: setup
 # How often the class-conditional model draws the class it is asked for (50 DDIM steps, classifier-free guidance
 # w = 3, the usual way to draw class-conditional samples; --guidance-scale 1: the plain conditional model).
 sample-check: setup
-	$(PY) -m diffguard_pl.sample_check checkpoints/fashion/diffusion_cond checkpoints/fashion/classifier \
+	$(PY) -m diffguard_pl.jobs.sample_check checkpoints/fashion/diffusion_cond checkpoints/fashion/classifier \
 		--per-class 100 --guidance-scale 3 --grid $(OUT)/fashion_cond_samples.png
 
 # Tests run in TEST_WORKERS processes (pytest-xdist, one test file per worker at a time, one thread each).

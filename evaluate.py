@@ -16,7 +16,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "conf" / "digits_gdm.yaml"
 
 
 def job(cfg):
-    from diffguard_pl.eval_job import evaluate  # torch and Lightning load only once the config is valid
+    from diffguard_pl.jobs.eval_job import evaluate  # torch and Lightning load only once the config is valid
 
     evaluate(cfg)
 

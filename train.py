@@ -16,7 +16,7 @@ DEFAULT_CONFIG = Path(__file__).resolve().parent / "conf" / "train_classifier.ya
 
 
 def job(cfg):
-    from diffguard_pl.train_job import train  # torch and Lightning load only once the config is valid
+    from diffguard_pl.jobs.train_job import train  # torch and Lightning load only once the config is valid
 
     train(cfg)
 

@@ -28,7 +28,7 @@ from diffguard_pl import config as config_lib  # noqa: E402
 from diffguard_pl.config import EvalConfig  # noqa: E402
 from diffguard_pl.data import build_benchmark  # noqa: E402
 from diffguard_pl.models import load_classifier, load_diffusion  # noqa: E402
-from diffguard_pl.pipeline import DiffGuardPipeline  # noqa: E402
+from diffguard_pl.method.pipeline import DiffGuardPipeline  # noqa: E402
 
 
 def timed(pipe: DiffGuardPipeline, images: torch.Tensor, ids: list, batch_size: int, repeats: int) -> dict:

@@ -44,7 +44,7 @@ sys.path.insert(0, str(ROOT))
 from diffguard_pl.config import DataConfig  # noqa: E402
 from diffguard_pl.data import OOD_LABEL  # noqa: E402
 from diffguard_pl.data import build_benchmark  # noqa: E402
-from diffguard_pl.metrics import auroc  # noqa: E402
+from diffguard_pl.detectors.metrics import auroc  # noqa: E402
 from diffguard_pl.models import load_classifier, load_diffusion  # noqa: E402
 from diffguard_pl.modules.cotrain import clean_estimates, seeded_noise  # noqa: E402
 

@@ -6,7 +6,7 @@ Runs (each one evaluate.py command, kept in ``--out``; a finished run is not rep
   with both oracles: every detector, the fused detectors, ``oracle=paper`` and ``oracle=ind``;
 - ``classifier_free``: the classifier-free path with DSG (conf/fashion_classifier_free.yaml), and without DSG;
 - ``aes``: the main preset with adaptive early stop, its PSNR threshold calibrated on InD validation
-  (``python -m diffguard_pl.calibration``);
+  (``python -m diffguard_pl.jobs.calibration``);
 - ``finetune`` / ``cotrain`` / ``joint``: the main preset with classifiers fine-tuned on real images, co-trained
   on the diffusion model's clean estimates, or trained jointly with it (conf/train_fashion_{finetune,cotrain,joint}.yaml;
   a run whose models are missing is left out and named).
@@ -35,7 +35,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from diffguard_pl.bootstrap import paired_difference  # noqa: E402
+from diffguard_pl.detectors.bootstrap import paired_difference  # noqa: E402
 
 GROUPS = ("near", "far")
 
@@ -138,7 +138,7 @@ def main(argv: list) -> dict:
             models.append(f"models.diffusion={folder / 'diffusion'}")
         plans[name] = (gdm, "oracle=paper", *models)
     if "aes" not in skip and not (args.out / "aes_calibration" / "aes.yaml").is_file():
-        subprocess.run([sys.executable, "-m", "diffguard_pl.calibration", gdm, "calibration.method=quantile",
+        subprocess.run([sys.executable, "-m", "diffguard_pl.jobs.calibration", gdm, "calibration.method=quantile",
                         "calibration.target=0.5", f"output_dir={args.out / 'aes_calibration'}", *extra],
                        check=True, cwd=ROOT)
     for name, plan in plans.items():

@@ -27,8 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 from diffguard_pl.api import DiffGuard, load_preset  # noqa: E402
 from diffguard_pl.data import build_benchmark  # noqa: E402
-from diffguard_pl.eval_data import subset_by_id  # noqa: E402
-from diffguard_pl.scores import psnr  # noqa: E402
+from diffguard_pl.jobs.eval_data import subset_by_id  # noqa: E402
+from diffguard_pl.method.scores import psnr  # noqa: E402
 
 
 def best_val_loss(run: Path) -> dict:

@@ -30,7 +30,7 @@ sys.path.insert(0, str(ROOT))
 from diffguard_pl import config as config_lib  # noqa: E402
 from diffguard_pl.config import EvalConfig  # noqa: E402
 from diffguard_pl.models import load_classifier, load_diffusion  # noqa: E402
-from diffguard_pl.pipeline import DiffGuardPipeline  # noqa: E402
+from diffguard_pl.method.pipeline import DiffGuardPipeline  # noqa: E402
 
 PATHS = {  # name: (preset, overrides, must stay constant)
     "gdm": ("conf/digits_gdm.yaml", ["diffguard.aes.record_curves=true"], True),

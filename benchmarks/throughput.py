@@ -27,7 +27,7 @@ else in between, exactly the model calls the pipeline made on the same images (r
   the counts vary from call to call);
 - classifier guidance: per synthesis step one classifier forward + backward (gradient with respect to its
   input) over the N_syn x K cutout crops at the classifier's input size;
-- DSG: Grad-CAM, one forward + backward per image (``diffguard_pl.cam.grad_cam``);
+- DSG: Grad-CAM, one forward + backward per image (``diffguard_pl.method.cam.grad_cam``);
 - latent models: the autoencoder's encode of the input and decode of the synthesis (and reference);
 - the classifier forwards the method itself needs: the input's label and, for the classifier distances
   (``logit_l1``, ``feature_cos``), the synthesis (and reference).
@@ -61,7 +61,7 @@ Batch-size scaling (``--scaling 1,8,64``): images/s of the ``--scaling-path`` at
 ``--scaling-images`` images each), with its overhead ratio.
 
 ``--paper-scale`` builds the paper's architectures with random weights (no checkpoints needed): the ADM-256
-unconditional UNet (guided-diffusion's 256x256_diffusion_uncond flags through ``diffguard_pl.convert``'s
+unconditional UNet (guided-diffusion's 256x256_diffusion_uncond flags through ``diffguard_pl.models.convert``'s
 config mapping) with timm's ResNet-50 at 224 px for the GDM paths, settings of ``conf/imagenet_gdm.yaml``
 (100 spaced steps, depth 90, 8 cutouts, scale 3, unguided reference; ``gdm`` without AES, ``gdm_aes`` with
 the released thresholds); DiT-XL/2-256 with the Stable Diffusion autoencoder and ResNet-50 (Grad-CAM on
@@ -92,8 +92,8 @@ sys.path.insert(0, str(ROOT))
 
 from diffguard_pl import config as config_lib  # noqa: E402
 from diffguard_pl.config import EvalConfig  # noqa: E402
-from diffguard_pl.pipeline import DiffGuardPipeline  # noqa: E402
-from diffguard_pl.profiling import (  # noqa: E402
+from diffguard_pl.method.pipeline import DiffGuardPipeline  # noqa: E402
+from diffguard_pl.jobs.profiling import (  # noqa: E402
     COMPUTE_DTYPES, Recorder, Replay, bare_model_times, matmul_rate, peak_mb, reset_peak, sync,
 )
 
@@ -131,7 +131,7 @@ def load_eval_config(preset: str, overrides: List[str]) -> EvalConfig:
 
 def paper_overrides(preset: str, notes: List[str]) -> List[str]:
     """DISTS -> l2 when its weights are absent (score, distances, AES)."""
-    from diffguard_pl.scores import check_perceptual_files
+    from diffguard_pl.method.scores import check_perceptual_files
 
     if "imagenet_gdm" not in preset:
         return []
@@ -186,7 +186,7 @@ class Models:
     def _adm(self):
         from diffusers import UNet2DModel
 
-        from diffguard_pl.convert import adm_config_from_flags, adm_scheduler, diffusers_unet_config
+        from diffguard_pl.models.convert import adm_config_from_flags, adm_scheduler, diffusers_unet_config
         from diffguard_pl.models import DiffusionModel
 
         flags = TINY_ADM_FLAGS if self.tiny else ADM256_FLAGS

@@ -104,8 +104,8 @@ def choose(candidates: list, tolerance: float) -> dict:
 
 def fused_partners(run_dir: Path, column: str, groups: dict) -> dict:
     """Objective, near and far AUROC of diffguard+X for every baseline X, with ``column`` as DiffGuard's score."""
-    from diffguard_pl.detectors import add_derived_detectors
-    from diffguard_pl.results import summarize
+    from diffguard_pl.detectors.fused import add_derived_detectors
+    from diffguard_pl.detectors.results import summarize
 
     records = read_scores(run_dir / "scores.csv")
     records = {c: v for c, v in records.items() if not c.startswith("diffguard+") and c != "diffguard"}

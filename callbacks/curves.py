@@ -9,7 +9,7 @@ from typing import Dict, List
 import lightning as L
 import torch
 
-from callbacks._common import output_folder, save_figure, wandb_run
+from diffguard_pl.callbacks._common import output_folder, save_figure, wandb_run
 
 QUANTILES = (0.1, 0.5, 0.9)
 

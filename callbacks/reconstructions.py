@@ -6,7 +6,7 @@ from typing import Dict, List
 
 import lightning as L
 
-from callbacks._common import gather_to_rank_zero, output_folder, save_figure
+from diffguard_pl.callbacks._common import gather_to_rank_zero, output_folder, save_figure
 
 
 class ReconstructionLogger(L.Callback):

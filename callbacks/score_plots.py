@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import lightning as L
 
-from callbacks._common import output_folder, save_figure
+from diffguard_pl.callbacks._common import output_folder, save_figure
 
 
 class ScoreDistributionPlot(L.Callback):
@@ -23,7 +23,7 @@ class ScoreDistributionPlot(L.Callback):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        from diffguard_pl.detectors import detector_columns
+        from diffguard_pl.detectors.fused import detector_columns
 
         split = getattr(pl_module, "split", "test")
         folder = output_folder(trainer, "scores")

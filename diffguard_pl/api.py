@@ -20,7 +20,7 @@ from typing import Iterable, Optional, Sequence, Union
 
 import torch
 
-from diffguard_pl.baselines import (
+from diffguard_pl.detectors.baselines import (
     BaselineStats, default_vim_dim, energy, fit_baselines, knn_score, max_logit, msp, vim_score,
 )
 from diffguard_pl.config import EvalConfig, compose, to_object
@@ -76,9 +76,9 @@ class DiffGuard:
 
     @classmethod
     def from_preset(cls, name: str, *overrides: str, device: Union[str, torch.device] = "cpu") -> "DiffGuard":
-        from diffguard_pl.pipeline import DiffGuardPipeline
+        from diffguard_pl.method.pipeline import DiffGuardPipeline
 
-        from diffguard_pl.eval_data import load_encoder
+        from diffguard_pl.jobs.eval_data import load_encoder
 
         cfg = load_preset(name, *overrides)
         m = cfg.models

@@ -42,7 +42,7 @@ def _check_positive(key: str, value: Optional[float], allow_none: bool = False, 
 
 def neutral(default: Any = MISSING, factory: Any = MISSING) -> Any:
     """A field that never changes a sample's score: where and how a run executes and logs (not fingerprinted,
-    see diffguard_pl/records.py)."""
+    see diffguard_pl/jobs/records.py)."""
     if factory is not MISSING:
         return field(default_factory=factory, metadata={"neutral": True})
     return field(default=default, metadata={"neutral": True})
@@ -456,7 +456,7 @@ class DiffGuardConfig:
     """Inversion, guided synthesis and scoring.
 
     ``depth`` counts inversion steps (denoiser evaluations of the inversion). The ``ladder`` decides which
-    levels they walk (diffguard_pl/ddim.py): ``symmetric`` (default) reaches the spaced timestep t_{depth-1}
+    levels they walk (diffguard_pl/method/ddim.py): ``symmetric`` (default) reaches the spaced timestep t_{depth-1}
     and synthesis takes ``depth`` steps back; ``released`` (guided-diffusion's ``ddim_reverse_sample``, as the
     released code) reaches t_depth (100 steps, depth 90: t = 900) and synthesis takes depth + 1 steps.
     ``handoff`` exact starts synthesis at the level the inversion reached; ``released`` one level above it
@@ -573,11 +573,11 @@ class EvalConfig(RunConfig):
     """Root schema of ``evaluate.py``: DiffGuard and the classifier baselines on a benchmark."""
 
     output_dir: str = neutral("outputs/eval")  # results.json, scores.csv, records/ (resume), plots
-    oracle: str = "none"  # none | ind | paper | both: also synthesise under oracle labels (see diffguard_pl/oracle.py)
+    oracle: str = "none"  # none | ind | paper | both: also synthesise under oracle labels (see diffguard_pl/method/oracle.py)
     limit_per_set: Optional[int] = neutral(None)  # evaluate N samples of each set, chosen by id hash (quick runs)
     split: str = neutral("test")  # test: report on test splits; val: on validation splits (for tuning, never test)
     resume: bool = neutral(True)  # skip samples already finished in output_dir/records by a run with the same config
-    shard: Optional[str] = neutral(None)  # "i/n": only samples whose index modulo n is i (merge: diffguard_pl.merge)
+    shard: Optional[str] = neutral(None)  # "i/n": only samples whose index modulo n is i (merge: diffguard_pl.jobs.merge)
     dry_run: bool = neutral(False)  # check every file and model, print the plan (sets, counts, steps), stop
     score_folder: Optional[str] = None  # score the images of a folder (no labels): scores + in / out decisions as CSV
     fusion_partners: List[str] = field(default_factory=lambda: ["ebo", "vim", "knn"])  # diffguard+X detectors

@@ -5,8 +5,8 @@ import torch
 
 from diffguard_pl.config import AESConfig, ConfigError, CutoutConfig, DiffGuardConfig, GuidanceConfig
 from diffguard_pl.models import DiffusionModel
-from diffguard_pl.pipeline import DiffGuardPipeline
-from diffguard_pl.scores import psnr
+from diffguard_pl.method.pipeline import DiffGuardPipeline
+from diffguard_pl.method.scores import psnr
 
 from helpers.configs import eval_argv
 from helpers.models import ALPHAS, RecordingUNet, small_classifier, small_diffusion
@@ -113,7 +113,7 @@ def test_calibration_writes_an_includable_fragment(tmp_path, benchmark, small_mo
     import yaml
 
     from diffguard_pl import config as config_lib
-    from diffguard_pl.calibration import CalibrationConfig, calibrate
+    from diffguard_pl.jobs.calibration import CalibrationConfig, calibrate
     from diffguard_pl.config import EvalConfig
 
     argv = eval_argv(tmp_path / "cal", small_models, "diffguard.num_steps=8", "diffguard.depth=6",
@@ -132,7 +132,7 @@ def test_calibration_writes_an_includable_fragment(tmp_path, benchmark, small_mo
 
 def test_auroc_calibration_tries_candidates(tmp_path, benchmark, small_models):
     from diffguard_pl import config as config_lib
-    from diffguard_pl.calibration import CalibrationConfig, calibrate
+    from diffguard_pl.jobs.calibration import CalibrationConfig, calibrate
 
     argv = eval_argv(tmp_path / "cal", small_models, "diffguard.num_steps=6", "diffguard.depth=4",
                      "limit_per_set=6", "calibration.method=auroc", "calibration.candidates=3")
@@ -161,8 +161,8 @@ def test_aes_dists_sees_the_unclamped_latent_at_its_own_size(tmp_path, monkeypat
     still clamps the synthesis."""
     import piq
 
-    from diffguard_pl.aes import AdaptiveEarlyStop
-    from diffguard_pl.scores import PerceptualDistances
+    from diffguard_pl.method.aes import AdaptiveEarlyStop
+    from diffguard_pl.method.scores import PerceptualDistances
 
     monkeypatch.setenv("TORCH_HOME", str(tmp_path))
     (tmp_path / "hub" / "checkpoints").mkdir(parents=True)

@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from diffguard_pl.baselines import (
+from diffguard_pl.detectors.baselines import (
     BaselineStats,
     baseline_scores,
     default_vim_dim,
@@ -21,7 +21,7 @@ from diffguard_pl.baselines import (
     vim_score,
 )
 from diffguard_pl.config import BaselineConfig, ConfigError
-from diffguard_pl.metrics import auroc
+from diffguard_pl.detectors.metrics import auroc
 
 C, D = 5, 32
 KEYS = {"msp", "ebo", "maxlogit", "knn", "vim"}
@@ -358,7 +358,7 @@ class Poisoned(torch.utils.data.Dataset):
 def test_classifier_baselines_tuned_on_validation_splits_only(benchmark):
     from diffguard_pl.config import EvalConfig
     from diffguard_pl.data.benchmark import Benchmark, OODSet
-    from diffguard_pl.eval_data import fit_classifier_baselines
+    from diffguard_pl.jobs.eval_data import fit_classifier_baselines
     from diffguard_pl.models import ClassifierSpec, build_classifier
 
     torch.manual_seed(0)

@@ -4,8 +4,8 @@ import torch
 
 from diffguard_pl.config import DiffGuardConfig, GuidanceConfig
 from diffguard_pl.models import load_classifier, load_diffusion
-from diffguard_pl.pipeline import DiffGuardPipeline
-from diffguard_pl.sample_check import conditional_sample_accuracy
+from diffguard_pl.method.pipeline import DiffGuardPipeline
+from diffguard_pl.jobs.sample_check import conditional_sample_accuracy
 
 from helpers.paths import CHECKPOINTS
 

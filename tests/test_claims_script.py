@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from diffguard_pl.metrics import auroc
+from diffguard_pl.detectors.metrics import auroc
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fashion_claims.py"
 GROUPS = {"near_set": "near", "far_a": "far", "far_b": "far"}

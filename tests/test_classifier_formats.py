@@ -261,7 +261,7 @@ def test_classifier_resizes_larger_images_to_its_input_size():
 
 
 def test_center_crop_view_gives_the_standard_imagenet_crop_and_places_maps_back():
-    from diffguard_pl.cam import grad_cam
+    from diffguard_pl.method.cam import grad_cam
 
     torch.manual_seed(0)
     spec = ClassifierSpec("diffguard_resnet_tiny", num_classes=4, in_chans=3, input_size=24, mean=[0.5] * 3,

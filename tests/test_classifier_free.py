@@ -7,15 +7,15 @@ import sys
 import pytest
 import torch
 
-from diffguard_pl.cam import cam_layer_name, dsg_mask, grad_cam
+from diffguard_pl.method.cam import cam_layer_name, dsg_mask, grad_cam
 from diffguard_pl.config import AESConfig, DiffGuardConfig, GuidanceConfig
-from diffguard_pl.ddim import ddim_step, spaced_timesteps
-from diffguard_pl.guidance import classifier_free_eps
+from diffguard_pl.method.ddim import ddim_step, spaced_timesteps
+from diffguard_pl.method.guidance import classifier_free_eps
 from diffguard_pl.models import load_classifier, load_diffusion
 from diffguard_pl.models.classifier import create_timm_model
-from diffguard_pl.oracle import Oracle
-from diffguard_pl.pipeline import DiffGuardPipeline
-from diffguard_pl.scores import psnr
+from diffguard_pl.method.oracle import Oracle
+from diffguard_pl.method.pipeline import DiffGuardPipeline
+from diffguard_pl.method.scores import psnr
 
 from helpers.configs import classifier_free_config, eval_argv
 from helpers.models import small_classifier, small_diffusion
@@ -105,7 +105,7 @@ def test_cam_layer_defaults_to_the_last_stage_of_timm_models():
     resnet = create_timm_model("resnet18", num_classes=10, in_chans=3)
     assert cam_layer_name(resnet, None) == "layer4"
     with pytest.raises(ValueError, match="cam_layer"):
-        from diffguard_pl.cam import _module
+        from diffguard_pl.method.cam import _module
         _module(resnet, "layer9")
 
 

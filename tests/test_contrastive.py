@@ -10,12 +10,12 @@ import torch.nn.functional as F
 from diffguard_pl import config as config_lib
 from diffguard_pl.config import ConfigError, CutoutConfig, DiffGuardConfig, EvalConfig, GuidanceConfig, TrainConfig
 from diffguard_pl.data.augment import random_photometric, random_resized_crop
-from diffguard_pl.eval_data import load_encoder
+from diffguard_pl.jobs.eval_data import load_encoder
 from diffguard_pl.models import ClassifierSpec, build_classifier, load_classifier
 from diffguard_pl.modules.contrastive import contrastive_loss, nearest_neighbour_accuracy
-from diffguard_pl.pipeline import DiffGuardPipeline
-from diffguard_pl.scores import psnr
-from diffguard_pl.train_job import train
+from diffguard_pl.method.pipeline import DiffGuardPipeline
+from diffguard_pl.method.scores import psnr
+from diffguard_pl.jobs.train_job import train
 
 from helpers.models import small_classifier, small_diffusion
 from helpers.paths import ROOT

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from diffusers import DDPMScheduler, UNet2DModel
 from safetensors import safe_open
 
-from diffguard_pl.convert import (
+from diffguard_pl.models.convert import (
     ConversionError,
     adm_config_from_flags,
     adm_scheduler,
@@ -393,7 +393,7 @@ def test_converted_conditional_model_without_null_class_runs_diffguard(tmp_path)
     """guided-diffusion's class-conditional ADM has no null class: inversion and reference run under the label."""
     from diffguard_pl.config import CutoutConfig, DiffGuardConfig, GuidanceConfig
     from diffguard_pl.models import ClassifierSpec, build_classifier
-    from diffguard_pl.pipeline import DiffGuardPipeline
+    from diffguard_pl.method.pipeline import DiffGuardPipeline
 
     data = load_fixture("cond")
     torch.save(data["state_dict"], tmp_path / "model.pt")

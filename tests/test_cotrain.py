@@ -11,12 +11,12 @@ from torch.utils.data import DataLoader
 
 from diffguard_pl import config as config_lib
 from diffguard_pl.config import ConfigError, CoTrainConfig, DiffusionConfig, EvalConfig, OptimConfig, TrainConfig
-from diffguard_pl.eval_job import evaluate
+from diffguard_pl.jobs.eval_job import evaluate
 from diffguard_pl.models import ClassifierSpec, DiffusionModel, build_scheduler, build_unet, load_classifier
 from diffguard_pl.models import load_diffusion
 from diffguard_pl.modules import ClassifierModule, JointModule
 from diffguard_pl.modules.cotrain import clean_estimates, load_diffusion_with_scheduler
-from diffguard_pl.train_job import train
+from diffguard_pl.jobs.train_job import train
 
 from helpers.configs import eval_argv
 from helpers.paths import ROOT

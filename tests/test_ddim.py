@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from diffguard_pl.ddim import alpha_bar, coefficient_table, ddim_sample, ddim_step, predict_x0, spaced_timesteps, step_coefficients
+from diffguard_pl.method.ddim import alpha_bar, coefficient_table, ddim_sample, ddim_step, predict_x0, spaced_timesteps, step_coefficients
 
 ALPHAS = torch.linspace(0.999, 0.01, 1000, dtype=torch.float64)
 

@@ -122,7 +122,7 @@ def test_resume_and_merge_refuse_another_config_naming_the_keys(tmp_path, small_
     lines = [line for line in changed.stderr.splitlines() if line.strip()]
     assert changed.returncode == 2 and len(lines) == 1 and "another config" in lines[0]
     assert "diffguard.aes.psnr: 24.0 then, 23.0 now" in lines[0]
-    merged = subprocess.run([sys.executable, "-m", "diffguard_pl.merge", str(out), str(full_run),
+    merged = subprocess.run([sys.executable, "-m", "diffguard_pl.jobs.merge", str(out), str(full_run),
                              "--output", str(tmp_path / "merged")], capture_output=True, text=True, cwd=ROOT)
     line = next(line for line in merged.stderr.splitlines() if line.startswith("error:"))
     assert merged.returncode == 2 and "another config" in line and "diffguard.aes.psnr: 23.0 then, 24.0 now" in line
@@ -133,7 +133,7 @@ def test_shards_split_by_hand_merge_to_the_full_result(tmp_path, small_models, f
     parts = [tmp_path / f"part{i}" for i in range(2)]
     for i, part in enumerate(parts):
         run_eval(part, small_models, f"shard={i}/2")
-    merged = subprocess.run([sys.executable, "-m", "diffguard_pl.merge", *map(str, parts),
+    merged = subprocess.run([sys.executable, "-m", "diffguard_pl.jobs.merge", *map(str, parts),
                              "--output", str(tmp_path / "merged")], capture_output=True, text=True, cwd=ROOT)
     assert merged.returncode == 0, merged.stderr
     assert_same_scores(read_scores(tmp_path / "merged"), read_scores(full_run))

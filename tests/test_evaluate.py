@@ -10,9 +10,9 @@ import torch
 
 from diffguard_pl import config as config_lib
 from diffguard_pl.config import EvalConfig
-from diffguard_pl.eval_job import evaluate
-from diffguard_pl.detectors import add_derived_detectors
-from diffguard_pl.results import merge_records, summarize
+from diffguard_pl.jobs.eval_job import evaluate
+from diffguard_pl.detectors.fused import add_derived_detectors
+from diffguard_pl.detectors.results import merge_records, summarize
 
 from helpers.configs import eval_argv
 from helpers.paths import ROOT
@@ -56,7 +56,7 @@ def test_evaluate_writes_results_and_scores(tmp_path, small_models, benchmark):
     assert saved["synthesis_follows_label"]["faces"] == pytest.approx(sum(follows) / len(follows))
     assert {"id", "set", "split", "label", "pred", "synthesis_pred", "depth", "unet_evals", "diffguard", "msp"} <= set(rows[0])
     # The near-OOD AUROC in results.json is recomputed from the CSV rows.
-    from diffguard_pl.metrics import auroc
+    from diffguard_pl.detectors.metrics import auroc
 
     ind = [float(r["diffguard"]) for r in rows if r["set"] == "ind" and r["split"] == "test"]
     near = [float(r["diffguard"]) for r in rows if r["set"] == "digits_6to9"]
@@ -151,8 +151,8 @@ def test_wandb_offline_run_holds_curves_images_and_same_results(tmp_path, small_
 
 
 def test_out_of_memory_names_the_batch_and_keeps_finished_samples(tmp_path, small_models, benchmark, monkeypatch):
-    from diffguard_pl.pipeline import DiffGuardPipeline
-    from diffguard_pl.records import read_file
+    from diffguard_pl.method.pipeline import DiffGuardPipeline
+    from diffguard_pl.jobs.records import read_file
 
     original, calls = DiffGuardPipeline.__call__, []
 
@@ -174,7 +174,7 @@ def test_out_of_memory_names_the_batch_and_keeps_finished_samples(tmp_path, smal
 
 
 def test_reconstructions_keep_the_extremes_whatever_the_order():
-    from callbacks.reconstructions import ReconstructionLogger
+    from diffguard_pl.callbacks.reconstructions import ReconstructionLogger
 
     rows = [{"id": f"s{i}", "score": float(score)} for i, score in enumerate([5, 1, 9, 3, 7, 1, 8])]
     keep = ReconstructionLogger(per_set=4, select="extremes")._keep

@@ -8,7 +8,7 @@ import torch
 from diffguard_pl import config as config_lib
 from diffguard_pl.config import DataConfig, EvalConfig
 from diffguard_pl.data import build_benchmark, fashion
-from diffguard_pl.eval_job import evaluate
+from diffguard_pl.jobs.eval_job import evaluate
 from diffguard_pl.models import load_classifier
 
 from helpers.paths import ROOT

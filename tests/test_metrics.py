@@ -5,7 +5,7 @@ import pytest
 import torch
 from sklearn.metrics import auc, average_precision_score, precision_recall_curve, roc_auc_score, roc_curve
 
-from diffguard_pl.metrics import (
+from diffguard_pl.detectors.metrics import (
     aupr,
     aupr_in,
     aupr_in_openood,
@@ -279,7 +279,7 @@ def test_openood_fpr_is_classic_with_roles_swapped(seed):
 
 
 def test_summary_and_table_carry_both_fpr_conventions():
-    from diffguard_pl.results import format_table, summarize
+    from diffguard_pl.detectors.results import format_table, summarize
 
     ind, ood = tied_scores(4, 40, 30)
     far = ood + 3

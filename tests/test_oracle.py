@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from diffguard_pl import config as config_lib
-from diffguard_pl import oracle as oracle_lib
+from diffguard_pl.method import oracle as oracle_lib
 from diffguard_pl.config import ConfigError, EvalConfig
-from diffguard_pl.eval_job import evaluate
-from diffguard_pl.pipeline import DiffGuardPipeline
+from diffguard_pl.jobs.eval_job import evaluate
+from diffguard_pl.method.pipeline import DiffGuardPipeline
 
 from helpers.configs import classifier_free_config, eval_argv
 from helpers.models import small_classifier, small_diffusion

@@ -4,11 +4,11 @@ import pytest
 import torch
 
 from diffguard_pl.config import AESConfig, CutoutConfig, DiffGuardConfig, GuidanceConfig
-from diffguard_pl.ddim import spaced_timesteps, step_coefficients
-from diffguard_pl.guidance import clean_estimate, cutout, cutout_params, guided_eps, log_prob_grad
+from diffguard_pl.method.ddim import spaced_timesteps, step_coefficients
+from diffguard_pl.method.guidance import clean_estimate, cutout, cutout_params, guided_eps, log_prob_grad
 from diffguard_pl.models import DiffusionModel
-from diffguard_pl.oracle import Oracle
-from diffguard_pl.pipeline import DiffGuardPipeline
+from diffguard_pl.method.oracle import Oracle
+from diffguard_pl.method.pipeline import DiffGuardPipeline
 
 from helpers.models import ALPHAS, RecordingUNet, small_classifier, small_diffusion
 
@@ -202,7 +202,7 @@ def test_missing_perceptual_weights_name_file_and_folder(tmp_path, monkeypatch):
 
 
 def test_crop_maps_give_the_crops_of_their_parameters():
-    from diffguard_pl.guidance import crop_affine
+    from diffguard_pl.method.guidance import crop_affine
 
     images = torch.rand(3, 2, 16, 16, dtype=torch.float64)
     params = cutout_params(["a", "b", "c"], 4, CutoutConfig(num=5))  # [3, 4 steps, 5 crops, 3]

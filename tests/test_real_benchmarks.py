@@ -13,7 +13,7 @@ from diffguard_pl import config as config_lib
 from diffguard_pl.config import ConfigError, DiffusionConfig, EvalConfig
 from diffguard_pl.data.image_lists import OPENOOD_BENCHMARKS
 from diffguard_pl.errors import DataError, MissingCheckpointError
-from diffguard_pl.eval_job import evaluate
+from diffguard_pl.jobs.eval_job import evaluate
 from diffguard_pl.models import DiffusionModel, build_scheduler, build_unet, load_diffusion, save_diffusion
 
 from helpers.configs import eval_argv

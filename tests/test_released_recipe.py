@@ -11,13 +11,13 @@ from diffguard_pl import config as config_lib
 from diffusers import DDPMScheduler
 
 from diffguard_pl.config import ConfigError, CutoutConfig, DiffGuardConfig, DiffusionConfig, EvalConfig, GuidanceConfig
-from diffguard_pl.ddim import Ladder
-from diffguard_pl.eval_job import evaluate
-from diffguard_pl.guidance import cutout_params, nearest_cutout
-from diffguard_pl.convert import adm_scheduler
+from diffguard_pl.method.ddim import Ladder
+from diffguard_pl.jobs.eval_job import evaluate
+from diffguard_pl.method.guidance import cutout_params, nearest_cutout
+from diffguard_pl.models.convert import adm_scheduler
 from diffguard_pl.models import DiffusionModel, build_unet, load_classifier, load_diffusion, save_diffusion
 from diffguard_pl.models.diffusion import schedule_alphas_cumprod
-from diffguard_pl.pipeline import DiffGuardPipeline
+from diffguard_pl.method.pipeline import DiffGuardPipeline
 
 from helpers.models import ALPHAS, RecordingUNet
 from helpers.paths import CHECKPOINTS, ROOT

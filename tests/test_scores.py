@@ -1,10 +1,10 @@
-"""Pixel distances: the SSIM of diffguard_pl.scores against piq's, which it replaces on the per-step path."""
+"""Pixel distances: the SSIM of diffguard_pl.method.scores against piq's, which it replaces on the per-step path."""
 
 import piq
 import pytest
 import torch
 
-from diffguard_pl.scores import pixel_distances, ssim
+from diffguard_pl.method.scores import pixel_distances, ssim
 
 
 def piq_ssim(x, y):

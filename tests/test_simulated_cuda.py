@@ -12,15 +12,15 @@ import json
 import pytest
 import torch
 
-import diffguard_pl.eval_job as eval_job
-import diffguard_pl.train_job as train_job
-import diffguard_pl.lightning_setup as lightning_setup
+import diffguard_pl.jobs.eval_job as eval_job
+import diffguard_pl.jobs.train_job as train_job
+import diffguard_pl.jobs.lightning_setup as lightning_setup
 from diffguard_pl import config as config_lib
 from diffguard_pl.config import EvalConfig, TrainConfig
-from diffguard_pl.ddim import Ladder
+from diffguard_pl.method.ddim import Ladder
 from diffguard_pl.models import DiffusionModel, load_classifier, load_diffusion
-from diffguard_pl.oracle import Oracle
-from diffguard_pl.pipeline import DiffGuardPipeline
+from diffguard_pl.method.oracle import Oracle
+from diffguard_pl.method.pipeline import DiffGuardPipeline
 
 from helpers.paths import CHECKPOINTS, ROOT
 from helpers.scripts import load_benchmark

@@ -1,4 +1,4 @@
-"""The throughput benchmark (benchmarks/throughput.py, its replay of the model calls in diffguard_pl/profiling.py)
+"""The throughput benchmark (benchmarks/throughput.py, its replay of the model calls in diffguard_pl/jobs/profiling.py)
 and the execution settings (diffguard.runtime)."""
 
 import copy
@@ -9,14 +9,14 @@ import pytest
 import torch
 
 from diffguard_pl import config as config_lib
-from diffguard_pl import records as records_lib
+from diffguard_pl.jobs import records as records_lib
 from diffguard_pl.config import ConfigError, EvalConfig, RuntimeConfig, compose, to_object
-from diffguard_pl.eval_job import evaluate
+from diffguard_pl.jobs.eval_job import evaluate
 from diffguard_pl.models import load_classifier, load_diffusion
-from diffguard_pl.oracle import Oracle
-from diffguard_pl.pipeline import DiffGuardPipeline
-from diffguard_pl.profiling import Replay, cpu_attention_flops
-from diffguard_pl.scores import check_perceptual_files
+from diffguard_pl.method.oracle import Oracle
+from diffguard_pl.method.pipeline import DiffGuardPipeline
+from diffguard_pl.jobs.profiling import Replay, cpu_attention_flops
+from diffguard_pl.method.scores import check_perceptual_files
 
 from helpers.configs import eval_argv
 from helpers.paths import ROOT

@@ -8,7 +8,7 @@ import torch
 from diffguard_pl import config as config_lib
 from diffguard_pl.config import TrainConfig
 from diffguard_pl.models import load_classifier, load_diffusion
-from diffguard_pl.train_job import train
+from diffguard_pl.jobs.train_job import train
 
 from helpers.paths import ROOT
 
@@ -65,7 +65,7 @@ def test_final_weights_are_validated_when_the_run_ends_between_validations(tmp_p
 
 
 def test_training_changes_weights_and_ema_lags(tmp_path, benchmark):
-    from diffguard_pl.train_job import build_module
+    from diffguard_pl.jobs.train_job import build_module
 
     cfg = make_cfg(tmp_path, *TINY_UNET, files=("train_diffusion_cond.yaml",))
     torch.manual_seed(0)

@@ -10,7 +10,6 @@ a stable string, ``set`` the set name and ``split`` train, val or test. Per-samp
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Sequence
 
@@ -19,14 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import Dataset
 
+from diffguard_pl.seeding import sample_seed
+
 IND = "ind"
 OOD_LABEL = -1
-
-
-def sample_seed(sample_id: str, base_seed: int = 0) -> int:
-    """A 63-bit seed that depends only on the sample id and a base seed."""
-    digest = hashlib.sha256(f"{base_seed}:{sample_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def name_rng(*parts: object) -> np.random.Generator:

@@ -288,7 +288,7 @@ def load_diffusion(
         raise MissingCheckpointError(
             f"No diffusers model at {directory} (expected unet/config.json, transformer/config.json or "
             f"config.json). Train one with `python train.py --config conf/train_diffusion_uncond.yaml output_dir=OUT` "
-            f"and use OUT/diffusion, or convert a guided-diffusion checkpoint with `python -m diffguard_pl.convert`."
+            f"and use OUT/diffusion, or convert a guided-diffusion checkpoint with `python -m diffguard_pl.models.convert`."
         )
     unet = _load_component(denoiser_dir, DENOISERS, "denoiser")
     vae_dir = next((directory / sub for sub in ("vae", "vqvae") if (directory / sub / "config.json").is_file()), None)

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from diffguard_pl.config import ContrastiveConfig, OptimConfig
 from diffguard_pl.data.augment import random_photometric, random_resized_crop
-from diffguard_pl.data.benchmark import sample_seed
+from diffguard_pl.seeding import sample_seed
 from diffguard_pl.models.classifier import ClassifierSpec, build_classifier, save_classifier
 from diffguard_pl.modules.optim import configure
 

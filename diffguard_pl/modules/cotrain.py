@@ -21,8 +21,8 @@ import torch
 from diffusers import DDPMScheduler
 
 from diffguard_pl.config import ConfigError, CoTrainConfig
-from diffguard_pl.data.benchmark import sample_seed
-from diffguard_pl.ddim import predict_x0
+from diffguard_pl.seeding import sample_seed
+from diffguard_pl.method.ddim import predict_x0
 from diffguard_pl.models.diffusion import DiffusionModel, load_diffusion, resolve_model_path
 
 # Salt of the per-sample noise of the x0_pred validation accuracy (distinct from DiffusionModule's val/loss, salt 0).

@@ -13,7 +13,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 from diffguard_pl.config import OptimConfig
 from diffguard_pl.data.augment import random_shift
-from diffguard_pl.data.benchmark import sample_seed
+from diffguard_pl.seeding import sample_seed
 from diffguard_pl.models.diffusion import DiffusionModel, save_diffusion, schedule_alphas_cumprod
 from diffguard_pl.modules.optim import configure
 

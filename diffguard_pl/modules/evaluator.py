@@ -16,13 +16,13 @@ import lightning as L
 import torch
 import torch.distributed as dist
 
-from diffguard_pl import oracle as oracle_lib
-from diffguard_pl.baselines import BaselineStats, baseline_scores
-from diffguard_pl.detectors import FUSION_PARTNERS, distance_column, oracle_column
+from diffguard_pl.method import oracle as oracle_lib
+from diffguard_pl.detectors.baselines import BaselineStats, baseline_scores
+from diffguard_pl.detectors.fused import FUSION_PARTNERS, distance_column, oracle_column
 from diffguard_pl.errors import UserError
-from diffguard_pl.pipeline import DiffGuardPipeline
-from diffguard_pl.records import RecordWriter
-from diffguard_pl.results import finalize, merge_records
+from diffguard_pl.method.pipeline import DiffGuardPipeline
+from diffguard_pl.jobs.records import RecordWriter
+from diffguard_pl.detectors.results import finalize, merge_records
 
 
 class DiffGuardEvaluator(L.LightningModule):

@@ -16,7 +16,7 @@ from typing import Dict, List, Optional
 import torch
 
 from diffguard_pl.config import AESConfig
-from diffguard_pl.scores import PerceptualDistances, psnr, ssim
+from diffguard_pl.method.scores import PerceptualDistances, psnr, ssim
 
 
 class AdaptiveEarlyStop:

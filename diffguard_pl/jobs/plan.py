@@ -12,7 +12,7 @@ from typing import Optional
 
 from diffguard_pl.config import EvalConfig
 from diffguard_pl.data import Benchmark
-from diffguard_pl.eval_data import evaluation_sets
+from diffguard_pl.jobs.eval_data import evaluation_sets
 from diffguard_pl.models import Classifier, DiffusionModel
 
 
@@ -24,7 +24,7 @@ def unet_evals_per_image(cfg: EvalConfig, synthesis_rows: int, synthesis_steps: 
 
 def print_plan(cfg: EvalConfig, benchmark: Benchmark, classifier: Classifier, diffusion: DiffusionModel,
                encoder: Optional[Classifier] = None) -> dict:
-    from diffguard_pl.pipeline import DiffGuardPipeline
+    from diffguard_pl.method.pipeline import DiffGuardPipeline
 
     pipeline = DiffGuardPipeline(diffusion, classifier, cfg.diffguard, load_perceptual=False, encoder=encoder)
     d, g = cfg.diffguard, cfg.diffguard.guidance

@@ -53,7 +53,7 @@ def paired_difference(ind_a: torch.Tensor, oods_a: Mapping[str, torch.Tensor], i
                       seed: int = 0) -> Tuple[float, float, float]:
     """Mean AUROC over ``members`` of detector a minus that of detector b, scored on the same samples:
     (point estimate, 2.5%, 97.5%) over identical replicates."""
-    from diffguard_pl.metrics import auroc
+    from diffguard_pl.detectors.metrics import auroc
 
     a = group_mean(replicate_aurocs(ind_a, {m: oods_a[m] for m in members}, n, seed), members)
     b = group_mean(replicate_aurocs(ind_b, {m: oods_b[m] for m in members}, n, seed), members)

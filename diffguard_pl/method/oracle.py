@@ -19,7 +19,7 @@ from typing import Dict, Sequence
 
 import torch
 
-from diffguard_pl.data.benchmark import sample_seed
+from diffguard_pl.seeding import sample_seed
 
 MODES = ("ind", "paper")
 SALT = 7919  # separates the oracle's draws from every other per-sample generator

@@ -1,6 +1,6 @@
 """What an evaluation reads: the models, the sets it scores, and the classifier features the baselines fit on.
 
-No Lightning here: the evaluation job (diffguard_pl/eval_job.py), the dry run (diffguard_pl/plan.py) and
+No Lightning here: the evaluation job (diffguard_pl/jobs/eval_job.py), the dry run (diffguard_pl/jobs/plan.py) and
 the calibration all use these.
 """
 
@@ -12,7 +12,7 @@ from typing import List, Optional
 import torch
 from torch.utils.data import DataLoader
 
-from diffguard_pl.baselines import BaselineStats, tune_baselines
+from diffguard_pl.detectors.baselines import BaselineStats, tune_baselines
 from diffguard_pl.config import DataConfig, EvalConfig
 from diffguard_pl.data import Benchmark, ImageSet, sample_seed
 from diffguard_pl.errors import ConfigError
@@ -55,7 +55,7 @@ def load_models(cfg: EvalConfig) -> tuple[Classifier, DiffusionModel]:
 
 def load_encoder(cfg: EvalConfig) -> Optional[Classifier]:
     """The contrastive encoder (``models.encoder``) when ``contrastive`` is among the distances, else None."""
-    from diffguard_pl.scores import CONTRASTIVE
+    from diffguard_pl.method.scores import CONTRASTIVE
 
     if CONTRASTIVE not in cfg.diffguard.distances:
         return None
@@ -70,7 +70,7 @@ def check_shapes(cfg: EvalConfig, classifier: Classifier, diffusion: DiffusionMo
                  encoder: Optional[Classifier] = None) -> None:
     """What needs only the models' shapes: the images the config makes fit both models, the class counts
     agree; ConfigError naming the key and the fix. Runs before any data is processed."""
-    from diffguard_pl.pipeline import check_models
+    from diffguard_pl.method.pipeline import check_models
 
     data, m = cfg.data, cfg.models
     size, channels = diffusion.image_size, diffusion.image_channels

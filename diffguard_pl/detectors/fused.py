@@ -5,10 +5,10 @@ Higher scores mean more OOD. Columns of the per-sample records (``scores.csv``):
 - ``diffguard/<distance>``: DiffGuard with each distance of ``diffguard.distances``;
   ``diffguard``: the configured one (``diffguard.score``); with ``diffguard.reference=unguided`` also
   ``diffguard/<distance>@input``: the same synthesis against the input (what ``reference=input`` scores);
-- ``msp``, ``ebo``, ``maxlogit``, ``knn``, ``vim``: the classifier baselines (diffguard_pl/baselines.py);
+- ``msp``, ``ebo``, ``maxlogit``, ``knn``, ``vim``: the classifier baselines (diffguard_pl/detectors/baselines.py);
 - ``diffguard+<X>``: DiffGuard fused with baseline X, the sum of both z-scores, normalised on the InD
   validation split only (X in ``fusion_partners``);
-- ``oracle-<mode>/<detector>``: the same under oracle labels (diffguard_pl/oracle.py).
+- ``oracle-<mode>/<detector>``: the same under oracle labels (diffguard_pl/method/oracle.py).
 """
 
 from __future__ import annotations

@@ -36,7 +36,7 @@ from typing import Optional, Sequence, Tuple, Union
 import torch
 import torch.nn.functional as F
 
-from diffguard_pl.metrics import auroc
+from diffguard_pl.detectors.metrics import auroc
 
 Device = Union[str, torch.device]
 LogitsFeatures = Tuple[torch.Tensor, torch.Tensor]  # (logits [B, C], features [B, D]) of a set of samples

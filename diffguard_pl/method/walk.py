@@ -1,14 +1,14 @@
 """The walk: DDIM inversion and guided synthesis of a batch, every sample on its own schedule.
 
-Every sample is inverting, synthesising or done, on the levels of a :class:`~diffguard_pl.ddim.Ladder`. Each
+Every sample is inverting, synthesising or done, on the levels of a :class:`~diffguard_pl.method.ddim.Ladder`. Each
 iteration makes one denoiser call over every row still at work, then one synthesis step over the synthesising
 rows and one inversion step over the inverting rows (they share one level). A sample that the adaptive early
-stop (diffguard_pl/aes.py) stops starts its synthesis while others keep inverting. Bookkeeping (phase, level,
+stop (diffguard_pl/method/aes.py) stops starts its synthesis while others keep inverting. Bookkeeping (phase, level,
 depth) lives on the CPU, so scheduling never waits for the device; while all rows are in one phase at one level,
 they are used as they are and the step coefficients are scalars (no gathers): the fast case of the same steps.
 
 Synthesis step (level k -> k - 1, eps at level k): classifier-free guidance eps_u + omega (eps_c - eps_u) inside
-the DSG mask, or classifier guidance (diffguard_pl/guidance.py), on the eps re-derived from the clipped x0 where
+the DSG mask, or classifier guidance (diffguard_pl/method/guidance.py), on the eps re-derived from the clipped x0 where
 ``diffguard.clip_x0`` asks; the unguided reference takes the same step without guidance. Inversion step
 (k -> k + 1, eps at the ladder's inversion level), then the early-stop rule on the inversion's quality.
 """
@@ -20,13 +20,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Union
 
 import torch
 
-from diffguard_pl.aes import AdaptiveEarlyStop
+from diffguard_pl.method.aes import AdaptiveEarlyStop
 from diffguard_pl.config import DiffGuardConfig
-from diffguard_pl.ddim import Ladder, ddim_step, eps_from_x0, predict_x0
-from diffguard_pl.guidance import CutoutPlan, classifier_free_eps, guided_eps
+from diffguard_pl.method.ddim import Ladder, ddim_step, eps_from_x0, predict_x0
+from diffguard_pl.method.guidance import CutoutPlan, classifier_free_eps, guided_eps
 from diffguard_pl.models.classifier import Classifier
 from diffguard_pl.models.diffusion import DiffusionModel
-from diffguard_pl.runtime import Runtime
+from diffguard_pl.method.runtime import Runtime
 
 INVERT, SYNTHESISE, DONE = 0, 1, 2
 NONFINITE = ("the diffusion model returned NaN or Inf during the walk. Likeliest causes, in order: a guidance "
@@ -99,7 +99,7 @@ class Walker:
         """Invert and synthesise every sample on its own schedule, all in shared denoiser batches.
 
         Inversion stops after ``diffguard.depth`` steps, or earlier by the AES rule; synthesis starts at the
-        level the inversion reached (see :class:`~diffguard_pl.ddim.Ladder`). With ``latent`` and ``depth``
+        level the inversion reached (see :class:`~diffguard_pl.method.ddim.Ladder`). With ``latent`` and ``depth``
         (an earlier inversion) only the synthesis runs; with ``invert_only`` only the inversion. Returns
         model-space ``synthesis`` and ``reference``, per-sample ``depth``, ``latent`` and the per-step
         ``curves`` of the inversion.
@@ -181,7 +181,7 @@ class Walker:
         return self.ladder.on(self.device, torch.float64)[0][level]
 
     def _coef(self, level: Union[int, torch.Tensor], like: torch.Tensor) -> tuple:
-        """The step coefficients (diffguard_pl/ddim.py) of ``level`` in ``like``'s dtype, shaped to broadcast over
+        """The step coefficients (diffguard_pl/method/ddim.py) of ``level`` in ``like``'s dtype, shaped to broadcast over
         its rows."""
         _, *columns = self.ladder.on(self.device, like.dtype)
         shape = (1,) * like.ndim if isinstance(level, int) else (-1,) + (1,) * (like.ndim - 1)

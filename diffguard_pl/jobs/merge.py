@@ -2,7 +2,7 @@
 
 For runs split by hand (``evaluate.py shard=i/n`` on separate jobs):
 
-    python -m diffguard_pl.merge OUT_0 OUT_1 OUT_2 OUT_3 --output OUT
+    python -m diffguard_pl.jobs.merge OUT_0 OUT_1 OUT_2 OUT_3 --output OUT
 
 All records must come from the same config (their fingerprints must match; the error names the keys that
 differ);
@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import List, Optional
 
 from diffguard_pl.errors import ConfigError
-from diffguard_pl.records import RECORD_DIR, read_records, records_to_columns
-from diffguard_pl.results import finalize, format_table, write_json, write_scores_csv
+from diffguard_pl.jobs.records import RECORD_DIR, read_records, records_to_columns
+from diffguard_pl.detectors.results import finalize, format_table, write_json, write_scores_csv
 
 
 def merge(folders: List[Path], output: Path) -> dict:
@@ -41,7 +41,7 @@ def merge(folders: List[Path], output: Path) -> dict:
                 break
     oracle = header.get("config", {}).get("oracle", "none")
     if oracle != "none":
-        from diffguard_pl.oracle import describe
+        from diffguard_pl.method.oracle import describe
 
         results["oracle"] = describe(oracle)
     output.mkdir(parents=True, exist_ok=True)

@@ -16,10 +16,10 @@ from typing import Optional
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
-from callbacks import ExportPortableCheckpoint
+from diffguard_pl.callbacks import ExportPortableCheckpoint
 from diffguard_pl import config as config_lib
 from diffguard_pl.config import TrainConfig
-from diffguard_pl.lightning_setup import build_logger, finish_logger, quiet_lightning, trainer_kwargs
+from diffguard_pl.jobs.lightning_setup import build_logger, finish_logger, quiet_lightning, trainer_kwargs
 from diffguard_pl.data import Benchmark
 from diffguard_pl.data.datamodule import BenchmarkDataModule
 from diffguard_pl.models.classifier import ClassifierSpec

@@ -17,13 +17,13 @@ from typing import Dict, List, Mapping, Sequence
 import torch
 
 from diffguard_pl.data.benchmark import IND
-from diffguard_pl.bootstrap import REPLICATES, group_mean, interval, paired_difference, replicate_aurocs
-from diffguard_pl.detectors import (
+from diffguard_pl.detectors.bootstrap import REPLICATES, group_mean, interval, paired_difference, replicate_aurocs
+from diffguard_pl.detectors.fused import (
     DIFFGUARD, FUSION_PARTNERS, ORACLE_PREFIX, add_derived_detectors, detector_columns, select,
 )
-from diffguard_pl.metrics import ood_metrics
+from diffguard_pl.detectors.metrics import ood_metrics
 
-# Averaged over the near / far groups: AUROC and both FPR@95 conventions (see diffguard_pl/metrics.py).
+# Averaged over the near / far groups: AUROC and both FPR@95 conventions (see diffguard_pl/detectors/metrics.py).
 NEAR_FAR_KEYS = ("auroc", "fpr95_classic", "fpr95_openood")
 
 
@@ -58,7 +58,7 @@ def summarize(records: Mapping[str, list], groups: Mapping[str, str], split: str
 
     ``groups`` maps each OOD set name to "near" or "far"; only records of ``split`` count. Per set:
     every key of ``ood_metrics``; near / far: the means of ``NEAR_FAR_KEYS`` over the group's sets. For the
-    headline detectors, ``auroc_ci``: a 95% bootstrap interval over test samples (diffguard_pl/bootstrap.py).
+    headline detectors, ``auroc_ci``: a 95% bootstrap interval over test samples (diffguard_pl/detectors/bootstrap.py).
     """
     ind_label = select(records, split, IND, "label")
     ind_pred = select(records, split, IND, "pred")

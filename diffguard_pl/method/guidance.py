@@ -36,8 +36,8 @@ import torch
 import torch.nn.functional as F
 
 from diffguard_pl.config import CutoutConfig, GuidanceConfig
-from diffguard_pl.data.benchmark import sample_seed
-from diffguard_pl.ddim import Coefficients, predict_x0, step_coefficients
+from diffguard_pl.seeding import sample_seed
+from diffguard_pl.method.ddim import Coefficients, predict_x0, step_coefficients
 from diffguard_pl.models.classifier import Classifier
 
 

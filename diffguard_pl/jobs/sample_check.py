@@ -5,7 +5,7 @@ clipped to [-1, 1] at each step, as guided-diffusion's ``clip_denoised``;
 ``--no-clip`` turns that off), starting from noise seeded by each sample's id,
 and reports how often the classifier predicts the requested class:
 
-    python -m diffguard_pl.sample_check checkpoints/digits/diffusion_cond checkpoints/digits/classifier
+    python -m diffguard_pl.jobs.sample_check checkpoints/digits/diffusion_cond checkpoints/digits/classifier
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ from typing import Optional
 
 import torch
 
-from diffguard_pl.data.benchmark import sample_seed
-from diffguard_pl.ddim import ddim_sample, spaced_timesteps
-from diffguard_pl.guidance import classifier_free_eps
+from diffguard_pl.seeding import sample_seed
+from diffguard_pl.method.ddim import ddim_sample, spaced_timesteps
+from diffguard_pl.method.guidance import classifier_free_eps
 from diffguard_pl.models import Classifier, DiffusionModel, load_classifier, load_diffusion
 
 

@@ -9,15 +9,15 @@ Stages of a call: check inputs; classify the input (label y, logits, features); 
 of y; encode (latent models); DDIM-invert for ``depth`` steps; synthesise back under y, in the same denoiser
 batches as the unguided reconstruction when that is the reference; decode; score the distance between the
 synthesis and the reference (with the unguided reference, also against the input, and the round trip's PSNR);
-optionally re-synthesise under oracle labels (diffguard_pl/oracle.py).
+optionally re-synthesise under oracle labels (diffguard_pl/method/oracle.py).
 
 Guidance (``diffguard.guidance.mode``): ``classifier``, classifier guidance with clean grad and cutout
-(diffguard_pl/guidance.py; a class-conditional denoiser also receives the label); ``classifier_free``, classifier-free
+(diffguard_pl/method/guidance.py; a class-conditional denoiser also receives the label); ``classifier_free``, classifier-free
 guidance eps_u + omega (eps_c - eps_u), both branches in one denoiser batch, restricted by DSG to the
-Grad-CAM mask (diffguard_pl/cam.py), eps_u outside. Inversion runs with the null class of a conditional model.
+Grad-CAM mask (diffguard_pl/method/cam.py), eps_u outside. Inversion runs with the null class of a conditional model.
 
 The walk (inversion and synthesis of every sample on its own schedule, in shared denoiser batches):
-diffguard_pl/walk.py. Execution settings (autocast, channels-last, compile, cuDNN): diffguard_pl/runtime.py.
+diffguard_pl/method/walk.py. Execution settings (autocast, channels-last, compile, cuDNN): diffguard_pl/method/runtime.py.
 """
 
 from __future__ import annotations
@@ -27,20 +27,20 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 
-from diffguard_pl.aes import AdaptiveEarlyStop
-from diffguard_pl.cam import dsg_mask, grad_cam
+from diffguard_pl.method.aes import AdaptiveEarlyStop
+from diffguard_pl.method.cam import dsg_mask, grad_cam
 from diffguard_pl.config import DiffGuardConfig
-from diffguard_pl.ddim import Ladder
-from diffguard_pl.guidance import at_least_float32
+from diffguard_pl.method.ddim import Ladder
+from diffguard_pl.method.guidance import at_least_float32
 from diffguard_pl.models.classifier import Classifier
 from diffguard_pl.models.diffusion import DiffusionModel
-from diffguard_pl.oracle import Oracle
-from diffguard_pl.runtime import Runtime, ordinary
-from diffguard_pl.scores import (
+from diffguard_pl.method.oracle import Oracle
+from diffguard_pl.method.runtime import Runtime, ordinary
+from diffguard_pl.method.scores import (
     CLASSIFIER, CONTRASTIVE, PIXEL, check_perceptual_files, classifier_distances, cosine_distance, perceptual_from,
     pixel_distances, psnr,
 )
-from diffguard_pl.walk import Walker
+from diffguard_pl.method.walk import Walker
 
 
 @dataclass
@@ -193,7 +193,7 @@ class DiffGuardPipeline:
 
     def run(self, x0: torch.Tensor, ids: Sequence[str], labels: Optional[torch.Tensor], with_reference: bool,
             **kwargs) -> dict:
-        """The walk (:meth:`diffguard_pl.walk.Walker.run`) of model-space ``x0`` under the runtime settings."""
+        """The walk (:meth:`diffguard_pl.method.walk.Walker.run`) of model-space ``x0`` under the runtime settings."""
         with self.running():
             return self.walker.run(x0, ids, labels, with_reference, **kwargs)
 
@@ -226,7 +226,7 @@ class DiffGuardPipeline:
         """Run DiffGuard on a batch of images in [0, 1].
 
         ``ids`` seed each sample's randomness (cutouts); by default "0", "1", ... (then a sample's crops
-        depend on its position). ``oracles`` (diffguard_pl/oracle.py) re-synthesise the samples whose oracle
+        depend on its position). ``oracles`` (diffguard_pl/method/oracle.py) re-synthesise the samples whose oracle
         label differs from the prediction (all of them where DSG changes) under the oracle label; their
         scores go to ``out["oracle_scores"][name]``.
         """

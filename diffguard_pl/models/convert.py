@@ -2,7 +2,7 @@
 
 Command line (the architecture flags are guided-diffusion's ``MODEL_FLAGS``, with the same defaults)::
 
-    python -m diffguard_pl.convert adm 256x256_diffusion_uncond.pt OUT_DIR \\
+    python -m diffguard_pl.models.convert adm 256x256_diffusion_uncond.pt OUT_DIR \\
         --image_size 256 --num_channels 256 --num_res_blocks 2 --attention_resolutions 32,16,8 \\
         --num_head_channels 64 --learn_sigma True --class_cond False --resblock_updown True \\
         --use_scale_shift_norm True --use_fp16 True
@@ -565,7 +565,7 @@ def convert_adm_checkpoint(
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m diffguard_pl.convert", description=__doc__,
+    parser = argparse.ArgumentParser(prog="python -m diffguard_pl.models.convert", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="format", required=True)
     adm = sub.add_parser("adm", help="an OpenAI guided-diffusion UNetModel checkpoint")

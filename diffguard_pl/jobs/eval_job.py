@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Optional
 
 from diffguard_pl import config as config_lib
-from diffguard_pl import records as records_lib
+from diffguard_pl.jobs import records as records_lib
 from diffguard_pl.config import EvalConfig, parse_shard
 from diffguard_pl.errors import ConfigError, RunInterrupted
 
@@ -96,14 +96,14 @@ def headline_metrics(results: dict) -> dict:
 
 def write_outputs(results: dict, records: dict, groups: dict, output_dir: Path, cfg: EvalConfig, benchmark,
                   logger=None) -> None:
-    from diffguard_pl.results import format_table, write_json, write_scores_csv
+    from diffguard_pl.detectors.results import format_table, write_json, write_scores_csv
 
     if cfg.data.benchmark not in ("digits", "fashion"):
         from diffguard_pl.data.file_benchmark import data_report
 
         results["data"] = data_report(benchmark)  # skipped lines / images, grayscale conversions
     if cfg.oracle != "none":
-        from diffguard_pl.oracle import describe
+        from diffguard_pl.method.oracle import describe
 
         results["oracle"] = describe(cfg.oracle)
     write_json(results, output_dir / "results.json")
@@ -116,7 +116,7 @@ def write_outputs(results: dict, records: dict, groups: dict, output_dir: Path, 
             artifact.add_file(str(output_dir / name))
         logger.experiment.log_artifact(artifact)
     if cfg.score_folder is not None:
-        from diffguard_pl.folder import write_folder_scores
+        from diffguard_pl.jobs.folder import write_folder_scores
 
         write_folder_scores(records, output_dir)
         return
@@ -149,7 +149,7 @@ def evaluate(cfg: EvalConfig, benchmark=None) -> Optional[dict]:
     if benchmark is None:
         check_available(cfg.data)
 
-    from diffguard_pl.eval_data import check_shapes, load_encoder, load_models
+    from diffguard_pl.jobs.eval_data import check_shapes, load_encoder, load_models
 
     classifier, diffusion = load_models(cfg)
     encoder = load_encoder(cfg)
@@ -157,7 +157,7 @@ def evaluate(cfg: EvalConfig, benchmark=None) -> Optional[dict]:
     benchmark = benchmark or build_benchmark(cfg.data)
     _report_data(benchmark)
     if cfg.dry_run:
-        from diffguard_pl.plan import print_plan
+        from diffguard_pl.jobs.plan import print_plan
 
         print_plan(cfg, benchmark, classifier, diffusion, encoder)
         return None
@@ -175,13 +175,13 @@ def _evaluate(cfg: EvalConfig, benchmark, classifier, diffusion, encoder, output
     import lightning as L
     from torch.utils.data import ConcatDataset, DataLoader, Subset
 
-    from callbacks import EvalProgress, InversionCurveLogger, ReconstructionLogger, ScoreDistributionPlot
+    from diffguard_pl.callbacks import EvalProgress, InversionCurveLogger, ReconstructionLogger, ScoreDistributionPlot
     from diffguard_pl.data.sampler import DistributedEvalSampler
-    from diffguard_pl.eval_data import evaluation_sets, fit_classifier_baselines, folder_images, subset_by_id
-    from diffguard_pl.lightning_setup import build_logger, finish_logger, quiet_lightning, trainer_kwargs
+    from diffguard_pl.jobs.eval_data import evaluation_sets, fit_classifier_baselines, folder_images, subset_by_id
+    from diffguard_pl.jobs.lightning_setup import build_logger, finish_logger, quiet_lightning, trainer_kwargs
     from diffguard_pl.modules.evaluator import DiffGuardEvaluator
-    from diffguard_pl.pipeline import DiffGuardPipeline
-    from diffguard_pl.results import finalize
+    from diffguard_pl.method.pipeline import DiffGuardPipeline
+    from diffguard_pl.detectors.results import finalize
 
     quiet_lightning(cfg.verbose)
     L.seed_everything(cfg.seed, workers=True, verbose=cfg.verbose)
@@ -248,7 +248,7 @@ def _evaluate(cfg: EvalConfig, benchmark, classifier, diffusion, encoder, output
         trainer.test(evaluator, dataloaders=loader, verbose=False)
         results = evaluator.results
         if trainer.is_global_zero:
-            from diffguard_pl.profiling import describe_machine
+            from diffguard_pl.jobs.profiling import describe_machine
 
             took = time.perf_counter() - started
             machine = describe_machine(pipeline.device)  # speeds differ by machine: say how fast this one is

@@ -1,6 +1,6 @@
 """Calibrate adaptive early stop (AES) thresholds on validation data, never on test data.
 
-    python -m diffguard_pl.calibration [--config conf/digits_gdm.yaml] [key=value ...]
+    python -m diffguard_pl.jobs.calibration [--config conf/digits_gdm.yaml] [key=value ...]
     python evaluate.py --config conf/digits_gdm.yaml --config OUT/aes.yaml
 
 It records the per-step inversion quality curves of the InD validation split
@@ -34,10 +34,10 @@ from omegaconf import OmegaConf
 from diffguard_pl import config as config_lib
 from diffguard_pl.config import ConfigError, EvalConfig, _check_choice
 from diffguard_pl.data import Benchmark, ImageSet, build_benchmark
-from diffguard_pl.eval_data import load_encoder
-from diffguard_pl.metrics import auroc
+from diffguard_pl.jobs.eval_data import load_encoder
+from diffguard_pl.detectors.metrics import auroc
 from diffguard_pl.models import load_classifier, load_diffusion
-from diffguard_pl.pipeline import DiffGuardPipeline
+from diffguard_pl.method.pipeline import DiffGuardPipeline
 
 
 @dataclass
@@ -57,7 +57,7 @@ class CalibrationSettings:
 
 @dataclass
 class CalibrationConfig(EvalConfig):
-    """Root schema of ``python -m diffguard_pl.calibration``: an evaluation config plus ``calibration``."""
+    """Root schema of ``python -m diffguard_pl.jobs.calibration``: an evaluation config plus ``calibration``."""
 
     output_dir: str = "outputs/aes_calibration"
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
@@ -139,7 +139,7 @@ def calibrate(cfg: CalibrationConfig, benchmark: Optional[Benchmark] = None) -> 
     fragment = {"diffguard": {"aes": {"enabled": True, settings.metric: chosen, "mode": base.aes.mode,
                                       "min_depth": base.aes.min_depth}}}
     (output_dir / "aes.yaml").write_text(
-        f"# AES thresholds calibrated on validation data by diffguard_pl.calibration ({settings.method}).\n"
+        f"# AES thresholds calibrated on validation data by diffguard_pl.jobs.calibration ({settings.method}).\n"
         + OmegaConf.to_yaml(OmegaConf.create(fragment))
     )
     report = {"method": settings.method, "metric": settings.metric, "threshold": chosen,

@@ -19,11 +19,11 @@ from typing import TYPE_CHECKING, Dict, Optional
 
 import torch
 
-from diffguard_pl.cam import grad_cam
-from diffguard_pl.guidance import at_least_float32
+from diffguard_pl.method.cam import grad_cam
+from diffguard_pl.method.guidance import at_least_float32
 
 if TYPE_CHECKING:
-    from diffguard_pl.pipeline import DiffGuardPipeline
+    from diffguard_pl.method.pipeline import DiffGuardPipeline
 
 
 def sync(device: torch.device) -> None:
