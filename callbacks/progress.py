@@ -2,7 +2,9 @@
 the batch in progress.
 
 On a terminal one line is redrawn (at most a few times a second); elsewhere (a log file, CI) one line is
-printed per batch. Under several processes rank 0 reports its own share of the samples.
+printed per batch. Under several processes rank 0 reports its own share of the samples. images/s has the
+definition of results.json's ``throughput`` (diffguard_pl/jobs/outputs.py): images per second of the test loop,
+timed from the first batch's start.
 """
 
 from __future__ import annotations
@@ -13,15 +15,7 @@ from typing import Optional, TextIO
 
 import lightning as L
 
-
-def duration(seconds: float) -> str:
-    """``2 h 05 min``, ``3 min 07 s``, ``42 s``."""
-    seconds = max(0, int(round(seconds)))
-    if seconds >= 3600:
-        return f"{seconds // 3600} h {seconds % 3600 // 60:02d} min"
-    if seconds >= 60:
-        return f"{seconds // 60} min {seconds % 60:02d} s"
-    return f"{seconds} s"
+from diffguard_pl.jobs.phases import duration
 
 
 class EvalProgress(L.Callback):
@@ -37,18 +31,20 @@ class EvalProgress(L.Callback):
         loader = loader[0] if isinstance(loader, (list, tuple)) else loader
         self.total = len(loader.sampler) if hasattr(loader, "sampler") else len(loader.dataset)
         self.batches = len(loader)
-        self.done, self.started = 0, time.perf_counter()
+        self.done, self.started = 0, 0.0
         self.rank_zero = trainer.is_global_zero
         if self.rank_zero:
             ranks = f" (this process's share, of {trainer.world_size} processes)" if trainer.world_size > 1 else ""
             self._write(f"evaluating {self.total:,} images in {self.batches:,} batches{ranks}\n")
-        pl_module.pipeline.walker.on_step = self._on_step
+        pl_module.listen_to_steps(self._on_step)
 
     def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
         self.batch_index, self.in_batch = batch_idx + 1, len(batch["id"])
+        if not self.started:  # the clock of images/s starts with the first batch, as results.json's
+            self.started = time.perf_counter()
 
     def _status(self, step: str = "") -> str:
-        elapsed = time.perf_counter() - self.started
+        elapsed = time.perf_counter() - self.started if self.started else 0.0
         rate = self.done / elapsed if self.done and elapsed > 0 else 0.0
         eta = f", {duration((self.total - self.done) / rate)} left" if rate > 0 else ""
         speed = f", {rate:.2f} images/s" if rate > 0 else ""
@@ -69,10 +65,9 @@ class EvalProgress(L.Callback):
         self._write(("\r\033[K" if self.tty else "") + self._status() + ("" if self.tty else "\n"))
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        pl_module.pipeline.walker.on_step = None
-        if self.rank_zero:
-            elapsed = time.perf_counter() - self.started
-            self._write(("\n" if self.tty else "") + f"evaluated {self.done:,} images in {duration(elapsed)}\n")
+        pl_module.listen_to_steps(None)
+        if self.rank_zero and self.tty:
+            self._write("\n")
 
     def _write(self, text: str) -> None:
         self.stream.write(text)

@@ -580,6 +580,7 @@ class EvalConfig(RunConfig):
     shard: Optional[str] = neutral(None)  # "i/n": only samples whose index modulo n is i (merge: diffguard_pl.jobs.merge)
     dry_run: bool = neutral(False)  # check every file and model, print the plan (sets, counts, steps), stop
     score_folder: Optional[str] = None  # score the images of a folder (no labels): scores + in / out decisions as CSV
+    score_folder_limit: Optional[int] = neutral(None)  # score_folder: score this many of its images (by id hash); null: all
     fusion_partners: List[str] = field(default_factory=lambda: ["ebo", "vim", "knn"])  # diffguard+X detectors
     models: ModelPaths = field(default_factory=ModelPaths)
     diffguard: DiffGuardConfig = field(default_factory=DiffGuardConfig)
@@ -595,6 +596,7 @@ class EvalConfig(RunConfig):
                               f"for every OOD sample), oracle=both or oracle=none")
         _check_choice("oracle", self.oracle, ["none", "ind", "paper", "both"])
         _check_positive("limit_per_set", self.limit_per_set, allow_none=True)
+        _check_positive("score_folder_limit", self.score_folder_limit, allow_none=True)
         for partner in self.fusion_partners:
             _check_choice("fusion_partners", partner, ["msp", "ebo", "maxlogit", "knn", "vim"])
         parse_shard(self.shard)

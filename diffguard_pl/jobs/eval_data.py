@@ -10,12 +10,13 @@ from pathlib import Path
 from typing import List, Optional
 
 import torch
-from torch.utils.data import DataLoader
 
 from diffguard_pl.detectors.baselines import BaselineStats, tune_baselines
 from diffguard_pl.config import DataConfig, EvalConfig
 from diffguard_pl.data import Benchmark, ImageSet, sample_seed
 from diffguard_pl.errors import ConfigError
+from diffguard_pl.jobs.features import classifier_outputs
+from diffguard_pl.jobs.phases import Phase
 from diffguard_pl.models import Classifier, ClassifierSpec, DiffusionModel, build_classifier, load_classifier
 from diffguard_pl.models import load_diffusion
 
@@ -36,9 +37,6 @@ def load_models(cfg: EvalConfig) -> tuple[Classifier, DiffusionModel]:
     m, data = cfg.models, cfg.data
     path = Path(m.classifier)
     if path.is_file():
-        if m.classifier_arch is None:
-            raise ConfigError(f"models.classifier={path} is a weights file: set models.classifier_arch "
-                              f"(a timm name, e.g. resnet50 or openood_resnet18_32x32)")
         spec = ClassifierSpec(
             arch=m.classifier_arch, num_classes=num_classes(data), in_chans=data.channels,
             input_size=m.classifier_input_size or data.resolution,
@@ -59,35 +57,56 @@ def load_encoder(cfg: EvalConfig) -> Optional[Classifier]:
 
     if CONTRASTIVE not in cfg.diffguard.distances:
         return None
-    if cfg.models.encoder is None:
-        raise ConfigError(f"diffguard.distances has {CONTRASTIVE!r}, which needs models.encoder: a folder made by "
-                          f"`python train.py --config conf/train_fashion_encoder.yaml` (OUT/encoder), or drop "
-                          f"{CONTRASTIVE!r} from diffguard.distances")
+    if cfg.models.encoder is None:  # check_model_files says so before any model loads
+        raise ConfigError(f"diffguard.distances has {CONTRASTIVE!r}, which needs models.encoder")
     return load_classifier(cfg.models.encoder)
 
 
-def check_shapes(cfg: EvalConfig, classifier: Classifier, diffusion: DiffusionModel,
-                 encoder: Optional[Classifier] = None) -> None:
-    """What needs only the models' shapes: the images the config makes fit both models, the class counts
-    agree; ConfigError naming the key and the fix. Runs before any data is processed."""
-    from diffguard_pl.method.pipeline import check_models
+def check_model_files(cfg: EvalConfig) -> None:
+    """What the models' files and configs say, before any weights load: the folders exist, and the images the
+    config makes fit both models (size, channels) and the classifier's classes match the benchmark's;
+    MissingCheckpointError / ConfigError naming the key and the fix."""
+    from diffguard_pl.models.files import classifier_meta, diffusion_image_shape
 
     data, m = cfg.data, cfg.models
-    size, channels = diffusion.image_size, diffusion.image_channels
+    channels, size = diffusion_image_shape(m.diffusion)
     if data.resolution != size or data.channels != channels:
         raise ConfigError(
             f"data.resolution={data.resolution} / data.channels={data.channels} do not fit the diffusion model "
             f"{m.diffusion}, which takes {channels}-channel {size}x{size} images: set data.resolution={size} "
             f"data.channels={channels}, or use a model for these images")
-    if classifier.spec.in_chans != data.channels:
+    meta = classifier_meta(m.classifier)
+    if meta is None:  # a weights file: its shape comes from the config (data.channels, the benchmark's classes)
+        if m.classifier_arch is None:
+            raise ConfigError(f"models.classifier={m.classifier} is a weights file: set models.classifier_arch "
+                              f"(a timm name, e.g. resnet50 or openood_resnet18_32x32)")
+        return
+    if meta["in_chans"] != data.channels:
         raise ConfigError(
-            f"the classifier {m.classifier} takes {classifier.spec.in_chans}-channel images but data.channels="
+            f"the classifier {m.classifier} takes {meta['in_chans']}-channel images but data.channels="
             f"{data.channels}: use a classifier for {data.channels}-channel images (or data.channels="
-            f"{classifier.spec.in_chans} with a diffusion model to match)")
+            f"{meta['in_chans']} with a diffusion model to match)")
     expected = num_classes(data)
-    if classifier.spec.num_classes != expected:
-        raise ConfigError(f"the classifier {m.classifier} has {classifier.spec.num_classes} classes but benchmark "
+    if meta["num_classes"] != expected:
+        raise ConfigError(f"the classifier {m.classifier} has {meta['num_classes']} classes but benchmark "
                           f"{data.benchmark} has {expected}: check models.classifier / data.benchmark")
+    if "contrastive" in cfg.diffguard.distances:
+        if cfg.models.encoder is None:
+            raise ConfigError("diffguard.distances has 'contrastive', which needs models.encoder: a folder made by "
+                              "`python train.py --config conf/train_fashion_encoder.yaml` (OUT/encoder), or drop "
+                              "'contrastive' from diffguard.distances")
+        encoder = classifier_meta(cfg.models.encoder)
+        if encoder is not None and encoder["in_chans"] != data.channels:
+            raise ConfigError(f"the encoder {cfg.models.encoder} (models.encoder) takes {encoder['in_chans']}-channel "
+                              f"images but data.channels={data.channels}: use an encoder trained on these images")
+
+
+def check_shapes(cfg: EvalConfig, classifier: Classifier, diffusion: DiffusionModel,
+                 encoder: Optional[Classifier] = None) -> None:
+    """What needs the loaded models (e.g. a conditional model's classes, its null class for classifier-free
+    guidance); ConfigError naming the key and the fix. :func:`check_model_files` ran before the weights loaded."""
+    from diffguard_pl.method.pipeline import check_models
+
     try:
         check_models(diffusion, classifier, cfg.diffguard, encoder)
     except ValueError as error:
@@ -113,24 +132,6 @@ def evaluation_sets(benchmark: Benchmark, limit: Optional[int], split: str = "te
     return [subset_by_id(s, limit) for s in sets if s is not None and len(s) > 0]
 
 
-@torch.no_grad()
-def classifier_outputs(classifier: Classifier, image_set, batch_size: int,
-                       num_workers: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The classifier's (logits [N, C], features [N, D]) on a set, float32 on its device (N may be 0)."""
-    classifier = classifier.eval()
-    device = next(classifier.parameters()).device
-    logits, feats = [], []
-    if image_set is not None and len(image_set) > 0:
-        for batch in DataLoader(image_set, batch_size=batch_size, num_workers=num_workers):
-            lo, fe = classifier.forward_with_features(batch["image"].to(device))
-            logits.append(lo.float())
-            feats.append(fe.float())
-    if not logits:
-        head = classifier.model.get_classifier()
-        return head.weight.new_zeros(0, head.weight.shape[0]), head.weight.new_zeros(0, head.weight.shape[1])
-    return torch.cat(logits), torch.cat(feats)
-
-
 def fit_classifier_baselines(classifier: Classifier, benchmark: Benchmark,
                              cfg: EvalConfig) -> tuple[BaselineStats, dict]:
     """KNN / ViM statistics from the classifier's features on the InD training split (``baselines.train_samples``
@@ -142,16 +143,20 @@ def fit_classifier_baselines(classifier: Classifier, benchmark: Benchmark,
     """
     batch, workers = cfg.data.eval_batch_size, cfg.data.num_workers
     train = subset_by_id(benchmark.train, cfg.baselines.train_samples, cfg.data.seed)
-    train_logits, train_feats = classifier_outputs(classifier, train, batch, workers)
-    val_ind = classifier_outputs(classifier, benchmark.val, batch, workers)
-    ood_parts = [classifier_outputs(classifier, s.val, batch, workers) for s in benchmark.ood.values()]
-    val_ood = (torch.cat([lo for lo, _ in ood_parts] or [val_ind[0][:0]]),
-               torch.cat([fe for _, fe in ood_parts] or [val_ind[1][:0]]))
+    train_logits, train_feats = classifier_outputs(classifier, train, batch, workers, "InD training images")
+    val_ind = classifier_outputs(classifier, benchmark.val, batch, workers, "InD validation images")
+    ood_val = [s.val for s in benchmark.ood.values() if s.val is not None and len(s.val)]
+    pooled = None
+    if ood_val:  # the OOD validation splits as one set (one cache entry, one line on the console)
+        pooled = ImageSet("ood_val", torch.cat([s.images for s in ood_val]),
+                          torch.cat([s.labels for s in ood_val]).tolist(), [i for s in ood_val for i in s.ids], "val")
+    val_ood = classifier_outputs(classifier, pooled, batch, workers, "OOD validation images")
     head = classifier.model.get_classifier()
     b = cfg.baselines
     try:
-        return tune_baselines(train_feats, train_logits, head.weight, head.bias, val_ind, val_ood,
-                              knn_grid=b.knn_k_grid, vim_grid=b.vim_dim_grid, knn_k=b.knn_k, vim_dim=b.vim_dim)
+        with Phase(f"fitting KNN / ViM on {len(train):,} InD training images (k and dim chosen on validation)"):
+            return tune_baselines(train_feats, train_logits, head.weight, head.bias, val_ind, val_ood,
+                                  knn_grid=b.knn_k_grid, vim_grid=b.vim_dim_grid, knn_k=b.knn_k, vim_dim=b.vim_dim)
     except ValueError as error:
         if "baselines." in str(error):
             raise ConfigError(str(error)) from error

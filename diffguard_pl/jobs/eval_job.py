@@ -1,35 +1,35 @@
-"""The evaluation job behind ``evaluate.py``: checks, models, data, the Lightning run, outputs.
+"""The evaluation job behind ``evaluate.py``, in stages ordered so that a mistake costs least.
 
-Stages, in the order that makes a mistake cost least: (1) the config's own checks (done when it was
-parsed); (2) the output folder, made and probed for writing; (3) the data's files and packages; (4) the
-models, then every check that needs only their shapes; (5) the data; (6) resume: finished samples are read
-from ``output_dir/records``; (7) the classifier baselines; (8) DiffGuard on every remaining sample, in a
-Lightning test loop (one process per device, records appended after every batch); (9) the outputs.
+1. checks that need neither data nor models: the config (parsed before this runs), ``score_folder``'s images
+   (listed, their headers read), the data's files, the models' files and the shapes their configs declare;
+2. the data; ``score_folder``: enough InD validation images for its thresholds;
+3. the models' weights and the checks that need them; a dry run prints the plan and stops here;
+4. the output folder, and what an earlier run finished there (resume: diffguard_pl/jobs/records.py);
+5. the classifier baselines, fitted on InD training images (features cached: diffguard_pl/jobs/features.py);
+6. DiffGuard on every sample left, in a Lightning test loop (records appended after every batch);
+7. the outputs (diffguard_pl/jobs/outputs.py, shared with merging shards).
 
-Outputs in ``output_dir``: ``config.yaml``; ``results.json`` (metrics per detector, per OOD set, near / far
-means, InD accuracy, the baselines' and oracles' settings, throughput); ``scores.csv`` (one row per sample:
-id, set, split, label, prediction, depth, denoiser evaluations and every detector's score); ``records/``
-(what resuming and merging read); the callbacks' plots; the logger's files. Ctrl-C or SIGTERM stops the run
-after the current model call, keeps every finished batch and says that the same command resumes.
+Outputs in ``output_dir``: ``config.yaml``; ``results.json``; ``scores.csv``; ``records/`` (what resuming and
+merging read); the callbacks' plots; the logger's files. Ctrl-C or SIGTERM stops the run after the current model
+call, keeps every finished batch and says that the same command resumes. Nothing is written before every
+check of stages 1-3 has passed.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import signal
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 from diffguard_pl import config as config_lib
-from diffguard_pl.jobs import records as records_lib
 from diffguard_pl.config import EvalConfig, parse_shard
 from diffguard_pl.errors import ConfigError, RunInterrupted
-
-BASELINE_CHOICE = "baselines.json"
+from diffguard_pl.jobs import records as records_lib
 
 
 def prepare_output_dir(path: Path) -> None:
@@ -69,59 +69,11 @@ def interruptible():
             signal.signal(s, h)
 
 
-def _save_baseline_choice(output_dir: Path, fingerprint: str, choice: dict) -> None:
-    """Keep the baseline choice beside the records, for a resumed run that fits no baselines."""
-    (output_dir / BASELINE_CHOICE).write_text(json.dumps({"fingerprint": fingerprint, "baselines": choice}, indent=2))
-
-
-def _load_baseline_choice(output_dir: Path, fingerprint: str) -> Optional[dict]:
-    try:
-        saved = json.loads((output_dir / BASELINE_CHOICE).read_text())
-    except (OSError, ValueError):
-        return None
-    return saved.get("baselines") if isinstance(saved, dict) and saved.get("fingerprint") == fingerprint else None
-
-
-def headline_metrics(results: dict) -> dict:
-    """Flat metrics for the logger: accuracy, throughput and the near / far means of every detector."""
-    flat = {"id_accuracy": results["id_accuracy"]}
-    flat.update({f"throughput/{k}": v for k, v in results["throughput"].items() if isinstance(v, (int, float))})
-    for name, entry in results["detectors"].items():
-        for group in ("near", "far"):
-            for key, value in entry[group].items():
-                if isinstance(value, (int, float)):  # intervals stay in results.json
-                    flat[f"{name}/{group}_{key}"] = value
-    return flat
-
-
-def write_outputs(results: dict, records: dict, groups: dict, output_dir: Path, cfg: EvalConfig, benchmark,
-                  logger=None) -> None:
-    from diffguard_pl.detectors.results import format_table, write_json, write_scores_csv
-
-    if cfg.data.benchmark not in ("digits", "fashion"):
-        from diffguard_pl.data.file_benchmark import data_report
-
-        results["data"] = data_report(benchmark)  # skipped lines / images, grayscale conversions
-    if cfg.oracle != "none":
-        from diffguard_pl.method.oracle import describe
-
-        results["oracle"] = describe(cfg.oracle)
-    write_json(results, output_dir / "results.json")
-    write_scores_csv(records, output_dir / "scores.csv")
-    if logger is not None and type(logger).__name__ == "WandbLogger":
-        import wandb
-
-        artifact = wandb.Artifact(f"evaluation-{logger.experiment.id}", type="evaluation")
-        for name in ("results.json", "scores.csv", "config.yaml"):
-            artifact.add_file(str(output_dir / name))
-        logger.experiment.log_artifact(artifact)
-    if cfg.score_folder is not None:
-        from diffguard_pl.jobs.folder import write_folder_scores
-
-        write_folder_scores(records, output_dir)
-        return
-    print(format_table(results, groups))
-    print(f"wrote {output_dir / 'results.json'} and {output_dir / 'scores.csv'}")
+@dataclass
+class Models:
+    classifier: object
+    diffusion: object
+    encoder: object = None  # the contrastive distance's encoder, when that distance is asked for
 
 
 def _report_data(benchmark) -> None:
@@ -139,31 +91,47 @@ def _report_data(benchmark) -> None:
 
 
 def evaluate(cfg: EvalConfig, benchmark=None) -> Optional[dict]:
-    """Run DiffGuard and the baselines; returns results.json's content on rank 0 (None elsewhere)."""
+    """Run DiffGuard and the baselines; returns results.json's content on rank 0 (None elsewhere, and for a
+    dry run)."""
+    started = time.perf_counter()
     output_dir = Path(cfg.output_dir)
     part = parse_shard(cfg.shard)
-    if not cfg.dry_run:
-        prepare_output_dir(output_dir)
+    # 1. what needs neither data nor models
+    folder_report = None
+    if cfg.score_folder is not None:
+        from diffguard_pl.jobs.folder import describe_conversions, inspect_folder
+
+        folder_report = inspect_folder(cfg.score_folder, cfg.data.resolution, cfg.data.channels)
+        print(describe_conversions(folder_report))
     from diffguard_pl.data import build_benchmark, check_available
+    from diffguard_pl.jobs.eval_data import check_model_files
 
     if benchmark is None:
         check_available(cfg.data)
+    check_model_files(cfg)
+    # 2. the data
+    benchmark = benchmark or build_benchmark(cfg.data)
+    _report_data(benchmark)
+    if cfg.score_folder is not None:
+        from diffguard_pl.jobs.folder import check_validation_count
 
+        check_validation_count(len(benchmark.val), cfg.limit_per_set)
+    # 3. the models
     from diffguard_pl.jobs.eval_data import check_shapes, load_encoder, load_models
 
     classifier, diffusion = load_models(cfg)
-    encoder = load_encoder(cfg)
-    check_shapes(cfg, classifier, diffusion, encoder)
-    benchmark = benchmark or build_benchmark(cfg.data)
-    _report_data(benchmark)
+    models = Models(classifier, diffusion, load_encoder(cfg))
+    check_shapes(cfg, classifier, diffusion, models.encoder)
     if cfg.dry_run:
         from diffguard_pl.jobs.plan import print_plan
 
-        print_plan(cfg, benchmark, classifier, diffusion, encoder)
+        print_plan(cfg, benchmark, classifier, diffusion, models.encoder)
         return None
+    # 4. onwards: the run
+    prepare_output_dir(output_dir)
     with interruptible():
         try:
-            return _evaluate(cfg, benchmark, classifier, diffusion, encoder, output_dir, part)
+            return _evaluate(cfg, benchmark, models, output_dir, part, folder_report, started)
         except RunInterrupted as stop:
             _, finished, _ = records_lib.read_records([output_dir], None, "counting")
             raise RunInterrupted(
@@ -171,95 +139,141 @@ def evaluate(cfg: EvalConfig, benchmark=None) -> Optional[dict]:
                 f"run the same command again to resume", stop.exit_code) from None
 
 
-def _evaluate(cfg: EvalConfig, benchmark, classifier, diffusion, encoder, output_dir: Path, part) -> Optional[dict]:
+def evaluation_work(cfg: EvalConfig, benchmark, output_dir: Path, part) -> tuple[list, records_lib.Work]:
+    """The sets this run scores and what is left of them in ``output_dir`` (stage 4)."""
+    from diffguard_pl.jobs.eval_data import evaluation_sets, folder_images, subset_by_id
+
+    if cfg.score_folder is not None:  # InD validation (for the thresholds) and the whole folder
+        folder = folder_images(cfg, benchmark)
+        sets = [subset_by_id(benchmark.val, cfg.limit_per_set), subset_by_id(folder, cfg.score_folder_limit)]
+        if len(sets[1]) < len(folder):
+            print(f"score_folder: scoring {len(sets[1]):,} of its {len(folder):,} images (score_folder_limit="
+                  f"{cfg.score_folder_limit}, chosen by id hash)")
+        groups = {}
+    else:
+        sets = evaluation_sets(benchmark, cfg.limit_per_set, cfg.split)
+        groups = {name: s.group for name, s in benchmark.ood.items()}
+    tree = records_lib.result_config(cfg)
+    header = {"fingerprint": records_lib.fingerprint(tree), "config": tree, "groups": groups,
+              "score": cfg.diffguard.score, "split": cfg.split, "partners": list(cfg.fusion_partners)}
+    ids = [sample_id for s in sets for sample_id in s.ids]
+    work = records_lib.plan_work(header, ids, output_dir, cfg.resume, part)
+    if work.torn:
+        print(f"dropped {work.torn} torn last line(s) of interrupted record files")
+    if len(work.todo) < len(work.wanted):
+        print(f"resuming: {len(work.wanted) - len(work.todo):,} of {len(work.wanted):,} samples already finished in "
+              f"{output_dir}")
+    return sets, work
+
+
+def _evaluate(cfg: EvalConfig, benchmark, models: Models, output_dir: Path, part, folder_report: Optional[dict],
+              started: float) -> Optional[dict]:
+    import lightning as L
+
+    from diffguard_pl.jobs.lightning_setup import build_logger, finish_logger, quiet_lightning
+    from diffguard_pl.jobs.outputs import results_of, save_baseline_choice, throughput, write_outputs
+
+    quiet_lightning(cfg.verbose)
+    L.seed_everything(cfg.seed, workers=True, verbose=cfg.verbose)
+    config_lib.save(cfg, output_dir / "config.yaml")
+    sets, work = evaluation_work(cfg, benchmark, output_dir, part)
+    header = work.header
+    if not work.todo:  # everything was finished before: the outputs only
+        results = results_of(work.previous, header, [output_dir])
+        results["throughput"] = throughput(work.previous, 0, 0.0, time.perf_counter() - started)
+        write_outputs(results, work.previous, header, output_dir, folder_report)
+        print(f"no sample left to evaluate; took {_seconds(time.perf_counter() - started)} in all")
+        return results
+
+    from diffguard_pl.jobs.eval_data import fit_classifier_baselines
+
+    stats, choice = fit_classifier_baselines(models.classifier, benchmark, cfg)  # stage 5
+    save_baseline_choice(output_dir, header["fingerprint"], choice)
+    logger = build_logger(cfg, output_dir)
+    try:
+        evaluator, trainer = _run_loop(cfg, models, sets, work, stats, logger, benchmark)  # stage 6
+        if not trainer.is_global_zero:
+            return None
+        from diffguard_pl.jobs.profiling import describe_machine
+
+        records = evaluator.all_records  # stage 7
+        results = results_of(records, header, [output_dir])
+        machine = describe_machine(evaluator.pipeline.device)  # speeds differ by machine: say how fast this one is
+        wall = time.perf_counter() - started
+        results["throughput"] = throughput(records, evaluator.images, evaluator.loop_seconds, wall, machine)
+        write_outputs(results, records, header, output_dir, folder_report)
+        _log_results(logger, results, output_dir)
+        rate = results["throughput"]["images_per_second"]
+        print(f"evaluated {evaluator.images:,} images at {rate:.2f} images/s (test loop), {_seconds(wall)} in all, "
+              f"on {machine['device']} with {machine['threads']} threads, whose fp32 matrix products run at "
+              f"{machine['fp32_matmul_gflops']:.0f} GFLOP/s (measured after the run)")
+        return results
+    finally:
+        finish_logger(logger)
+
+
+def _seconds(seconds: float) -> str:
+    from diffguard_pl.jobs.phases import duration
+
+    return duration(seconds)
+
+
+def _run_loop(cfg: EvalConfig, models: Models, sets: list, work: records_lib.Work, stats, logger, benchmark):
+    """Stage 6: the Lightning test loop over the samples left (each on exactly one process)."""
     import lightning as L
     from torch.utils.data import ConcatDataset, DataLoader, Subset
 
     from diffguard_pl.callbacks import EvalProgress, InversionCurveLogger, ReconstructionLogger, ScoreDistributionPlot
     from diffguard_pl.data.sampler import DistributedEvalSampler
-    from diffguard_pl.jobs.eval_data import evaluation_sets, fit_classifier_baselines, folder_images, subset_by_id
-    from diffguard_pl.jobs.lightning_setup import build_logger, finish_logger, quiet_lightning, trainer_kwargs
-    from diffguard_pl.modules.evaluator import DiffGuardEvaluator
+    from diffguard_pl.jobs.lightning_setup import trainer_kwargs
     from diffguard_pl.method.pipeline import DiffGuardPipeline
-    from diffguard_pl.detectors.results import finalize
+    from diffguard_pl.modules.evaluator import DiffGuardEvaluator
 
-    quiet_lightning(cfg.verbose)
-    L.seed_everything(cfg.seed, workers=True, verbose=cfg.verbose)
-    groups = {} if cfg.score_folder else {name: s.group for name, s in benchmark.ood.items()}
-    tree = records_lib.result_config(cfg)
-    header = {"fingerprint": records_lib.fingerprint(tree), "config": tree, "groups": groups,
-              "score": cfg.diffguard.score, "split": cfg.split, "partners": list(cfg.fusion_partners)}
-    if cfg.resume:
-        _, finished, torn = records_lib.read_records([output_dir], header)
-        if torn:
-            print(f"dropped {torn} torn last line(s) of interrupted record files")
-    elif records_lib.has_records(output_dir):
-        raise ConfigError(f"{output_dir} holds finished samples of an earlier run and resume=false: "
-                          f"use another output_dir or delete {output_dir / records_lib.RECORD_DIR}")
-    else:
-        finished = {}
-    config_lib.save(cfg, output_dir / "config.yaml")
-
-    if cfg.score_folder is not None:  # InD validation (for the threshold) and the folder
-        sets = [subset_by_id(s, cfg.limit_per_set) for s in (benchmark.val, folder_images(cfg, benchmark))]
-    else:
-        sets = evaluation_sets(benchmark, cfg.limit_per_set, cfg.split)
-    ids = [sample_id for s in sets for sample_id in s.ids]
-    wanted = [i for i in range(len(ids)) if part is None or i % part[1] == part[0]]
-    todo = [i for i in wanted if ids[i] not in finished]
-    previous = records_lib.records_to_columns([finished[ids[i]] for i in wanted if ids[i] in finished])
-    if finished:
-        print(f"resuming: {len(wanted) - len(todo):,} of {len(wanted):,} samples already finished in {output_dir}")
-    partners = list(cfg.fusion_partners)
-    if not todo:
-        results = finalize(previous, cfg.diffguard.score, groups, cfg.split, 0.0, 0, partners)
-        choice = _load_baseline_choice(output_dir, header["fingerprint"])
-        if choice is not None:  # saved by the run that fitted the baselines
-            results["baselines"] = choice
-        write_outputs(results, previous, groups, output_dir, cfg, benchmark)
-        return results
-
-    pipeline = DiffGuardPipeline(diffusion, classifier, cfg.diffguard, encoder=encoder)
-    print(f"fitting KNN / ViM on {min(len(benchmark.train), cfg.baselines.train_samples or len(benchmark.train)):,} "
-          f"InD training images (k and dim chosen on validation splits)", flush=True)
-    stats, choice = fit_classifier_baselines(classifier, benchmark, cfg)
-    dataset = Subset(ConcatDataset(sets), todo)
+    pipeline = DiffGuardPipeline(models.diffusion, models.classifier, cfg.diffguard, encoder=models.encoder)
+    dataset = Subset(ConcatDataset(sets), work.todo)
     loader = DataLoader(dataset, batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers,
                         sampler=DistributedEvalSampler(len(dataset)))  # each sample on exactly one process
-    evaluator = DiffGuardEvaluator(pipeline, stats, groups, oracle=cfg.oracle, split=cfg.split, previous=previous,
-                                   record_header=header, output_dir=str(output_dir), partners=partners)
+    evaluator = DiffGuardEvaluator(pipeline, stats, oracle=cfg.oracle, split=cfg.split, previous=work.previous,
+                                   record_header=work.header, output_dir=str(cfg.output_dir))
     c = cfg.callbacks
     callbacks = [EvalProgress()] if cfg.trainer.enable_progress_bar else []
     callbacks += [InversionCurveLogger()] if c.curves else []
     callbacks += ([ReconstructionLogger(c.reconstructions, c.reconstruction_select, cfg.diffguard.score)]
                   if c.reconstructions > 0 else [])
     callbacks += [ScoreDistributionPlot()] if c.score_plots else []
-    logger = build_logger(cfg, output_dir)
     if cfg.logger == "wandb":  # the run's config: the resolved config, as config.yaml holds it
         from omegaconf import OmegaConf
 
         logger.log_hyperparams(OmegaConf.to_container(OmegaConf.structured(cfg), resolve=True))
-    started = time.perf_counter()
-    try:
-        trainer = L.Trainer(**{**trainer_kwargs(cfg.trainer), "enable_progress_bar": False}, logger=logger,
-                            callbacks=callbacks, inference_mode=False,  # classifier guidance needs gradients
-                            use_distributed_sampler=False,  # DistributedEvalSampler instead: no padded duplicates
-                            default_root_dir=cfg.output_dir, enable_checkpointing=False, enable_model_summary=False)
-        trainer.test(evaluator, dataloaders=loader, verbose=False)
-        results = evaluator.results
-        if trainer.is_global_zero:
-            from diffguard_pl.jobs.profiling import describe_machine
+    trainer = L.Trainer(**{**trainer_kwargs(cfg.trainer), "enable_progress_bar": False}, logger=logger,
+                        callbacks=callbacks, inference_mode=False,  # classifier guidance needs gradients
+                        use_distributed_sampler=False,  # DistributedEvalSampler instead: no padded duplicates
+                        default_root_dir=cfg.output_dir, enable_checkpointing=False, enable_model_summary=False)
+    trainer.test(evaluator, dataloaders=loader, verbose=False)
+    return evaluator, trainer
 
-            took = time.perf_counter() - started
-            machine = describe_machine(pipeline.device)  # speeds differ by machine: say how fast this one is
-            results["throughput"].update(wall_seconds=took, machine=machine)
-            logger.log_metrics(headline_metrics(results))
-            logger.save()
-            results["baselines"] = choice
-            _save_baseline_choice(output_dir, header["fingerprint"], choice)
-            write_outputs(results, evaluator.all_records, groups, output_dir, cfg, benchmark, logger)
-            print(f"took {took:.0f} s on {machine['device']} with {machine['threads']} threads, whose fp32 matrix "
-                  f"products run at {machine['fp32_matmul_gflops']:.0f} GFLOP/s (measured after the run)")
-    finally:
-        finish_logger(logger)
-    return results if trainer.is_global_zero else None
+
+def headline_metrics(results: dict) -> dict:
+    """Flat metrics for the logger: accuracy, throughput and the near / far means of every detector."""
+    flat = {"id_accuracy": results["id_accuracy"]}
+    flat.update({f"throughput/{k}": v for k, v in results["throughput"].items() if isinstance(v, (int, float))})
+    for name, entry in results["detectors"].items():
+        for group in ("near", "far"):
+            for key, value in entry[group].items():
+                if isinstance(value, (int, float)):  # intervals stay in results.json
+                    flat[f"{name}/{group}_{key}"] = value
+    return flat
+
+
+def _log_results(logger, results: dict, output_dir: Path) -> None:
+    """The results to the logger; with W&B also results.json, scores.csv and config.yaml as an artifact."""
+    logger.log_metrics(headline_metrics(results))
+    logger.save()
+    if type(logger).__name__ == "WandbLogger":
+        import wandb
+
+        artifact = wandb.Artifact(f"evaluation-{logger.experiment.id}", type="evaluation")
+        for name in ("results.json", "scores.csv", "config.yaml"):
+            if (output_dir / name).is_file():
+                artifact.add_file(str(output_dir / name))
+        logger.experiment.log_artifact(artifact)

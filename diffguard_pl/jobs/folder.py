@@ -2,8 +2,11 @@
 
     python evaluate.py score_folder=/path/to/images [--config PRESET] [key=value ...]
 
-The run scores the benchmark's InD validation split and the folder's images.
-Each detector's threshold keeps 95% of the InD validation samples (a sample is
+The run scores the benchmark's InD validation split (``limit_per_set`` of it) and every image of the folder
+(``score_folder_limit`` of them, chosen by id hash, when set). Before any model loads, the folder is listed and
+its images' headers read: an empty or missing folder, too few InD validation images for the thresholds, and
+images of another size or channel count (converted to the benchmark's, and counted in ``folder_report.json``)
+are reported first. Each detector's threshold keeps 95% of the InD validation samples (a sample is
 "in" when its score is at most the threshold: higher scores mean more OOD);
 the thresholds are stored with the run in ``thresholds.json`` and applied to
 the folder in ``folder_scores.csv`` (one row per image: id = ``folder/<path>``,
@@ -25,6 +28,67 @@ from diffguard_pl.detectors.fused import detector_columns
 
 KEEP = 0.95
 FOLDER = "folder"
+MIN_VALIDATION = 20  # InD validation samples the 95% threshold needs at the least
+
+
+def inspect_folder(folder: str | Path, resolution: int, channels: int) -> dict:
+    """What scoring ``folder`` will do to its images, from their headers (nothing decoded): how many there
+    are, their sizes and modes, and how many are resized or change channel count. ConfigError when the folder
+    is missing or holds no images."""
+    from PIL import Image
+
+    from diffguard_pl.data.image_lists import IMAGE_EXTENSIONS, read_image_folder
+    from diffguard_pl.errors import ConfigError, DataError
+
+    try:
+        entries = read_image_folder(folder)
+    except DataError as error:
+        raise ConfigError(f"score_folder={folder}: {error}") from None
+    if not entries:
+        raise ConfigError(f"score_folder={folder} holds no images ({', '.join(IMAGE_EXTENSIONS)}); point it at a "
+                          f"folder of images")
+    sizes: Dict[str, int] = {}
+    resized = recoloured = unreadable = 0
+    for entry in entries:
+        try:
+            with Image.open(entry.path) as image:
+                size, bands = image.size, len(image.getbands())
+        except OSError:
+            unreadable += 1
+            continue
+        key = f"{size[0]}x{size[1]} {'gray' if bands in (1, 2) else 'color'}"
+        sizes[key] = sizes.get(key, 0) + 1
+        resized += size != (resolution, resolution)
+        recoloured += (bands in (1, 2)) != (channels == 1)
+    return {"folder": str(folder), "images": len(entries), "sizes": sizes, "resized": resized,
+            "channels_converted": recoloured, "unreadable": unreadable,
+            "target": f"{resolution}x{resolution}, {channels} channel{'s' if channels > 1 else ''}"}
+
+
+def describe_conversions(report: dict) -> str:
+    """One line for the console: the folder, its image sizes and what is converted."""
+    sizes = ", ".join(f"{n} of {key}" for key, n in sorted(report["sizes"].items(), key=lambda kv: -kv[1]))
+    changes = []
+    if report["resized"]:
+        changes.append(f"{report['resized']} resized")
+    if report["channels_converted"]:
+        changes.append(f"{report['channels_converted']} converted to the benchmark's channel count")
+    if report["unreadable"]:
+        changes.append(f"{report['unreadable']} unreadable (data.on_error decides)")
+    done = f"; to {report['target']}: {', '.join(changes)}" if changes else " (as the benchmark's images)"
+    return f"score_folder {report['folder']}: {report['images']:,} images ({sizes}){done}"
+
+
+def check_validation_count(available: int, limit: int | None) -> None:
+    """ConfigError before any model work when the InD validation images the run scores are too few for the
+    thresholds."""
+    from diffguard_pl.errors import ConfigError
+
+    count = available if limit is None else min(limit, available)
+    if count < MIN_VALIDATION:
+        raise ConfigError(f"score_folder needs at least {MIN_VALIDATION} InD validation images for its {KEEP:.0%} "
+                          f"thresholds, and this run scores {count} (limit_per_set={limit}, {available} available): "
+                          f"raise limit_per_set or set it to null")
 
 
 def keep_threshold(ind_scores: torch.Tensor, keep: float = KEEP) -> float:
@@ -35,8 +99,9 @@ def keep_threshold(ind_scores: torch.Tensor, keep: float = KEEP) -> float:
 
 def thresholds_from(records: Mapping[str, list], keep: float = KEEP) -> Dict[str, float]:
     val = [i for i, (s, sp) in enumerate(zip(records["set"], records["split"])) if s == IND and sp == "val"]
-    if len(val) < 20:
-        raise ValueError(f"{len(val)} InD validation samples are too few to set a {keep:.0%} threshold (need 20+)")
+    if len(val) < MIN_VALIDATION:
+        raise ValueError(f"{len(val)} InD validation samples are too few to set a {keep:.0%} threshold "
+                         f"(need {MIN_VALIDATION}+)")
     return {d: keep_threshold(torch.tensor([float(records[d][i]) for i in val]), keep)
             for d in detector_columns(records)}
 

@@ -12,14 +12,13 @@ a sample present in several folders is counted once.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import List, Optional
 
 from diffguard_pl.errors import ConfigError
+from diffguard_pl.jobs.outputs import results_of, throughput, write_outputs
 from diffguard_pl.jobs.records import RECORD_DIR, read_records, records_to_columns
-from diffguard_pl.detectors.results import finalize, format_table, write_json, write_scores_csv
 
 
 def merge(folders: List[Path], output: Path) -> dict:
@@ -30,24 +29,9 @@ def merge(folders: List[Path], output: Path) -> dict:
     header, finished, _ = read_records(folders, what="merging")
     rows = sorted(finished.values(), key=lambda r: (r["split"], r["set"], r["id"]))
     records = records_to_columns(rows)
-    results = finalize(records, header["score"], header["groups"], header["split"], 0.0, 0,
-                       header.get("partners", ("ebo",)))
-    for folder in folders:  # the baselines' choice, recorded by each run beside its records
-        saved = folder / "baselines.json"
-        if saved.is_file():
-            content = json.loads(saved.read_text())
-            if content.get("fingerprint") == header["fingerprint"]:
-                results["baselines"] = content["baselines"]
-                break
-    oracle = header.get("config", {}).get("oracle", "none")
-    if oracle != "none":
-        from diffguard_pl.method.oracle import describe
-
-        results["oracle"] = describe(oracle)
-    output.mkdir(parents=True, exist_ok=True)
-    write_json(results, output / "results.json")
-    write_scores_csv(records, output / "scores.csv")
-    print(format_table(results, header["groups"]))
+    results = results_of(records, header, folders)
+    results["throughput"] = throughput(records, 0, 0.0, None)  # the shards' own results.json time them
+    write_outputs(results, records, header, output)
     print(f"merged {len(rows)} samples from {len(folders)} folder(s) into {output}")
     return results
 

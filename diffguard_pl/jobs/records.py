@@ -15,7 +15,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import fields, is_dataclass
+from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -47,7 +47,7 @@ def _drop(tree: dict, dotted: str) -> None:
 
 def _model_files(path: str) -> List[dict]:
     """Size and modification time of a model folder's (or file's) files: a retrained model changes the fingerprint."""
-    from diffguard_pl.models.diffusion import resolve_model_path
+    from diffguard_pl.models.files import resolve_model_path
 
     try:
         root = resolve_model_path(path)  # a Hub id: its snapshot in the local cache
@@ -165,3 +165,33 @@ def records_to_columns(rows: List[dict]) -> Dict[str, list]:
         return {}
     columns = list(rows[0])
     return {c: [r.get(c) for r in rows] for c in columns}
+
+
+@dataclass
+class Work:
+    """What an evaluation run has to do in ``output_dir``: the samples it covers (its shard of ``ids``), those
+    an earlier run with the same fingerprint finished there (resume), and the header its record files carry."""
+
+    header: dict
+    ids: List[str]  # every sample of the evaluated sets, in their order
+    wanted: List[int]  # indices into ids: this run's samples (a shard=i/n run: every n-th)
+    todo: List[int]  # of wanted, those not finished yet
+    previous: Dict[str, list]  # the finished records of wanted samples, as columns
+    torn: int  # torn last lines dropped from record files (an earlier run was killed mid-write)
+
+
+def plan_work(header: dict, ids: List[str], output_dir: Path, resume: bool,
+              part: Optional[Tuple[int, int]]) -> Work:
+    """Resume's one home: read what ``output_dir`` finished under ``header``'s fingerprint (ConfigError naming
+    the differing keys otherwise) and list what is left. ``resume=False`` refuses a folder holding records."""
+    if resume:
+        _, finished, torn = read_records([output_dir], header)
+    elif has_records(output_dir):
+        raise ConfigError(f"{output_dir} holds finished samples of an earlier run and resume=false: "
+                          f"use another output_dir or delete {Path(output_dir) / RECORD_DIR}")
+    else:
+        finished, torn = {}, 0
+    wanted = [i for i in range(len(ids)) if part is None or i % part[1] == part[0]]
+    todo = [i for i in wanted if ids[i] not in finished]
+    previous = records_to_columns([finished[ids[i]] for i in wanted if ids[i] in finished])
+    return Work(header, ids, wanted, todo, previous, torn)

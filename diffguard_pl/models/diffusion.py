@@ -20,7 +20,6 @@ DiT's null class is ``num_embeds_ada_norm`` (the label table's extra row).
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -32,6 +31,7 @@ from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 
 from diffguard_pl.config import DiffusionConfig
 from diffguard_pl.errors import MissingCheckpointError
+from diffguard_pl.models.files import diffusion_folders
 
 META_FILE = "diffguard.json"
 NONFINITE_EPS = "the diffusion model returned NaN or Inf; check the checkpoint and the input range ([-1, 1])"
@@ -250,27 +250,6 @@ def _load_component(directory: Path, allowed: tuple, what: str) -> nn.Module:
     return getattr(diffusers, name).from_pretrained(str(directory), low_cpu_mem_usage=False).eval()
 
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def resolve_model_path(path: str | Path) -> Path:
-    """A local folder as it is; a Hub id (``org/name``) from the local Hugging Face cache, never downloaded."""
-    if Path(path).exists() or not HUB_ID.match(str(path)):
-        return Path(path)
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.constants import HF_HUB_CACHE
-
-    try:
-        return Path(snapshot_download(str(path), local_files_only=True))
-    except Exception as error:  # LocalEntryNotFoundError and friends: not in the cache
-        raise MissingCheckpointError(
-            f"{path} is neither a local folder nor a model in the Hugging Face cache {HF_HUB_CACHE} "
-            f"({type(error).__name__}). Nothing is downloaded at run time: on a machine with internet run "
-            f"`huggingface-cli download {path}` (and copy the cache folder here, or set HF_HOME), or pass the "
-            f"path of a diffusers folder."
-        ) from None
-
-
 def load_diffusion(
     directory: str | Path, num_classes: Optional[int] = None, null_class: Optional[int] = None
 ) -> DiffusionModel:
@@ -281,21 +260,12 @@ def load_diffusion(
     ``num_class_embeds - 1`` and ``num_class_embeds - 1``; for a DiT to
     ``num_embeds_ada_norm`` for both.
     """
-    directory = resolve_model_path(directory)
-    denoiser_dir = next((directory / sub for sub in ("unet", "transformer") if (directory / sub / "config.json").is_file()),
-                        directory if (directory / "config.json").is_file() else None)
-    if denoiser_dir is None:
-        raise MissingCheckpointError(
-            f"No diffusers model at {directory} (expected unet/config.json, transformer/config.json or "
-            f"config.json). Train one with `python train.py --config conf/train_diffusion_uncond.yaml output_dir=OUT` "
-            f"and use OUT/diffusion, or convert a guided-diffusion checkpoint with `python -m diffguard_pl.models.convert`."
-        )
-    unet = _load_component(denoiser_dir, DENOISERS, "denoiser")
-    vae_dir = next((directory / sub for sub in ("vae", "vqvae") if (directory / sub / "config.json").is_file()), None)
-    vae = None if vae_dir is None else _load_component(vae_dir, AUTOENCODERS, "autoencoder")
-    scheduler_dir = directory / "scheduler" if denoiser_dir != directory else directory
-    if (scheduler_dir / "scheduler_config.json").is_file():
-        scheduler = DDPMScheduler.from_pretrained(str(scheduler_dir))
+    folders = diffusion_folders(directory)
+    directory = folders.root
+    unet = _load_component(folders.denoiser, DENOISERS, "denoiser")
+    vae = None if folders.autoencoder is None else _load_component(folders.autoencoder, AUTOENCODERS, "autoencoder")
+    if folders.scheduler is not None:
+        scheduler = DDPMScheduler.from_pretrained(str(folders.scheduler))
     else:
         scheduler = DDPMScheduler()  # diffusers' default linear schedule, as ADM and DDPM use
     meta_path = directory / META_FILE

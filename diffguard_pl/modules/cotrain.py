@@ -23,7 +23,8 @@ from diffusers import DDPMScheduler
 from diffguard_pl.config import ConfigError, CoTrainConfig
 from diffguard_pl.seeding import sample_seed
 from diffguard_pl.method.ddim import predict_x0
-from diffguard_pl.models.diffusion import DiffusionModel, load_diffusion, resolve_model_path
+from diffguard_pl.models.diffusion import DiffusionModel, load_diffusion
+from diffguard_pl.models.files import diffusion_folders
 
 # Salt of the per-sample noise of the x0_pred validation accuracy (distinct from DiffusionModule's val/loss, salt 0).
 VAL_SALT = 8
@@ -83,8 +84,5 @@ def load_diffusion_with_scheduler(directory: str | Path) -> tuple[DiffusionModel
     if model.latent:
         raise ConfigError(f"cotrain.diffusion_path={directory} is a latent diffusion model; co-training and joint "
                           f"training need a pixel-space one (the classifier reads x0_pred as an image)")
-    directory = resolve_model_path(directory)
-    for folder in (directory / "scheduler", directory):
-        if (folder / "scheduler_config.json").is_file():
-            return model, DDPMScheduler.from_pretrained(str(folder))
-    return model, DDPMScheduler()  # load_diffusion's default for folders without a scheduler
+    folder = diffusion_folders(directory).scheduler
+    return model, DDPMScheduler() if folder is None else DDPMScheduler.from_pretrained(str(folder))

@@ -1,16 +1,18 @@
 """DiffGuardEvaluator: the Lightning wrapper whose ``test_step`` runs DiffGuard on a batch.
 
 Each ``test_step`` runs the batched pipeline (inversion and guided synthesis)
-plus the classifier baselines and keeps per-sample records. At the end of the
-epoch the records of every process are gathered, duplicates (a distributed
-sampler's padding) dropped by sample id, and rank 0 computes the metrics once
-over all scores.
+plus the classifier baselines, keeps per-sample records and appends them to the
+run's record files. At the end of the epoch the records of every process are
+gathered and merged with those an earlier run finished (``previous``), one per
+sample id, into ``all_records`` on rank 0, which the callbacks draw and the
+evaluation job turns into results. ``images`` and ``loop_seconds`` time the test
+loop (from the first batch's start to the last batch's end).
 """
 
 from __future__ import annotations
 
 import time
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, List, Optional
 
 import lightning as L
 import torch
@@ -18,11 +20,11 @@ import torch.distributed as dist
 
 from diffguard_pl.method import oracle as oracle_lib
 from diffguard_pl.detectors.baselines import BaselineStats, baseline_scores
-from diffguard_pl.detectors.fused import FUSION_PARTNERS, distance_column, oracle_column
+from diffguard_pl.detectors.fused import distance_column, oracle_column
 from diffguard_pl.errors import UserError
 from diffguard_pl.method.pipeline import DiffGuardPipeline
 from diffguard_pl.jobs.records import RecordWriter
-from diffguard_pl.detectors.results import finalize, merge_records
+from diffguard_pl.detectors.results import merge_records
 
 
 class DiffGuardEvaluator(L.LightningModule):
@@ -30,13 +32,11 @@ class DiffGuardEvaluator(L.LightningModule):
         self,
         pipeline: DiffGuardPipeline,
         baselines: BaselineStats,
-        groups: Mapping[str, str],
         oracle: str = "none",
         split: str = "test",
         previous: Optional[Dict[str, list]] = None,
         record_header: Optional[dict] = None,
         output_dir: Optional[str] = None,
-        partners: Sequence[str] = FUSION_PARTNERS,
     ):
         super().__init__()
         self.pipeline = pipeline
@@ -45,24 +45,36 @@ class DiffGuardEvaluator(L.LightningModule):
         self.vae = pipeline.diffusion.vae
         self.classifier = pipeline.classifier
         self.perceptual = pipeline.perceptual
+        self.encoder = pipeline.encoder
         self.baselines = baselines
-        self.groups = dict(groups)
         self.oracle = oracle
         self.split = split
         self.previous = previous or {}  # records finished by an earlier, interrupted run
         self.record_header, self.output_dir = record_header, output_dir
-        self.partners = list(partners)
         self.writer: Optional[RecordWriter] = None
         self.records: List[Dict[str, list]] = []
-        self.results: Optional[dict] = None
         self.all_records: Optional[Dict[str, list]] = None
+        self.images, self.loop_seconds = 0, 0.0
+        self._loop_started: Optional[float] = None
+        self._loop_ended = 0.0
+
+    def listen_to_steps(self, listener: Optional[Callable[[int, int], None]]) -> None:
+        """``listener(step, steps)`` after every DDIM step of the batch in progress (progress bars); None: stop."""
+        self.pipeline.walker.on_step = listener
 
     def on_test_epoch_start(self) -> None:
-        self.records, self.results, self.all_records = [], None, None
+        self.records, self.all_records = [], None
+        self.images, self.loop_seconds, self._loop_started = 0, 0.0, None
         self.baselines = self.baselines.to(self.device)
-        self._started = time.perf_counter()
         if self.record_header is not None:
             self.writer = RecordWriter(self.output_dir, self.global_rank, self.record_header)
+
+    def on_test_batch_start(self, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if self._loop_started is None:
+            self._loop_started = time.perf_counter()
+
+    def on_test_batch_end(self, outputs, batch: dict, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self._loop_ended = time.perf_counter()
 
     def test_step(self, batch: dict, batch_idx: int) -> dict:
         oracles = oracle_lib.oracles(self.oracle, batch["label"], batch["id"],
@@ -111,21 +123,17 @@ class DiffGuardEvaluator(L.LightningModule):
         return out  # for callbacks: synthesis, reference, curves, pred, ...
 
     def on_test_epoch_end(self) -> None:
-        elapsed = time.perf_counter() - self._started
         if self.writer is not None:
             self.writer.close()
+        self.loop_seconds = self._loop_ended - self._loop_started if self._loop_started is not None else 0.0
         parts = self.records
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
             gathered: List[Optional[List[dict]]] = [None] * dist.get_world_size()
             dist.all_gather_object(gathered, parts)
             parts = [p for rank_parts in gathered for p in rank_parts]
-        new_images = sum(len(p["id"]) for p in parts)
-        records = merge_records([self.previous] + parts)
-        if not self.trainer.is_global_zero:
-            return
-        self.all_records = records
-        self.results = finalize(records, self.pipeline.cfg.score, self.groups, self.split, elapsed, new_images,
-                                self.partners)
+        self.images = sum(len(p["id"]) for p in parts)
+        if self.trainer.is_global_zero:
+            self.all_records = merge_records([self.previous] + parts)
 
     @staticmethod
     def _where(batch: dict, batch_idx: int) -> str:
