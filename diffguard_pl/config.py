@@ -382,9 +382,6 @@ class GuidanceConfig:
     classifier_free: ClassifierFreeConfig = field(default_factory=ClassifierFreeConfig)
 
     def __post_init__(self) -> None:
-        if self.mode == "cfg":
-            raise ConfigError("diffguard.guidance.mode=cfg is not allowed (cfg names the config): "
-                              "use diffguard.guidance.mode=classifier_free")
         _check_choice("diffguard.guidance.mode", self.mode, ["classifier", "classifier_free"])
         _check_positive("diffguard.guidance.scale", self.scale, allow_zero=True)
         _check_choice("diffguard.guidance.clean", self.clean, ["x0_pred", "blend", "noisy"])
@@ -484,9 +481,6 @@ class DiffGuardConfig:
     def __post_init__(self) -> None:
         _check_choice("diffguard.ladder", self.ladder, ["symmetric", "released"])
         _check_choice("diffguard.handoff", self.handoff, ["exact", "released"])
-        if str(self.clip_x0).lower() in ("true", "false"):
-            raise ConfigError(f"diffguard.clip_x0={self.clip_x0} is no longer a switch: use one of {CLIP_X0} "
-                              f"(both: the released order in both directions)")
         _check_choice("diffguard.clip_x0", self.clip_x0, CLIP_X0)
         # Levels: num_steps spaced timesteps above the clean level; the released ladder treats the input as
         # the first of them, the released handoff starts synthesis one level higher.
@@ -589,10 +583,6 @@ class EvalConfig(RunConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_choice("split", self.split, ["test", "val"])
-        if str(self.oracle).lower() in ("true", "false"):
-            raise ConfigError(f"oracle={self.oracle} is no longer a switch: use oracle=ind (true labels for InD "
-                              f"samples, the earlier oracle=true), oracle=paper (the paper's: also a random label "
-                              f"for every OOD sample), oracle=both or oracle=none")
         _check_choice("oracle", self.oracle, ["none", "ind", "paper", "both"])
         _check_positive("limit_per_set", self.limit_per_set, allow_none=True)
         for partner in self.fusion_partners:

@@ -60,7 +60,7 @@ BAD = [
     (["shard=2/2"], "shard='2/2'"),
     (["shard=half"], "shard='half'"),
     (["diffguard.depth=60"], "diffguard.depth=60"),
-    (["oracle=true"], "oracle=ind"),
+    (["oracle=true"], "oracle='True' is not allowed; choose one of"),
     (["diffguard.clip_x0=true"], "diffguard.clip_x0"),
     (["data.resolution=32"], "data.resolution=32"),
     (["data.channels=3"], "data.channels=3"),

@@ -1,8 +1,10 @@
+import re
+
 import pytest
 from omegaconf import OmegaConf
 
 from diffguard_pl import config as config_lib
-from diffguard_pl.config import ConfigError, TrainConfig
+from diffguard_pl.config import ConfigError, EvalConfig, TrainConfig
 
 from helpers.paths import ROOT
 
@@ -53,15 +55,14 @@ def test_bad_choice_is_named():
         load("task=classifier", "logger=tensorboard")
 
 
-def test_guidance_mode_cfg_names_its_new_value():
-    """``cfg`` means the config; classifier-free guidance is ``classifier_free``."""
-    from diffguard_pl.config import EvalConfig
-
-    with pytest.raises(ConfigError, match="use diffguard.guidance.mode=classifier_free"):
-        config_lib.load(EvalConfig, ["diffguard.guidance.mode=cfg"], None)
-    cfg = config_lib.load(EvalConfig, ["diffguard.guidance.mode=classifier_free",
-                                       "diffguard.guidance.classifier_free.omega=3"], None)
-    assert cfg.diffguard.guidance.mode == "classifier_free" and cfg.diffguard.guidance.classifier_free.omega == 3
+@pytest.mark.parametrize("override, key", [
+    ("oracle=true", "oracle"), ("diffguard.clip_x0=true", "diffguard.clip_x0"),
+    ("diffguard.guidance.mode=cfg", "diffguard.guidance.mode"),
+])
+def test_retired_values_get_the_plain_choice_error(override, key):
+    """Values of earlier versions (oracle and clip_x0 as switches, mode=cfg) have no special message any more."""
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}=.* is not allowed; choose one of \["):
+        config_lib.load(EvalConfig, [override], None)
 
 
 def test_override_without_equals_sign():
