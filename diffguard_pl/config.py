@@ -9,6 +9,7 @@ before any work starts.
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,6 +23,7 @@ from diffguard_pl.errors import ConfigError  # noqa: F401  (re-exported: the sch
 T = TypeVar("T")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the folder holding conf/ and checkpoints/
 EMBEDDED = PROJECT_ROOT / "checkpoints"
+PRESETS = PROJECT_ROOT / "conf"  # --config NAME finds conf/NAME.yaml here
 
 
 def _check_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
@@ -627,13 +629,29 @@ def resolve_paths(tree: DictConfig, base: Path) -> None:
         OmegaConf.update(tree, key, str(candidate), merge=False)
 
 
+def find_config_file(name: str | Path) -> Path:
+    """A config file as given, else the project's preset of that name: ``fashion_gdm``, ``fashion_gdm.yaml`` and
+    ``conf/fashion_gdm.yaml`` all name conf/fashion_gdm.yaml from any working directory. ConfigError otherwise,
+    suggesting the closest preset names."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    stem = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
+    preset = PRESETS / f"{stem}.yaml"
+    if path.parent in (Path("."), Path("conf")) and preset.is_file():
+        return preset
+    names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+    close = difflib.get_close_matches(stem, names, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}?" if close else f"the presets are {', '.join(names)}"
+    raise ConfigError(f"config file {name} does not exist and names no preset in {PRESETS}: {hint} "
+                      f"(--config takes a YAML path or a preset's name)")
+
+
 def compose(schema: Type[T], config_files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> DictConfig:
     """Merge YAML files then ``key=value`` overrides onto the schema's defaults."""
     cfg = OmegaConf.structured(schema)
-    for path in config_files:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist (presets live in conf/)")
+    for name in config_files:
+        path = find_config_file(name)
         try:
             loaded = OmegaConf.load(path)
             resolve_paths(loaded, project_root(path))

@@ -61,6 +61,7 @@ BAD = [
     (["shard=half"], "shard='half'"),
     (["diffguard.depth=60"], "diffguard.depth=60"),
     (["oracle=true"], "oracle='True' is not allowed; choose one of"),
+    (["--config", "fashion_gmd"], "did you mean fashion_gdm"),
     (["diffguard.clip_x0=true"], "diffguard.clip_x0"),
     (["data.resolution=32"], "data.resolution=32"),
     (["data.channels=3"], "data.channels=3"),

@@ -94,3 +94,24 @@ def test_saved_config_round_trips(tmp_path):
     config_lib.save(cfg, tmp_path / "config.yaml")
     again = load(files=[tmp_path / "config.yaml"])
     assert OmegaConf.structured(again) == OmegaConf.structured(cfg)
+
+
+# ------------------------------------------------------------------------------------- preset names
+
+
+@pytest.mark.parametrize("name", ["fashion_gdm", "fashion_gdm.yaml", "conf/fashion_gdm.yaml"])
+def test_a_preset_is_found_by_its_name_from_any_folder_after_a_file_of_that_name(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    by_path = config_lib.load(EvalConfig, [f"--config={ROOT / 'conf' / 'fashion_gdm.yaml'}"], None)
+    assert config_lib.load(EvalConfig, ["--config", name], None) == by_path
+    (tmp_path / name).parent.mkdir(exist_ok=True)
+    (tmp_path / name).write_text("diffguard:\n  depth: 3\n")  # a file the name points at comes first
+    assert config_lib.load(EvalConfig, ["--config", name], None).diffguard.depth == 3
+
+
+def test_an_unknown_config_name_suggests_the_closest_presets():
+    with pytest.raises(ConfigError, match=r"fashion_gmd .*did you mean fashion_gdm\b"):
+        config_lib.load(EvalConfig, ["--config", "fashion_gmd"], None)
+    with pytest.raises(ConfigError) as info:  # nothing close: every preset is listed
+        config_lib.load(EvalConfig, ["--config", "qqqq"], None)
+    assert all(p.stem in str(info.value) for p in (ROOT / "conf").glob("*.yaml"))
