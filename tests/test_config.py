@@ -1,10 +1,14 @@
+import ast
 import re
+from dataclasses import MISSING, fields, is_dataclass
 
 import pytest
 from omegaconf import OmegaConf
 
+from diffguard_pl import cli
 from diffguard_pl import config as config_lib
-from diffguard_pl.config import ConfigError, EvalConfig, TrainConfig
+from diffguard_pl.config import ConfigError, EvalConfig, TrainConfig, DiffGuardConfig
+from diffguard_pl.jobs.calibration import CalibrationConfig
 
 from helpers.paths import ROOT
 
@@ -115,3 +119,99 @@ def test_an_unknown_config_name_suggests_the_closest_presets():
     with pytest.raises(ConfigError) as info:  # nothing close: every preset is listed
         config_lib.load(EvalConfig, ["--config", "qqqq"], None)
     assert all(p.stem in str(info.value) for p in (ROOT / "conf").glob("*.yaml"))
+
+
+# --------------------------------------------------------------------------------- --help explains every key
+
+ROOTS = {"evaluate": EvalConfig, "train": TrainConfig, "calibration": CalibrationConfig}
+
+
+def walk(schema, prefix=""):
+    """(dotted key, field, the dataclass declaring it, its group class or None) for every field, groups recursed."""
+    for f in fields(schema):
+        group = type(f.default_factory()) if f.default_factory is not MISSING else None
+        group = group if group is not None and is_dataclass(group) else None
+        yield f"{prefix}{f.name}", f, schema, group
+        if group is not None:
+            yield from walk(group, f"{prefix}{f.name}.")
+
+
+def help_entries(schema, argv=(), default_config=None):
+    """The --help answer split into entries: {dotted key: its (unwrapped) line}."""
+    text = cli.help_text(schema, "prog", list(argv), default_config)
+    entries = {}
+    for line in text.splitlines():
+        if line.startswith("  ") and not line.startswith("      "):
+            key = line.split()[0]
+            entries[key] = line.strip()
+        elif line.startswith("      ") and entries:
+            entries[key] += " " + line.strip()
+    return text, entries
+
+
+@pytest.mark.parametrize("schema", ROOTS.values(), ids=ROOTS.keys())
+def test_every_key_has_help_text_and_every_group_a_heading(schema):
+    bare = [key for key, f, owner, group in walk(schema) if group is None and not cli.field_help(owner).get(f.name)]
+    assert not bare, f"keys without help text: {bare}"
+    for key, _, _, group in walk(schema):
+        if group is not None:
+            heading = cli.group_summary(group)
+            assert heading.endswith(".") and not heading.startswith(group.__name__), (key, heading)
+
+
+@pytest.mark.parametrize("schema", ROOTS.values(), ids=ROOTS.keys())
+def test_help_is_whole_and_points_at_nothing_missing(schema):
+    text, entries = help_entries(schema)
+    leaves = {key for key, _, _, group in walk(schema) if group is None}
+    assert leaves <= set(entries)
+    assert "???" not in text and "see above" not in text and "<factory>" not in text
+
+
+PROBES = {"str": "zz_no_such_choice", "Optional[str]": "zz_no_such_choice", "int": -987, "List[str]": ["zz_no_choice"]}
+
+
+@pytest.mark.parametrize("schema", ROOTS.values(), ids=ROOTS.keys())
+def test_help_lists_every_choice_the_schema_accepts(schema):
+    """Probe each key with a value outside any choice list: where the schema answers "choose one of [...]",
+    the key's help must name every one of those choices."""
+    _, entries = help_entries(schema)
+    checked = 0
+    for key, f, owner, group in walk(schema):
+        if group is not None or f.type not in PROBES:
+            continue
+        required = {"task": "classifier"} if "task" in {g.name for g in fields(owner)} and f.name != "task" else {}
+        try:
+            owner(**required, **{f.name: PROBES[f.type]})
+            continue
+        except ConfigError as error:
+            found = re.search(r"choose one of (\[.*?\])", str(error))
+        if found:
+            checked += 1
+            meaning = entries[key].split("):", 1)[1]
+            missing = [c for c in ast.literal_eval(found.group(1))
+                       if not re.search(rf"\b{re.escape(str(c))}\b", meaning)]
+            assert not missing, f"{key}: the help does not name {missing}: {entries[key]}"
+    assert checked >= 10
+
+
+def test_help_shows_the_given_presets_values():
+    preset = ROOT / "conf" / "fashion_gdm.yaml"
+    depth, schema_depth = OmegaConf.load(preset).diffguard.depth, DiffGuardConfig().depth
+    assert depth != schema_depth
+    _, entries = help_entries(EvalConfig, ["--config", "fashion_gdm"], str(ROOT / "conf" / "digits_gdm.yaml"))
+    assert entries["diffguard.depth"].startswith(f"diffguard.depth (int, default {depth} [schema {schema_depth}])")
+    composed = config_lib.merge(EvalConfig, [preset])
+    for key, _, _, group in walk(EvalConfig):
+        if group is None:
+            value = OmegaConf.select(composed, key)
+            value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+            assert f", default {cli.show_value(value)}" in entries[key], entries[key]
+
+
+def test_help_without_a_config_file_shows_a_required_key_as_required(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("seed: 1\n")
+    _, entries = help_entries(TrainConfig, ["--config", str(empty)])
+    assert entries["task"].startswith("task (str, required):")
+    _, entries = help_entries(TrainConfig, [], str(ROOT / "conf" / "train_classifier.yaml"))
+    assert entries["task"].startswith("task (str, default classifier [schema: required]):")
