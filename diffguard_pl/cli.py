@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Type
 
 from omegaconf import MISSING as REQUIRED
+from omegaconf import OmegaConf
 
 from diffguard_pl import config as config_lib
 from diffguard_pl.errors import RunInterrupted, UserError
@@ -118,8 +119,6 @@ def describe_schema(schema: Type, values: Any = None, prefix: str = "") -> List[
 
     ``values`` (a composed DictConfig of ``schema``) supplies the defaults shown; where they differ from the
     schema's, the schema's follows in brackets. A required key without a value shows ``required``."""
-    from omegaconf import OmegaConf
-
     values = OmegaConf.structured(schema) if values is None else values
     given = OmegaConf.to_container(values, resolve=True)
     helps, lines, groups = field_help(schema), [], []
@@ -156,7 +155,7 @@ def help_text(schema: Type, program: str, argv: Sequence[str], default_config: O
     files, overrides = config_lib.parse_argv(argv, default_config)
     values = config_lib.merge(schema, files, overrides)
     width = max(60, min(shutil.get_terminal_size((100, 24)).columns, 120))
-    default_name = Path(default_config).stem if default_config else "fashion_gdm"
+    default_name = Path(default_config).stem if default_config else "none"
     source = " + ".join(Path(f).name for f in files) or "no config file"
     if overrides:
         source += " + " + " ".join(overrides)
@@ -165,9 +164,9 @@ def help_text(schema: Type, program: str, argv: Sequence[str], default_config: O
         "",
         textwrap.fill((inspect.getdoc(schema) or "").replace("``", ""), width),
         "",
-        textwrap.fill(f"--config FILE  a YAML file or the name of a preset in conf/ (e.g. {default_name}), "
-                      "merged onto the schema's defaults; may be repeated (merged in order). key=value arguments "
-                      "override on top; lists are written [a,b], None is written null.", width,
+        textwrap.fill(f"--config FILE  a YAML file or the name of a preset in conf/ (without --config: "
+                      f"{default_name}), merged onto the schema's defaults; may be repeated (merged in order). "
+                      "key=value arguments override on top; lists are written [a,b], None is written null.", width,
                       subsequent_indent=" " * 15),
         "",
         textwrap.fill(f"Keys: name (type, default: the value a run gets from {source}; [schema X] where that "
@@ -190,8 +189,6 @@ def run(schema: Type, job: Callable[[Any], Any], argv: Sequence[str], default_co
             return 0
         cfg = config_lib.load(schema, argv, default_config)
         if getattr(cfg, "print_config", False):
-            from omegaconf import OmegaConf
-
             print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
             return 0
         job(cfg)
