@@ -16,6 +16,7 @@ import ast
 import functools
 import inspect
 import io
+import os
 import re
 import shutil
 import sys
@@ -178,6 +179,14 @@ def help_text(schema: Type, program: str, argv: Sequence[str], default_config: O
 # -------------------------------------------------------------------------------------------------- running
 
 
+def _print_to_reader(text: str) -> None:
+    """Print, also to a reader that stops early (``--help | head``): then the rest is dropped without a traceback."""
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
+
+
 def run(schema: Type, job: Callable[[Any], Any], argv: Sequence[str], default_config: str,
         program: str = "") -> int:
     """Parse, answer --help / print_config, run ``job(cfg)``; returns the process's exit code."""
@@ -185,7 +194,7 @@ def run(schema: Type, job: Callable[[Any], Any], argv: Sequence[str], default_co
     try:
         if "-h" in argv or "--help" in argv:
             rest = [a for a in argv if a not in ("-h", "--help")]
-            print(help_text(schema, program or sys.argv[0], rest, default_config))
+            _print_to_reader(help_text(schema, program or sys.argv[0], rest, default_config))
             return 0
         cfg = config_lib.load(schema, argv, default_config)
         if getattr(cfg, "print_config", False):

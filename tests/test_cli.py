@@ -45,6 +45,15 @@ def test_help_lists_every_key_without_importing_torch(argv):
     assert f"diffguard.depth (int, default {preset.diffguard.depth} [schema {DiffGuardConfig().depth}])" in text
 
 
+def test_help_into_a_reader_that_stops_early_ends_quietly():
+    """``evaluate.py --help | head``: the reader is gone before the help is written; no traceback, exit code 0."""
+    process = subprocess.Popen([sys.executable, str(ROOT / "evaluate.py"), "--help"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, cwd=ROOT)
+    process.stdout.close()
+    assert process.wait(timeout=60) == 0
+    assert process.stderr.read() == b""
+
+
 def test_print_config_prints_the_resolved_config_and_stops(tmp_path):
     result = run("print_config=true", "diffguard.depth=7", f"output_dir={tmp_path / 'out'}")
     assert result.returncode == 0, result.stderr
