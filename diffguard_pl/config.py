@@ -9,10 +9,11 @@ before any work starts.
 from __future__ import annotations
 
 import argparse
+import difflib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Type, TypeVar
+from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, TypeVar
 
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
@@ -22,6 +23,7 @@ from diffguard_pl.errors import ConfigError  # noqa: F401  (re-exported: the sch
 T = TypeVar("T")
 PROJECT_ROOT = Path(__file__).resolve().parent.parent  # the folder holding conf/ and checkpoints/
 EMBEDDED = PROJECT_ROOT / "checkpoints"
+PRESETS = PROJECT_ROOT / "conf"  # --config NAME finds conf/NAME.yaml here
 
 
 def _check_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
@@ -76,26 +78,34 @@ class DataConfig:
           ood: {my_set: {group: far, val: null, test: {folder: my_set_images}}}
     """
 
-    benchmark: str = "digits"  # digits | fashion (embedded) | cifar10 | imagenet (OpenOOD lists) | lists
-    resolution: int = 16  # every set is resized to resolution x resolution (the diffusion model's size)
-    channels: int = 1  # 1 (grayscale) or 3 (RGB)
-    seed: int = 0  # fixes splits and the generated OOD sets
-    root: Optional[str] = None  # data root of file benchmarks (cifar10, imagenet, lists)
-    definition: Optional[Dict[str, Any]] = None  # benchmark=lists: sets as list files or folders (see above)
-    preprocess: Optional[str] = None  # resize | resize_center_crop; None: the benchmark's standard one
-    resize: Optional[int] = None  # resize_center_crop: shorter side before the crop; None: the standard ratio
-    on_error: str = "raise"  # raise: bad list lines / unreadable images stop the run; skip: dropped and counted
+    benchmark: str = "digits"  # digits | fashion (embedded, built from installed packages) | cifar10 | imagenet
+                               # (OpenOOD v1.5 image lists under data.root) | lists (your own, see data.definition)
+    resolution: int = 16  # side in pixels every set is resized to (resolution x resolution: the diffusion model's)
+    channels: int = 1  # 1 (grayscale) | 3 (RGB)
+    seed: int = 0  # fixes the InD / OOD splits and the generated OOD sets
+    root: Optional[str] = None  # data folder. cifar10 / imagenet: OpenOOD's (benchmark_imglist/, images_classic/,
+                                # images_largescale/); lists: the base of relative paths; fashion: a folder with
+                                # Fashion-MNIST's IDX files (null: Debian's dataset-fashion-mnist package);
+                                # digits: unused
+    definition: Optional[Dict[str, Any]] = None  # benchmark=lists only: {num_classes: N, ind: {train, val, test},
+                                                 # ood: {NAME: {group: near | far, val, test}}}, each split a
+                                                 # {list: FILE, data_dir: DIR} or a {folder: DIR} (or null)
+    preprocess: Optional[str] = None  # resize | resize_center_crop; null: the benchmark's standard one
+    resize: Optional[int] = None  # resize_center_crop: shorter side in pixels before the crop; null: the standard ratio
+    on_error: str = "raise"  # raise (bad list lines / unreadable images stop the run) | skip (dropped and counted)
     allow_grayscale: bool = False  # convert grayscale images in an RGB benchmark (counted in results.json)
-    verify_files: Optional[bool] = None  # decode every image up front; None: only with on_error=skip
+    verify_files: Optional[bool] = None  # decode every image up front; null: only with on_error=skip
     decode_workers: int = neutral(4)  # threads that verify images up front
-    ind_classes: List[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5])
-    near_ood_classes: List[int] = field(default_factory=lambda: [6, 7, 8, 9])
-    val_fraction: float = 0.15  # of the InD images, stratified by class
-    test_fraction: float = 0.25
-    ood_samples_per_set: int = 300  # before the OOD val / test split
-    ood_val_fraction: float = 0.2
-    batch_size: int = neutral(64)  # training batches
-    eval_batch_size: int = neutral(64)  # evaluation batches (a GPU takes 256 or more)
+    ind_classes: List[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5])  # digits / fashion: the source
+                                                                                # labels that are InD (relabelled 0..)
+    near_ood_classes: List[int] = field(default_factory=lambda: [6, 7, 8, 9])  # digits / fashion: the labels of
+                                                                               # the near-OOD set
+    val_fraction: float = 0.15  # share of the InD training images held out for validation, stratified by class
+    test_fraction: float = 0.25  # digits: share of the InD images held out for testing (fashion: the official test set)
+    ood_samples_per_set: int = 300  # images per generated OOD set (digits: also caps digits_6to9), before the split
+    ood_val_fraction: float = 0.2  # share of every OOD set drawn for its validation split (the rest is test)
+    batch_size: int = neutral(64)  # images per training batch
+    eval_batch_size: int = neutral(64)  # images per evaluation batch (a GPU takes 256 or more)
     num_workers: int = neutral(0)  # DataLoader worker processes
 
     def __post_init__(self) -> None:
@@ -126,12 +136,14 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    name: str = "adamw"
-    lr: float = 1e-3
-    weight_decay: float = 0.01
+    """The optimiser and its learning-rate schedule."""
+
+    name: str = "adamw"  # adamw | sgd (Nesterov momentum)
+    lr: float = 1e-3  # peak learning rate, reached after the warmup
+    weight_decay: float = 0.01  # decoupled (AdamW) or L2 (SGD) weight decay
     momentum: float = 0.9  # sgd only
-    scheduler: str = "cosine"  # cosine | constant, both after a linear warmup
-    warmup_steps: int = 100
+    scheduler: str = "cosine"  # cosine (decay to 0 at the last step) | constant, both after a linear warmup
+    warmup_steps: int = 100  # optimiser steps of linear warmup from 0 to lr
 
     def __post_init__(self) -> None:
         _check_choice("optim.name", self.name, ["adamw", "sgd"])
@@ -140,17 +152,20 @@ class OptimConfig:
 
 @dataclass
 class ClassifierConfig:
-    """A timm classifier; ``arch`` is any name ``timm.create_model`` knows."""
+    """The classifier (or the contrastive encoder's backbone): a timm model."""
 
-    arch: str = "diffguard_resnet_tiny"
-    pretrained_path: Optional[str] = None  # local weights (safetensors or torch state dict)
-    mean: Optional[List[float]] = None  # default: 0.5 per channel
-    std: Optional[List[float]] = None
-    input_size: Optional[int] = None  # default: data.resolution
-    drop_rate: float = 0.0
-    label_smoothing: float = 0.0
-    augment_shift: int = 1  # random translation in pixels during training
-    timm_kwargs: Dict[str, Any] = field(default_factory=dict)
+    arch: str = "diffguard_resnet_tiny"  # any name timm.create_model knows (diffguard_resnet_tiny: this
+                                         # project's small ResNet)
+    pretrained_path: Optional[str] = None  # local weights to start from (safetensors or torch state dict); a
+                                           # different head is replaced; null: random initialisation
+    mean: Optional[List[float]] = None  # normalisation mean per channel of [0, 1] images; null: 0.5 per channel
+    std: Optional[List[float]] = None  # normalisation standard deviation per channel; null: 0.5 per channel
+    input_size: Optional[int] = None  # side in pixels the classifier sees; null: data.resolution
+    drop_rate: float = 0.0  # dropout before the classification head (timm's drop_rate)
+    label_smoothing: float = 0.0  # of the cross-entropy targets, in [0, 1)
+    augment_shift: int = 1  # random translation in pixels during training (0: none)
+    timm_kwargs: Dict[str, Any] = field(default_factory=dict)  # further timm.create_model arguments,
+                                                               # e.g. {drop_path_rate: 0.1}
 
 
 @dataclass
@@ -158,16 +173,16 @@ class DiffusionConfig:
     """A diffusers UNet2DModel trained as an epsilon-predicting DDPM."""
 
     conditional: bool = False  # class-conditional with a null class for classifier-free guidance
-    block_out_channels: List[int] = field(default_factory=lambda: [32, 64, 64])
-    layers_per_block: int = 2
-    attention_levels: List[bool] = field(default_factory=lambda: [False, False, True])
-    attention_head_dim: int = 32
-    num_train_timesteps: int = 1000
-    beta_schedule: str = "squaredcos_cap_v2"
-    label_dropout: float = 0.1  # probability of replacing the label by the null class
-    ema_decay: float = 0.999
+    block_out_channels: List[int] = field(default_factory=lambda: [32, 64, 64])  # UNet channels per resolution level
+    layers_per_block: int = 2  # residual blocks per level
+    attention_levels: List[bool] = field(default_factory=lambda: [False, False, True])  # self-attention per level
+    attention_head_dim: int = 32  # channels per attention head
+    num_train_timesteps: int = 1000  # timesteps of the DDPM training schedule
+    beta_schedule: str = "squaredcos_cap_v2"  # linear | scaled_linear | squaredcos_cap_v2 (cosine)
+    label_dropout: float = 0.1  # probability of replacing the label by the null class, in [0, 1)
+    ema_decay: float = 0.999  # of the exponential moving average of the weights (the exported model)
     dropout: float = 0.0  # inside the UNet's residual blocks
-    augment_shift: int = 0  # random translation in pixels of training images
+    augment_shift: int = 0  # random translation in pixels of training images (0: none)
 
     def __post_init__(self) -> None:
         if len(self.attention_levels) != len(self.block_out_channels):
@@ -183,21 +198,24 @@ class DiffusionConfig:
 
 @dataclass
 class TrainerConfig:
-    """Passed to ``lightning.Trainer``."""
+    """Where and how long Lightning runs (passed to lightning.Trainer)."""
 
-    accelerator: str = neutral("cpu")  # cpu | gpu | auto
+    accelerator: str = neutral("cpu")  # cpu | gpu | auto (any name lightning.Trainer takes)
     devices: int = neutral(1)  # processes (GPUs) per node; -1: all
-    num_nodes: int = neutral(1)
-    strategy: str = neutral("auto")  # auto | ddp | ...
-    precision: str = "32-true"  # 32-true | 64-true | bf16-mixed ...: changes the scores
-    max_steps: int = neutral(-1)
-    max_epochs: Optional[int] = neutral(None)
-    log_every_n_steps: int = neutral(20)
-    check_val_every_n_epoch: int = neutral(1)
-    limit_train_batches: Optional[float] = neutral(None)
-    limit_val_batches: Optional[float] = neutral(None)
-    enable_progress_bar: bool = neutral(True)
-    deterministic: bool = neutral(False)
+    num_nodes: int = neutral(1)  # machines of a multi-node run
+    strategy: str = neutral("auto")  # auto | ddp | any other strategy name lightning.Trainer takes
+    precision: str = "32-true"  # 32-true | 64-true | bf16-mixed | 16-mixed (Lightning's names); changes the scores
+    max_steps: int = neutral(-1)  # train.py: stop after this many optimiser steps; -1: no limit (max_epochs decides)
+    max_epochs: Optional[int] = neutral(None)  # train.py: stop after this many epochs; null: Lightning's default
+                                               # (1000) unless max_steps is set
+    log_every_n_steps: int = neutral(20)  # train.py: training metrics are logged every this many steps
+    check_val_every_n_epoch: int = neutral(1)  # train.py: validate after every this many epochs
+    limit_train_batches: Optional[float] = neutral(None)  # train.py: batches per epoch, a share in [0, 1] (1: all)
+                                                          # or a whole count above 1; null: all
+    limit_val_batches: Optional[float] = neutral(None)  # train.py: validation batches, a share in [0, 1] (1: all)
+                                                        # or a whole count above 1; null: all
+    enable_progress_bar: bool = neutral(True)  # Lightning's progress bar on the console
+    deterministic: bool = neutral(False)  # train.py: deterministic algorithms only (slower; torch may refuse some)
     checkpoint_every_n_steps: int = neutral(200)  # train.py: OUT/checkpoints/last.ckpt this often (and at the end)
 
     def __post_init__(self) -> None:
@@ -211,11 +229,13 @@ class TrainerConfig:
 
 @dataclass
 class WandbConfig:
-    project: str = "diffguard_pl"
-    entity: Optional[str] = None
-    name: Optional[str] = None
-    tags: List[str] = field(default_factory=list)
-    offline: bool = True  # works without an account; `wandb sync` uploads later
+    """Weights & Biases, used with logger=wandb."""
+
+    project: str = "diffguard_pl"  # W&B project the run belongs to
+    entity: Optional[str] = None  # W&B user or team; null: your default entity
+    name: Optional[str] = None  # the run's display name; null: W&B picks one
+    tags: List[str] = field(default_factory=list)  # labels to filter runs by, e.g. [fashion,smoke]
+    offline: bool = True  # true: written under OUT/wandb/ without an account (`wandb sync` uploads later)
 
 
 @dataclass
@@ -224,9 +244,9 @@ class RunConfig:
 
     output_dir: str = neutral("outputs/run")  # where every output of the run goes (made if missing)
     seed: int = 0  # Lightning's global seed (per-sample randomness is seeded by sample id)
-    logger: str = neutral("csv")  # csv | wandb (offline unless wandb.offline=false)
-    verbose: bool = neutral(False)  # show Lightning's start-up lines, tips and warnings
-    print_config: bool = neutral(False)  # print the resolved config and exit
+    logger: str = neutral("csv")  # csv (OUT/logs/metrics.csv) | wandb (offline unless wandb.offline=false)
+    verbose: bool = neutral(False)  # show Lightning's start-up lines, model summary, tips and warnings
+    print_config: bool = neutral(False)  # print the resolved config as YAML and stop (nothing is written)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     wandb: WandbConfig = neutral(factory=WandbConfig)
@@ -249,13 +269,16 @@ class CoTrainConfig:
     """
 
     diffusion_path: str = str(EMBEDDED / "digits" / "diffusion_uncond")  # diffusers folder to load
-    t_min: int = 0
-    t_max: int = 700  # the embedded preset's synthesis starts at timestep 680 (depth 35 of 50)
-    weight: float = 0.5  # share of the clean-estimate term in the classifier's loss
-    clean: str = "x0_pred"  # what the classifier sees: x0_pred | blend (f x0_pred + (1-f) x_t, as guidance does)
+    t_min: int = 0  # lowest timestep x_t is drawn at, in the diffusion model's training timesteps (0: clean)
+    t_max: int = 700  # highest timestep x_t is drawn at (inclusive). Cover the timestep the evaluation's
+                      # synthesis starts from: about diffguard.depth / diffguard.num_steps of the training
+                      # schedule's length (diffusion.num_train_timesteps)
+    weight: float = 0.5  # share of the clean-estimate term in the classifier's loss, in [0, 1]
+    clean: str = "x0_pred"  # what the classifier sees: x0_pred | blend (f x0_pred + (1-f) x_t with
+                            # f = sqrt(1 - alpha_bar_t), as guidance does)
     clamp: bool = False  # clamp the clean estimate to [-1, 1]; guidance does not, so off by default
     diffusion_lr: float = 1e-4  # joint: AdamW lr of the UNet (same warmup / schedule as optim)
-    diffusion_weight_decay: float = 0.0
+    diffusion_weight_decay: float = 0.0  # joint: AdamW weight decay of the UNet
     ce_weight: float = 0.01  # joint: weight of the classifier's CE in the UNet's loss
     ema_decay: float = 0.99  # joint: EMA of the fine-tuned UNet (starts at the loaded weights), exported; 0 = raw
 
@@ -273,22 +296,22 @@ class CoTrainConfig:
 
 @dataclass
 class ContrastiveConfig:
-    """The contrastive encoder (task=contrastive, diffguard_pl/modules/contrastive.py), trained on InD training
-    images only; its backbone is ``classifier.arch``.
+    """The contrastive encoder (task=contrastive), trained on InD training images only.
 
-    Two views per image: a random square crop (area fraction >= ``crop_min_scale``) resized back, mirrored
-    with probability 1/2 (``flip``), contrast / brightness jitter of strength ``jitter``, and a light blur with
-    probability ``blur_probability``. ``supervised``: views of images of the same InD class are positives
-    (supervised contrastive loss); false: only the two views of one image (SimCLR).
+    Its backbone is ``classifier.arch`` (diffguard_pl/modules/contrastive.py). Two views per image: a random
+    square crop (area fraction >= ``crop_min_scale``) resized back, mirrored with probability 1/2 (``flip``),
+    contrast / brightness jitter of strength ``jitter``, and a light blur with probability ``blur_probability``.
+    ``supervised``: views of images of the same InD class are positives (supervised contrastive loss); false:
+    only the two views of one image (SimCLR).
     """
 
-    supervised: bool = True
-    temperature: float = 0.1
+    supervised: bool = True  # true: supervised contrastive (same InD class = positive); false: SimCLR
+    temperature: float = 0.1  # of the contrastive softmax, > 0 (lower: sharper)
     projection_dim: int = 64  # output of the projection head (used in training only)
-    crop_min_scale: float = 0.6
-    flip: bool = True
-    jitter: float = 0.4
-    blur_probability: float = 0.5
+    crop_min_scale: float = 0.6  # smallest area fraction of a view's random square crop, in (0, 1]
+    flip: bool = True  # mirror each view with probability 1/2
+    jitter: float = 0.4  # strength of the contrast / brightness jitter, in [0, 1)
+    blur_probability: float = 0.5  # probability of a light blur per view, in [0, 1]
 
     def __post_init__(self) -> None:
         _check_positive("contrastive.temperature", self.temperature)
@@ -303,11 +326,13 @@ class ContrastiveConfig:
 class TrainConfig(RunConfig):
     """Root schema of ``train.py``: a classifier, a diffusion model, or both (co-training, joint training)."""
 
-    task: str = MISSING  # classifier | diffusion | cotrain (classifier, frozen diffusion) | joint (both) | contrastive
+    task: str = MISSING  # what to train: classifier | diffusion | cotrain (a classifier on a frozen diffusion
+                         # model's clean estimates too) | joint (classifier and diffusion model together) |
+                         # contrastive (the encoder of distance contrastive)
     output_dir: str = neutral("outputs/train")  # checkpoints/, the exported model, logs, metrics.json
-    resume: Optional[str] = None  # a Lightning checkpoint (e.g. OUTPUT/checkpoints/last.ckpt)
-    monitor: Optional[str] = None  # e.g. val/loss: export the best checkpoint by this metric, not the last
-    monitor_mode: str = "min"  # min | max
+    resume: Optional[str] = None  # continue from a Lightning checkpoint (e.g. OUT/checkpoints/last.ckpt); null: start
+    monitor: Optional[str] = None  # a validation metric, e.g. val/loss: export the best weights by it; null: the last
+    monitor_mode: str = "min"  # min | max: whether a lower or a higher monitor value is better
     optim: OptimConfig = field(default_factory=OptimConfig)
     classifier: ClassifierConfig = field(default_factory=ClassifierConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
@@ -330,9 +355,11 @@ class CutoutConfig:
     """
 
     num: int = 8  # K crops per sample and step; 0 switches cutout off
-    min_frac: float = 0.875  # crop side as a fraction of the image side (released: 224..256 of 256)
-    max_frac: float = 1.0
-    mode: str = "bilinear"  # bilinear | released
+    min_frac: float = 0.875  # smallest crop side as a fraction of the image side, in (0, max_frac] (released:
+                             # 224 of 256 pixels)
+    max_frac: float = 1.0  # largest crop side as a fraction of the image side, in [min_frac, 1]
+    mode: str = "bilinear"  # bilinear (continuous sides and positions, bilinear resize) | released (the released
+                            # code's whole-pixel crops, nearest-neighbour resize)
 
     def __post_init__(self) -> None:
         if self.num < 0:
@@ -353,10 +380,11 @@ class ClassifierFreeConfig:
     ``dsg: false`` the mask covers the whole image.
     """
 
-    omega: float = 10.0  # released LDM setting
-    dsg: bool = True
-    cam_layer: Optional[str] = None  # a module name in the timm model (e.g. layer4); None: its last feature stage
-    cam_threshold: float = 0.3  # released setting
+    omega: float = 10.0  # guidance strength >= 0: eps_u + omega (eps_c - eps_u) inside the mask (released LDM: 10)
+    dsg: bool = True  # guide only where the classifier's Grad-CAM is high (DSG); false: the whole image
+    cam_layer: Optional[str] = None  # a module name in the timm model (e.g. layer4); null: its last feature stage
+    cam_threshold: float = 0.3  # pixels whose normalised Grad-CAM (in [0, 1]) is above this are guided; in
+                                # [0, 1) (released: 0.3)
 
     def __post_init__(self) -> None:
         _check_positive("diffguard.guidance.classifier_free.omega", self.omega, allow_zero=True)
@@ -375,16 +403,16 @@ class GuidanceConfig:
     denoiser with a null class, optionally restricted by DSG (see :class:`ClassifierFreeConfig`).
     """
 
-    mode: str = "classifier"  # classifier | classifier_free
-    scale: float = 3.0  # classifier mode
-    clean: str = "blend"  # what the classifier sees: x0_pred | blend (f x0_pred + (1-f) x_t) | noisy (x_t)
+    mode: str = "classifier"  # classifier (the paper's GDM path) | classifier_free (its LDM path: a conditional
+                              # denoiser with a null class, see diffguard.guidance.classifier_free)
+    scale: float = 3.0  # classifier mode: guidance strength >= 0 (eps_hat = eps - scale sqrt(1 - alpha_bar_t)
+                        # grad log p(y | x_clean))
+    clean: str = "blend"  # what the classifier sees: x0_pred | blend (f x0_pred + (1-f) x_t with
+                          # f = sqrt(1 - alpha_bar_t), the released code) | noisy (x_t)
     cutout: CutoutConfig = field(default_factory=CutoutConfig)
     classifier_free: ClassifierFreeConfig = field(default_factory=ClassifierFreeConfig)
 
     def __post_init__(self) -> None:
-        if self.mode == "cfg":
-            raise ConfigError("diffguard.guidance.mode=cfg is not allowed (cfg names the config): "
-                              "use diffguard.guidance.mode=classifier_free")
         _check_choice("diffguard.guidance.mode", self.mode, ["classifier", "classifier_free"])
         _check_positive("diffguard.guidance.scale", self.scale, allow_zero=True)
         _check_choice("diffguard.guidance.clean", self.clean, ["x0_pred", "blend", "noisy"])
@@ -404,14 +432,17 @@ class AESConfig:
     (10 log10(255^2 / 4) = 42.11 dB) and dists = 0.38.
     """
 
-    enabled: bool = False
-    psnr: Optional[float] = None
-    ssim: Optional[float] = None
-    dists: Optional[float] = None
-    mode: str = "any"
+    enabled: bool = False  # stop each sample's inversion early; needs at least one of psnr, ssim, dists
+    psnr: Optional[float] = None  # dB (peak 1 on [0, 1]): a sample stops once the PSNR of its latent against x0
+                                  # falls BELOW this (released 48.5 at peak 255 on [-1, 1] = 6.39 here); null: unused
+    ssim: Optional[float] = None  # SSIM in [0, 1]: a sample stops once the SSIM of its latent against x0 falls
+                                  # BELOW this; null: unused
+    dists: Optional[float] = None  # 1 - DISTS in [0, 1] (needs local DISTS weights): a sample stops once it falls
+                                   # BELOW this (released: 0.38); null: unused
+    mode: str = "any"  # any: stop when any threshold in use is crossed | all: only when all of them are
     min_depth: int = 1  # never stop before this many inversion steps (the maximum is diffguard.depth)
     record_curves: bool = True  # record per-step PSNR / SSIM curves even when AES is off
-    dists_size: Optional[int] = None  # side DISTS sees (resized); None: diffguard.perceptual_size
+    dists_size: Optional[int] = None  # side in pixels DISTS sees (resized); null: diffguard.perceptual_size
 
     def __post_init__(self) -> None:
         _check_choice("diffguard.aes.mode", self.mode, ["any", "all"])
@@ -435,11 +466,13 @@ class RuntimeConfig:
     ``torch.inference_mode`` (classifier guidance and Grad-CAM leave it for their gradients); false: ``no_grad``.
     """
 
-    autocast: str = "none"
-    channels_last: bool = False
-    compile: bool = False
-    cudnn_benchmark: bool = True  # only on CUDA
-    inference_mode: bool = True
+    autocast: str = "none"  # none | bf16 | fp16: the models' forward passes under torch.autocast (DDIM updates,
+                            # guidance arithmetic and distances stay float32); changes scores slightly
+    channels_last: bool = False  # 4-D weights and inputs in channels-last memory format (faster on GPUs)
+    compile: bool = False  # torch.compile the denoiser (the first batches pay for the compilation)
+    cudnn_benchmark: bool = True  # torch.backends.cudnn.benchmark while the pipeline runs (CUDA only)
+    inference_mode: bool = True  # denoiser calls, inversion and scoring under torch.inference_mode (guidance and
+                                 # Grad-CAM still get their gradients); false: torch.no_grad
 
     def __post_init__(self) -> None:
         _check_choice("diffguard.runtime.autocast", self.autocast, ["none", "bf16", "fp16"])
@@ -466,17 +499,28 @@ class DiffGuardConfig:
     inversion step after the first.
     """
 
-    num_steps: int = 50  # spaced DDIM steps over the training schedule (released GDM: 100)
-    depth: int = 25  # inversion steps (released GDM: 90)
-    ladder: str = "symmetric"  # symmetric | released
-    handoff: str = "exact"  # exact | released (synthesis starts one level above the latent: the released bug)
-    timestep_offset: int = 0  # spaced timesteps are k * stride + offset (latent-diffusion's DDIM: 1)
+    num_steps: int = 50  # spaced DDIM steps over the diffusion model's training schedule (released GDM: 100)
+    depth: int = 25  # inversion steps (denoiser evaluations), at most num_steps (released GDM: 90); deeper: the
+                     # latent is noisier and more of the image is synthesised anew
+    ladder: str = "symmetric"  # symmetric (the inversion reaches spaced timestep t_{depth-1}, synthesis takes
+                               # depth steps) | released (guided-diffusion's ddim_reverse_sample: reaches t_depth,
+                               # synthesis takes depth + 1 steps)
+    handoff: str = "exact"  # exact (synthesis starts where the inversion ended) | released (one level above it:
+                            # the released code's off-by-one, for exact reproduction only)
+    timestep_offset: int = 0  # spaced timesteps are k * stride + offset, in training timesteps (latent-diffusion's
+                              # DDIM: 1)
     reference: str = "input"  # compare the synthesis with: input | unguided (reconstruction from the same latent)
-    score: str = "l2"  # the distance reported as detector `diffguard`
+    score: str = "l2"  # the distance reported as detector `diffguard`; one of distances
     distances: List[str] = field(default_factory=lambda: ["l1", "l2", "psnr", "ssim", "logit_l1", "feature_cos"])
-    perceptual_size: Optional[int] = 64  # side images are resized to for DISTS / LPIPS; None: as they are
+        # computed between the synthesis and the reference, each also a detector diffguard/NAME: l1 | l2 (mean
+        # absolute / squared pixel difference on [0, 1]) | psnr (minus the PSNR in dB) | ssim (1 - SSIM) | logit_l1 |
+        # feature_cos (the classifier's logits / features) | contrastive (needs models.encoder) | dists | lpips
+        # (need their weights locally)
+    perceptual_size: Optional[int] = 64  # side in pixels images are resized to for DISTS / LPIPS; null: as they are
     seed: int = 0  # combined with each sample's id for cutout randomness
-    clip_x0: str = "none"  # none | synthesis | both (guided-diffusion's clip_denoised, see above)
+    clip_x0: str = "none"  # none | synthesis (clip the clean estimate to [-1, 1] in synthesis: x0 clipped, eps
+                           # re-derived, then guidance added, as guided-diffusion's clip_denoised) | both (also
+                           # every inversion step after the first)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     aes: AESConfig = field(default_factory=AESConfig)
     runtime: RuntimeConfig = field(default_factory=RuntimeConfig)  # speed settings (autocast, compile, ...)
@@ -484,9 +528,6 @@ class DiffGuardConfig:
     def __post_init__(self) -> None:
         _check_choice("diffguard.ladder", self.ladder, ["symmetric", "released"])
         _check_choice("diffguard.handoff", self.handoff, ["exact", "released"])
-        if str(self.clip_x0).lower() in ("true", "false"):
-            raise ConfigError(f"diffguard.clip_x0={self.clip_x0} is no longer a switch: use one of {CLIP_X0} "
-                              f"(both: the released order in both directions)")
         _check_choice("diffguard.clip_x0", self.clip_x0, CLIP_X0)
         # Levels: num_steps spaced timesteps above the clean level; the released ladder treats the input as
         # the first of them, the released handoff starts synthesis one level higher.
@@ -519,31 +560,39 @@ class ModelPaths:
     (e.g. google/ddpm-cifar10-32) already in the local cache (nothing is downloaded).
     """
 
-    classifier: str = str(EMBEDDED / "digits" / "classifier")
-    diffusion: str = str(EMBEDDED / "digits" / "diffusion_uncond")
-    classifier_arch: Optional[str] = None  # timm name, e.g. resnet50 (torchvision layout), openood_resnet18_32x32
-    classifier_input_size: Optional[int] = None  # default: data.resolution
-    classifier_mean: Optional[List[float]] = None  # default: 0.5 per channel
-    classifier_std: Optional[List[float]] = None
+    classifier: str = str(EMBEDDED / "digits" / "classifier")  # a portable folder (classifier.json +
+                                                               # model.safetensors) or a weights file (needs
+                                                               # models.classifier_arch)
+    diffusion: str = str(EMBEDDED / "digits" / "diffusion_uncond")  # a diffusers folder, or a Hugging Face Hub id
+                                                                    # already in the local cache
+    classifier_arch: Optional[str] = None  # a weights file's timm name, e.g. resnet50 (torchvision layout),
+                                           # openood_resnet18_32x32; null for a portable folder
+    classifier_input_size: Optional[int] = None  # side in pixels the classifier sees; null: data.resolution
+    classifier_mean: Optional[List[float]] = None  # normalisation mean per channel; null: 0.5 per channel
+    classifier_std: Optional[List[float]] = None  # normalisation standard deviation per channel; null: 0.5 each
     classifier_view: str = "resize"  # resize | center_crop: how a larger image reaches classifier_input_size
     encoder: Optional[str] = None  # the contrastive encoder folder (train.py task=contrastive) of distance contrastive
-    diffusion_num_classes: Optional[int] = None  # override what the checkpoint says (conditional models)
-    diffusion_null_class: Optional[int] = None
+    diffusion_num_classes: Optional[int] = None  # classes of a conditional model; null: what the checkpoint says
+    diffusion_null_class: Optional[int] = None  # the null (unconditional) class id; null: what the checkpoint says
 
 
 @dataclass
 class BaselineConfig:
-    """KNN / ViM baselines. Left null, KNN's k and ViM's dim are tuned like OpenOOD v1.5: the grid value with
-    the best AUROC of InD validation against the pooled OOD validation splits (never test splits), ties to the
-    smaller value; without OOD validation data, k = 50 (at most the bank size) and ViM's default dim. The
-    choice and every candidate's validation AUROC are written to results.json under "baselines".
+    """The KNN and ViM baselines: their k and principal dimension, tuned on validation data when left null.
+
+    Left null, KNN's k and ViM's dim are tuned like OpenOOD v1.5: the grid value with the best AUROC of InD
+    validation against the pooled OOD validation splits (never test splits), ties to the smaller value; without
+    OOD validation data, k = 50 (at most the bank size) and ViM's default dim. The choice and every candidate's
+    validation AUROC are written to results.json under "baselines".
     """
 
-    knn_k: Optional[int] = None  # k-th nearest neighbour; None: tuned on knn_k_grid
-    knn_k_grid: List[int] = field(default_factory=lambda: [50, 100, 200, 500, 1000])  # values > bank size dropped
-    vim_dim: Optional[int] = None  # principal-space dimension; None: tuned on vim_dim_grid
-    vim_dim_grid: Optional[List[int]] = None  # None: OpenOOD's {256, 1000} below D, else scaled by D / 2048
-    train_samples: Optional[int] = None  # fit KNN / ViM on this many InD train images (chosen by id hash); None: all
+    knn_k: Optional[int] = None  # KNN scores the distance to the k-th nearest neighbour; null: tuned on knn_k_grid
+    knn_k_grid: List[int] = field(default_factory=lambda: [50, 100, 200, 500, 1000])  # candidates for knn_k
+                                                                                      # (values > bank size dropped)
+    vim_dim: Optional[int] = None  # ViM's principal-space dimension; null: tuned on vim_dim_grid
+    vim_dim_grid: Optional[List[int]] = None  # null: OpenOOD's {256, 1000} below D, else scaled by D / 2048 (D: the
+                                              # classifier's feature dimension)
+    train_samples: Optional[int] = None  # fit KNN / ViM on this many InD train images (chosen by id hash); null: all
 
     def __post_init__(self) -> None:
         for key in ("knn_k", "vim_dim"):
@@ -559,9 +608,11 @@ class BaselineConfig:
 
 @dataclass
 class EvalCallbacksConfig:
+    """Plots and tables evaluate.py draws (they never change a score)."""
+
     curves: bool = True  # per-step inversion quality curves per set (CSV, PNG, W&B line plots)
     reconstructions: int = 8  # samples per set drawn as input / synthesis / reference / difference; 0 = off
-    reconstruction_select: str = "first"  # first (by id) or extremes (half lowest, half highest DiffGuard score)
+    reconstruction_select: str = "first"  # first (by id) | extremes (half lowest, half highest DiffGuard score)
     score_plots: bool = True  # score histograms per detector, InD against each OOD set
 
     def __post_init__(self) -> None:
@@ -573,15 +624,20 @@ class EvalConfig(RunConfig):
     """Root schema of ``evaluate.py``: DiffGuard and the classifier baselines on a benchmark."""
 
     output_dir: str = neutral("outputs/eval")  # results.json, scores.csv, records/ (resume), plots
-    oracle: str = "none"  # none | ind | paper | both: also synthesise under oracle labels (see diffguard_pl/method/oracle.py)
-    limit_per_set: Optional[int] = neutral(None)  # evaluate N samples of each set, chosen by id hash (quick runs)
-    split: str = neutral("test")  # test: report on test splits; val: on validation splits (for tuning, never test)
+    oracle: str = "none"  # also synthesise under oracle labels: none | ind (InD samples under their true label) |
+                          # paper (also a random label for every OOD sample, the released oracle_label) | both
+    limit_per_set: Optional[int] = neutral(None)  # evaluate N samples of each set, chosen by id hash (quick runs);
+                                                  # null: every sample
+    split: str = neutral("test")  # test (report on test splits) | val (on validation splits: for tuning, never test)
     resume: bool = neutral(True)  # skip samples already finished in output_dir/records by a run with the same config
     shard: Optional[str] = neutral(None)  # "i/n": only samples whose index modulo n is i (merge: diffguard_pl.jobs.merge)
-    dry_run: bool = neutral(False)  # check every file and model, print the plan (sets, counts, steps), stop
+    dry_run: bool = neutral(False)  # check every file and model, print the plan (sets, counts, steps) and stop
     score_folder: Optional[str] = None  # score the images of a folder (no labels): scores + in / out decisions as CSV
-    score_folder_limit: Optional[int] = neutral(None)  # score_folder: score this many of its images (by id hash); null: all
-    fusion_partners: List[str] = field(default_factory=lambda: ["ebo", "vim", "knn"])  # diffguard+X detectors
+    score_folder_limit: Optional[int] = neutral(None)  # score_folder: score this many of its images (chosen by id
+                                                       # hash); null: every image of the folder
+    fusion_partners: List[str] = field(default_factory=lambda: ["ebo", "vim", "knn"])  # detectors diffguard+X
+                                                                                      # (z-scores summed) for X in
+                                                                                      # msp | ebo | maxlogit | knn | vim
     models: ModelPaths = field(default_factory=ModelPaths)
     diffguard: DiffGuardConfig = field(default_factory=DiffGuardConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
@@ -590,10 +646,6 @@ class EvalConfig(RunConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_choice("split", self.split, ["test", "val"])
-        if str(self.oracle).lower() in ("true", "false"):
-            raise ConfigError(f"oracle={self.oracle} is no longer a switch: use oracle=ind (true labels for InD "
-                              f"samples, the earlier oracle=true), oracle=paper (the paper's: also a random label "
-                              f"for every OOD sample), oracle=both or oracle=none")
         _check_choice("oracle", self.oracle, ["none", "ind", "paper", "both"])
         _check_positive("limit_per_set", self.limit_per_set, allow_none=True)
         _check_positive("score_folder_limit", self.score_folder_limit, allow_none=True)
@@ -639,13 +691,29 @@ def resolve_paths(tree: DictConfig, base: Path) -> None:
         OmegaConf.update(tree, key, str(candidate), merge=False)
 
 
-def compose(schema: Type[T], config_files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> DictConfig:
-    """Merge YAML files then ``key=value`` overrides onto the schema's defaults."""
+def find_config_file(name: str | Path) -> Path:
+    """A config file as given, else the project's preset of that name: ``fashion_gdm``, ``fashion_gdm.yaml`` and
+    ``conf/fashion_gdm.yaml`` all name conf/fashion_gdm.yaml from any working directory. ConfigError otherwise,
+    suggesting the closest preset names."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    stem = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
+    preset = PRESETS / f"{stem}.yaml"
+    if path.parent in (Path("."), Path("conf")) and preset.is_file():
+        return preset
+    names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+    close = difflib.get_close_matches(stem, names, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}?" if close else f"the presets are {', '.join(names)}"
+    raise ConfigError(f"config file {name} does not exist and names no preset in {PRESETS}: {hint} "
+                      f"(--config takes a YAML path or a preset's name)")
+
+
+def merge(schema: Type[T], config_files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> DictConfig:
+    """YAML files then ``key=value`` overrides merged onto the schema's defaults; required keys may stay unset."""
     cfg = OmegaConf.structured(schema)
-    for path in config_files:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file {path} does not exist (presets live in conf/)")
+    for name in config_files:
+        path = find_config_file(name)
         try:
             loaded = OmegaConf.load(path)
             resolve_paths(loaded, project_root(path))
@@ -661,6 +729,12 @@ def compose(schema: Type[T], config_files: Sequence[str | Path] = (), overrides:
             cfg = OmegaConf.merge(cfg, given)
         except OmegaConfBaseException as error:
             raise ConfigError(f"override {item!r}: {_describe(error)}") from None
+    return cfg
+
+
+def compose(schema: Type[T], config_files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> DictConfig:
+    """Merge YAML files then ``key=value`` overrides onto the schema's defaults; every required key must be set."""
+    cfg = merge(schema, config_files, overrides)
     missing = sorted(OmegaConf.missing_keys(cfg))
     if missing:
         raise ConfigError(f"config key(s) {', '.join(missing)} must be set (e.g. {missing[0]}=...)")
@@ -675,19 +749,19 @@ def to_object(cfg: DictConfig) -> Any:
         raise ConfigError(_describe(error)) from None
 
 
-def load(schema: Type[T], argv: Sequence[str], default_config: Optional[str]) -> T:
-    """Parse ``[--config FILE]... [key=value]...`` into a checked schema instance."""
-    parser = argparse.ArgumentParser(description=schema.__doc__)
-    parser.add_argument(
-        "--config",
-        action="append",
-        default=None,
-        help=f"YAML file(s) merged in order onto the schema defaults (default: {default_config})",
-    )
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. trainer.max_steps=100")
+def parse_argv(argv: Sequence[str], default_config: Optional[str]) -> Tuple[List[str], List[str]]:
+    """``[--config FILE]... [key=value]...`` -> (config files, overrides); without --config: the default file."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", action="append", default=None)
+    parser.add_argument("overrides", nargs="*")
     args = parser.parse_intermixed_args(list(argv))
     files = args.config if args.config is not None else ([default_config] if default_config else [])
-    return to_object(compose(schema, files, args.overrides))
+    return files, list(args.overrides)
+
+
+def load(schema: Type[T], argv: Sequence[str], default_config: Optional[str]) -> T:
+    """Parse ``[--config FILE]... [key=value]...`` into a checked schema instance."""
+    return to_object(compose(schema, *parse_argv(argv, default_config)))
 
 
 def save(cfg: Any, path: str | Path) -> None:

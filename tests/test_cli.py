@@ -9,7 +9,9 @@ import subprocess
 import sys
 
 import pytest
+from omegaconf import OmegaConf
 
+from diffguard_pl.config import DiffGuardConfig
 from helpers.paths import ROOT
 
 pytestmark = pytest.mark.subprocess
@@ -25,8 +27,10 @@ def run(*argv, cwd=ROOT):
                           cwd=cwd, timeout=600)
 
 
-def test_help_lists_every_key_without_importing_torch():
-    probe = ("import runpy, sys, io, contextlib; sys.argv = ['evaluate.py', '--help']; out = io.StringIO()\n"
+@pytest.mark.parametrize("argv", [[], ["--config", "fashion_gdm"]], ids=["default", "preset"])
+def test_help_lists_every_key_without_importing_torch(argv):
+    probe = (f"import runpy, sys, io, contextlib; sys.argv = ['evaluate.py', *{argv!r}, '--help']\n"
+             "out = io.StringIO()\n"
              "with contextlib.redirect_stdout(out):\n"
              "    try: runpy.run_path('evaluate.py', run_name='__main__')\n"
              "    except SystemExit: pass\n"
@@ -34,9 +38,20 @@ def test_help_lists_every_key_without_importing_torch():
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=ROOT)
     first, text = result.stdout.split("\n", 1)
     assert first == "False False", result.stderr
-    assert "diffguard.guidance.scale (float, default 3.0)" in text
-    assert "diffguard.ladder (str, default 'symmetric'): symmetric | released" in text
-    assert "data.eval_batch_size (int, default 64)" in text and "oracle (str, default 'none')" in text
+    assert "diffguard.guidance.scale (float, default " in text
+    assert "diffguard.ladder (str, default symmetric): symmetric (" in text
+    assert "data.eval_batch_size (int, default 64)" in text and "oracle (str, default none)" in text
+    preset = OmegaConf.load(ROOT / "conf" / ("fashion_gdm.yaml" if argv else "digits_gdm.yaml"))
+    assert f"diffguard.depth (int, default {preset.diffguard.depth} [schema {DiffGuardConfig().depth}])" in text
+
+
+def test_help_into_a_reader_that_stops_early_ends_quietly():
+    """``evaluate.py --help | head``: the reader is gone before the help is written; no traceback, exit code 0."""
+    process = subprocess.Popen([sys.executable, str(ROOT / "evaluate.py"), "--help"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, cwd=ROOT)
+    process.stdout.close()
+    assert process.wait(timeout=60) == 0
+    assert process.stderr.read() == b""
 
 
 def test_print_config_prints_the_resolved_config_and_stops(tmp_path):
@@ -60,7 +75,8 @@ BAD = [
     (["shard=2/2"], "shard='2/2'"),
     (["shard=half"], "shard='half'"),
     (["diffguard.depth=60"], "diffguard.depth=60"),
-    (["oracle=true"], "oracle=ind"),
+    (["oracle=true"], "oracle='True' is not allowed; choose one of"),
+    (["--config", "fashion_gmd"], "did you mean fashion_gdm"),
     (["diffguard.clip_x0=true"], "diffguard.clip_x0"),
     (["data.resolution=32"], "data.resolution=32"),
     (["data.channels=3"], "data.channels=3"),

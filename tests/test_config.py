@@ -1,8 +1,14 @@
+import ast
+import re
+from dataclasses import MISSING, fields, is_dataclass
+
 import pytest
 from omegaconf import OmegaConf
 
+from diffguard_pl import cli
 from diffguard_pl import config as config_lib
-from diffguard_pl.config import ConfigError, TrainConfig
+from diffguard_pl.config import ConfigError, EvalConfig, TrainConfig, DiffGuardConfig
+from diffguard_pl.jobs.calibration import CalibrationConfig
 
 from helpers.paths import ROOT
 
@@ -53,15 +59,14 @@ def test_bad_choice_is_named():
         load("task=classifier", "logger=tensorboard")
 
 
-def test_guidance_mode_cfg_names_its_new_value():
-    """``cfg`` means the config; classifier-free guidance is ``classifier_free``."""
-    from diffguard_pl.config import EvalConfig
-
-    with pytest.raises(ConfigError, match="use diffguard.guidance.mode=classifier_free"):
-        config_lib.load(EvalConfig, ["diffguard.guidance.mode=cfg"], None)
-    cfg = config_lib.load(EvalConfig, ["diffguard.guidance.mode=classifier_free",
-                                       "diffguard.guidance.classifier_free.omega=3"], None)
-    assert cfg.diffguard.guidance.mode == "classifier_free" and cfg.diffguard.guidance.classifier_free.omega == 3
+@pytest.mark.parametrize("override, key", [
+    ("oracle=true", "oracle"), ("diffguard.clip_x0=true", "diffguard.clip_x0"),
+    ("diffguard.guidance.mode=cfg", "diffguard.guidance.mode"),
+])
+def test_retired_values_get_the_plain_choice_error(override, key):
+    """Values of earlier versions (oracle and clip_x0 as switches, mode=cfg) have no special message any more."""
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}=.* is not allowed; choose one of \["):
+        config_lib.load(EvalConfig, [override], None)
 
 
 def test_override_without_equals_sign():
@@ -93,3 +98,120 @@ def test_saved_config_round_trips(tmp_path):
     config_lib.save(cfg, tmp_path / "config.yaml")
     again = load(files=[tmp_path / "config.yaml"])
     assert OmegaConf.structured(again) == OmegaConf.structured(cfg)
+
+
+# ------------------------------------------------------------------------------------- preset names
+
+
+@pytest.mark.parametrize("name", ["fashion_gdm", "fashion_gdm.yaml", "conf/fashion_gdm.yaml"])
+def test_a_preset_is_found_by_its_name_from_any_folder_after_a_file_of_that_name(name, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    by_path = config_lib.load(EvalConfig, [f"--config={ROOT / 'conf' / 'fashion_gdm.yaml'}"], None)
+    assert config_lib.load(EvalConfig, ["--config", name], None) == by_path
+    (tmp_path / name).parent.mkdir(exist_ok=True)
+    (tmp_path / name).write_text("diffguard:\n  depth: 3\n")  # a file the name points at comes first
+    assert config_lib.load(EvalConfig, ["--config", name], None).diffguard.depth == 3
+
+
+def test_an_unknown_config_name_suggests_the_closest_presets():
+    with pytest.raises(ConfigError, match=r"fashion_gmd .*did you mean fashion_gdm\b"):
+        config_lib.load(EvalConfig, ["--config", "fashion_gmd"], None)
+    with pytest.raises(ConfigError) as info:  # nothing close: every preset is listed
+        config_lib.load(EvalConfig, ["--config", "qqqq"], None)
+    assert all(p.stem in str(info.value) for p in (ROOT / "conf").glob("*.yaml"))
+
+
+# --------------------------------------------------------------------------------- --help explains every key
+
+ROOTS = {"evaluate": EvalConfig, "train": TrainConfig, "calibration": CalibrationConfig}
+
+
+def walk(schema, prefix=""):
+    """(dotted key, field, the dataclass declaring it, its group class or None) for every field, groups recursed."""
+    for f in fields(schema):
+        group = type(f.default_factory()) if f.default_factory is not MISSING else None
+        group = group if group is not None and is_dataclass(group) else None
+        yield f"{prefix}{f.name}", f, schema, group
+        if group is not None:
+            yield from walk(group, f"{prefix}{f.name}.")
+
+
+def help_entries(schema, argv=(), default_config=None):
+    """The --help answer split into entries: {dotted key: its (unwrapped) line}."""
+    text = cli.help_text(schema, "prog", list(argv), default_config)
+    entries = {}
+    for line in text.splitlines():
+        if line.startswith("  ") and not line.startswith("      "):
+            key = line.split()[0]
+            entries[key] = line.strip()
+        elif line.startswith("      ") and entries:
+            entries[key] += " " + line.strip()
+    return text, entries
+
+
+@pytest.mark.parametrize("schema", ROOTS.values(), ids=ROOTS.keys())
+def test_every_key_has_help_text_and_every_group_a_heading(schema):
+    bare = [key for key, f, owner, group in walk(schema) if group is None and not cli.field_help(owner).get(f.name)]
+    assert not bare, f"keys without help text: {bare}"
+    for key, _, _, group in walk(schema):
+        if group is not None:
+            heading = cli.group_summary(group)
+            assert heading.endswith(".") and not heading.startswith(group.__name__), (key, heading)
+
+
+@pytest.mark.parametrize("schema", ROOTS.values(), ids=ROOTS.keys())
+def test_help_is_whole_and_points_at_nothing_missing(schema):
+    text, entries = help_entries(schema)
+    leaves = {key for key, _, _, group in walk(schema) if group is None}
+    assert leaves <= set(entries)
+    assert "???" not in text and "see above" not in text and "<factory>" not in text
+
+
+PROBES = {"str": "zz_no_such_choice", "Optional[str]": "zz_no_such_choice", "int": -987, "List[str]": ["zz_no_choice"]}
+
+
+@pytest.mark.parametrize("schema", ROOTS.values(), ids=ROOTS.keys())
+def test_help_lists_every_choice_the_schema_accepts(schema):
+    """Probe each key with a value outside any choice list: where the schema answers "choose one of [...]",
+    the key's help must name every one of those choices."""
+    _, entries = help_entries(schema)
+    checked = 0
+    for key, f, owner, group in walk(schema):
+        if group is not None or f.type not in PROBES:
+            continue
+        required = {"task": "classifier"} if "task" in {g.name for g in fields(owner)} and f.name != "task" else {}
+        try:
+            owner(**required, **{f.name: PROBES[f.type]})
+            continue
+        except ConfigError as error:
+            found = re.search(r"choose one of (\[.*?\])", str(error))
+        if found:
+            checked += 1
+            meaning = entries[key].split("):", 1)[1]
+            missing = [c for c in ast.literal_eval(found.group(1))
+                       if not re.search(rf"\b{re.escape(str(c))}\b", meaning)]
+            assert not missing, f"{key}: the help does not name {missing}: {entries[key]}"
+    assert checked >= 10
+
+
+def test_help_shows_the_given_presets_values():
+    preset = ROOT / "conf" / "fashion_gdm.yaml"
+    depth, schema_depth = OmegaConf.load(preset).diffguard.depth, DiffGuardConfig().depth
+    assert depth != schema_depth
+    _, entries = help_entries(EvalConfig, ["--config", "fashion_gdm"], str(ROOT / "conf" / "digits_gdm.yaml"))
+    assert entries["diffguard.depth"].startswith(f"diffguard.depth (int, default {depth} [schema {schema_depth}])")
+    composed = config_lib.merge(EvalConfig, [preset])
+    for key, _, _, group in walk(EvalConfig):
+        if group is None:
+            value = OmegaConf.select(composed, key)
+            value = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+            assert f", default {cli.show_value(value)}" in entries[key], entries[key]
+
+
+def test_help_without_a_config_file_shows_a_required_key_as_required(tmp_path):
+    empty = tmp_path / "empty.yaml"
+    empty.write_text("seed: 1\n")
+    _, entries = help_entries(TrainConfig, ["--config", str(empty)])
+    assert entries["task"].startswith("task (str, required):")
+    _, entries = help_entries(TrainConfig, [], str(ROOT / "conf" / "train_classifier.yaml"))
+    assert entries["task"].startswith("task (str, default classifier [schema: required]):")

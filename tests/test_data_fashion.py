@@ -178,6 +178,19 @@ def test_missing_files_name_every_folder_and_both_fixes(tmp_path, monkeypatch):
     assert str(no_package) in str(err.value)
 
 
+def test_a_data_root_without_the_files_says_to_drop_it_when_the_debian_copy_is_installed(tmp_path, monkeypatch):
+    debian = tmp_path / "usr-share-datasets-fashion-mnist"
+    installed = write_fashion(debian, tiny_fashion(np.random.default_rng(4)), gzipped=True)
+    monkeypatch.setattr(fashion, "DEBIAN_DIR", debian)
+    root = tmp_path / "somewhere_else"
+    root.mkdir()
+    with pytest.raises(MissingDataError) as err:
+        find_fashion_files(str(root))  # still an error: a data.root the user set is never passed over silently
+    message = str(err.value)
+    assert f"data.root={root}" in message and str(debian) in message and "drop data.root" in message
+    assert find_fashion_files(None) == installed  # which is what dropping it does
+
+
 # ------------------------------------------------------------------------------------------ package_file
 
 

@@ -2,12 +2,11 @@
 
 import json
 
-import pytest
 import torch
 
 from diffguard_pl import config as config_lib
 from diffguard_pl.method import oracle as oracle_lib
-from diffguard_pl.config import ConfigError, EvalConfig
+from diffguard_pl.config import EvalConfig
 from diffguard_pl.jobs.eval_job import evaluate
 from diffguard_pl.method.pipeline import DiffGuardPipeline
 
@@ -57,8 +56,3 @@ def test_evaluate_names_both_oracles_and_records_the_mode(tmp_path, small_models
         assert {f"oracle-{mode}/diffguard", f"oracle-{mode}/diffguard/l2", f"oracle-{mode}/diffguard+ebo"} <= names
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["oracle"]["modes"] == ["ind", "paper"] and "random label" in saved["oracle"]["paper"]
-
-
-def test_the_old_boolean_oracle_is_refused_with_the_new_names():
-    with pytest.raises(ConfigError, match="oracle=ind"):
-        config_lib.load(EvalConfig, ["oracle=true"], None)

@@ -112,11 +112,37 @@ def test_cli_unknown_key_fails_before_work(tmp_path):
     assert not (tmp_path / "config.yaml").exists()
 
 
+def printed_figures(stdout: str, name: str) -> dict:
+    """The figures of the summary line ``name: key value, key value``."""
+    (line,) = [line for line in stdout.splitlines() if line.startswith(f"{name}: ")]
+    return {key: float(value) for key, value in (item.split() for item in line[len(name) + 2:].split(", "))}
+
+
 @pytest.mark.subprocess
-def test_cli_default_config_trains(tmp_path):
+def test_cli_default_config_trains_and_ends_with_the_figures_and_the_exported_model(tmp_path):
+    """The run stops mid-epoch (3 steps), so the job validates the exported weights itself; the console ends with
+    their validation and test figures (those of metrics.json) and the export's path, without Lightning's model
+    summary table or its ``weights_only`` notice."""
     result = run_cli(f"output_dir={tmp_path}", *FAST)
     assert result.returncode == 0, result.stderr[-2000:]
     assert (tmp_path / "classifier" / "model.safetensors").is_file()
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    for name, prefix in (("validation", "val/"), ("test", "test/")):
+        shown = printed_figures(result.stdout, name)
+        assert set(shown) == {k for k in saved if k.startswith(prefix)} and shown
+        assert all(shown[k] == pytest.approx(saved[k], rel=1e-3) for k in shown)
+    assert f"exported classifier: {tmp_path / 'classifier'}" in result.stdout
+    console = result.stdout + result.stderr
+    assert "Total params" not in console and "| Name" not in console and "weights_only" not in console
+
+
+def test_the_summary_names_every_exported_folder_and_the_key_that_loads_it(tmp_path):
+    from diffguard_pl.jobs.train_job import summary
+
+    lines = summary("joint", {"global_step": 4, "val/acc": 0.5, "test/acc": 0.25}, tmp_path)
+    for key, folder in (("models.classifier", "classifier"), ("models.diffusion", "diffusion")):
+        assert any(str(tmp_path / folder) in line and f"{key}={tmp_path / folder}" in line for line in lines)
+    assert "validation: val/acc 0.5" in lines and "test: test/acc 0.25" in lines
 
 
 @pytest.mark.subprocess

@@ -95,22 +95,30 @@ def _find(folder: Path, stem: str) -> Optional[Path]:
     return None
 
 
+def _files_in(folder: Path) -> Optional[Dict[Tuple[str, str], Path]]:
+    found = {key: _find(folder, stem) for key, stem in IDX_FILES.items()}
+    return found if all(found.values()) else None  # type: ignore[return-value]
+
+
 def find_fashion_files(root: Optional[str]) -> Dict[Tuple[str, str], Path]:
     """The four IDX files from the first folder that holds all of them; MissingDataError naming the fix if none.
 
-    A ``root`` that holds none of them is an error, not a silent fall-back to the Debian copy.
+    A ``root`` that holds none of them is an error, not a silent fall-back to the Debian copy; when that copy is
+    installed, the error says to drop ``data.root``.
     """
     searched = fashion_candidates(root)
     if root is not None:
         searched = searched[:-1]
     for folder in searched:
-        found = {key: _find(folder, stem) for key, stem in IDX_FILES.items()}
-        if all(found.values()):
-            return found  # type: ignore[return-value]
+        found = _files_in(folder)
+        if found:
+            return found
     names = ", ".join(f"{stem}[.gz]" for stem in IDX_FILES.values())
-    raise MissingDataError(
-        f"Fashion-MNIST ({names}) is not in any of {', '.join(str(f) for f in searched)}. {INSTALL_FASHION}"
-    )
+    where = f"Fashion-MNIST ({names}) is not in any of {', '.join(str(f) for f in searched)}"
+    if root is not None and _files_in(DEBIAN_DIR):
+        raise MissingDataError(f"data.root={root}: {where}. Debian's dataset-fashion-mnist package is installed "
+                               f"({DEBIAN_DIR}): drop data.root (or set data.root=null) to use it")
+    raise MissingDataError(f"{where}. {INSTALL_FASHION}")
 
 
 def load_fashion(root: Optional[str]) -> Dict[str, Tuple[np.ndarray, np.ndarray]]:

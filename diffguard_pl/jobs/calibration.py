@@ -42,10 +42,13 @@ from diffguard_pl.method.pipeline import DiffGuardPipeline
 
 @dataclass
 class CalibrationSettings:
-    method: str = "quantile"  # quantile | auroc
-    metric: str = "psnr"  # psnr | ssim
-    target: float = 0.5  # quantile: fraction of InD validation samples stopping before diffguard.depth
-    candidates: int = 6  # auroc: thresholds tried
+    """How the AES threshold is chosen, on validation data only."""
+
+    method: str = "quantile"  # quantile (a target share of InD validation stops early) | auroc (the candidate
+                              # threshold whose DiffGuard score separates InD from OOD validation best)
+    metric: str = "psnr"  # the AES metric calibrated: psnr (dB) | ssim
+    target: float = 0.5  # quantile: fraction of InD validation samples stopping before diffguard.depth, in (0, 1)
+    candidates: int = 6  # auroc: thresholds tried (quantiles 0.1..0.9 of the InD samples' lowest quality)
     ood_sets: List[str] = field(default_factory=list)  # auroc: OOD validation sets; empty = the near-OOD sets
 
     def __post_init__(self) -> None:
@@ -59,7 +62,7 @@ class CalibrationSettings:
 class CalibrationConfig(EvalConfig):
     """Root schema of ``python -m diffguard_pl.jobs.calibration``: an evaluation config plus ``calibration``."""
 
-    output_dir: str = "outputs/aes_calibration"
+    output_dir: str = "outputs/aes_calibration"  # aes.yaml (the fragment to include), calibration.json
     calibration: CalibrationSettings = field(default_factory=CalibrationSettings)
 
 
@@ -153,8 +156,9 @@ def calibrate(cfg: CalibrationConfig, benchmark: Optional[Benchmark] = None) -> 
 def main(argv: Optional[list[str]] = None) -> int:
     from diffguard_pl.cli import run
 
-    default = Path(__file__).resolve().parents[1] / "conf" / "digits_gdm.yaml"
-    return run(CalibrationConfig, calibrate, sys.argv[1:] if argv is None else argv, str(default))
+    default = config_lib.PRESETS / "digits_gdm.yaml"
+    return run(CalibrationConfig, calibrate, sys.argv[1:] if argv is None else argv, str(default),
+               "python -m diffguard_pl.jobs.calibration")
 
 
 if __name__ == "__main__":

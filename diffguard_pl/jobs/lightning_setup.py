@@ -31,8 +31,11 @@ def quiet_lightning(verbose: bool = False) -> None:
                  "lightning.pytorch.accelerators.cuda", "lightning.fabric.utilities.distributed",
                  "lightning.pytorch.utilities.distributed", "lightning.pytorch.trainer.connectors.signal_connector"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # "smaller than the logging interval": Lightning counts the interval in global steps, so an epoch shorter than
+    # log_every_n_steps is still logged every log_every_n_steps steps
     for pattern in (".*isinstance\\(treespec, LeafSpec\\).*", ".*does not have many workers.*",
-                    ".*Found .* module\\(s\\) in eval mode.*", ".*litlogger.*", ".*LeafSpec.*"):
+                    ".*Found .* module\\(s\\) in eval mode.*", ".*litlogger.*", ".*LeafSpec.*",
+                    ".*smaller than the logging interval.*"):
         warnings.filterwarnings("ignore", message=pattern)
 
 

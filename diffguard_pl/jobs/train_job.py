@@ -3,7 +3,8 @@
 Outputs in ``cfg.output_dir``: ``config.yaml`` (the resolved config),
 ``checkpoints/`` (Lightning checkpoints for resuming), ``classifier/``,
 ``diffusion/`` or ``encoder/`` (the portable model; task=joint writes both of the first two), ``logs/`` (CSV
-metrics) or ``wandb/``, and ``metrics.json`` (final validation / test figures).
+metrics) or ``wandb/``, and ``metrics.json`` (final validation / test figures). The console ends with those
+figures and the exported folders.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Optional
+from typing import Dict, List, Optional
 
 import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -27,6 +28,15 @@ from diffguard_pl.models.diffusion import build_scheduler, build_unet
 from diffguard_pl.modules import ClassifierModule, DiffusionModule, JointModule
 from diffguard_pl.modules.contrastive import ContrastiveModule
 from diffguard_pl.modules.cotrain import load_diffusion_with_scheduler
+
+# task -> the folders it exports under OUT, keyed by the evaluate.py key that loads each
+EXPORTS = {
+    "classifier": {"models.classifier": "classifier"},
+    "cotrain": {"models.classifier": "classifier"},
+    "diffusion": {"models.diffusion": "diffusion"},
+    "joint": {"models.classifier": "classifier", "models.diffusion": "diffusion"},
+    "contrastive": {"models.encoder": "encoder"},
+}
 
 
 def classifier_spec(cfg: TrainConfig, benchmark: Benchmark) -> ClassifierSpec:
@@ -80,7 +90,7 @@ class LastCheckpoint(ModelCheckpoint):
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         path = Path(self.dirpath) / f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # with the optimiser state, to resume from
 
 
 def build_trainer(cfg: TrainConfig, output_dir: Path, logger, export_dir: Path) -> L.Trainer:
@@ -100,11 +110,44 @@ def build_trainer(cfg: TrainConfig, output_dir: Path, logger, export_dir: Path) 
         default_root_dir=str(output_dir),
         logger=logger,
         callbacks=callbacks,
+        enable_model_summary=cfg.verbose,
     )
 
 
+def validate_exported(trainer: L.Trainer, module: L.LightningModule, datamodule, cfg: TrainConfig,
+                      export: ExportPortableCheckpoint) -> None:
+    """After fit: export if the export still waits, and leave the exported weights' validation metrics in
+    ``trainer.callback_metrics``."""
+    if export.pending:  # the run ended between validations: measure the final weights before choosing
+        (final,) = trainer.validate(module, datamodule=datamodule, verbose=False)
+        export.export_best(trainer, module, float(final[cfg.monitor]))
+    if cfg.monitor:  # the export may hold an earlier, better checkpoint: measure it, without a second log row
+        loggers, trainer.loggers = trainer.loggers, []
+        try:
+            trainer.validate(module, datamodule=datamodule, verbose=False)
+        finally:
+            trainer.loggers = loggers
+    elif export.validated_step != trainer.global_step:  # the last weights (those exported) were never validated
+        trainer.validate(module, datamodule=datamodule, verbose=False)
+
+
+def summary(task: str, metrics: Dict[str, float], output_dir: Path, monitor: Optional[str] = None) -> List[str]:
+    """What the console shows at the end of a run: the exported model's figures and where it is."""
+    def figures(prefix: str) -> str:
+        return ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items()) if k.startswith(prefix))
+
+    which = f"the validated weights with the best {monitor}" if monitor else "the last weights"
+    lines = [f"trained {task} for {metrics['global_step']} steps; exported {which}"]
+    lines += [f"{name}: {figures(prefix)}" for name, prefix in (("validation", "val/"), ("test", "test/"))
+              if figures(prefix)]
+    for key, folder in EXPORTS[task].items():
+        lines.append(f"exported {folder}: {output_dir / folder}  (evaluate.py {key}={output_dir / folder})")
+    lines.append(f"metrics: {output_dir / 'metrics.json'}; resume from {output_dir / 'checkpoints' / 'last.ckpt'}")
+    return lines
+
+
 def train(cfg: TrainConfig, benchmark: Optional[Benchmark] = None) -> dict:
-    """Train one model as configured; returns the final metrics (also in metrics.json)."""
+    """Train one model as configured; returns the final metrics (also in metrics.json) and prints them."""
     quiet_lightning(cfg.verbose)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -114,18 +157,16 @@ def train(cfg: TrainConfig, benchmark: Optional[Benchmark] = None) -> dict:
     datamodule = BenchmarkDataModule(cfg.data, benchmark=benchmark)
     datamodule.setup()
     module = build_module(cfg, datamodule.benchmark)
-    export_dir = {"classifier": output_dir / "classifier", "cotrain": output_dir / "classifier",
-                  "diffusion": output_dir / "diffusion", "joint": output_dir,  # joint: both folders
-                  "contrastive": output_dir / "encoder"}[cfg.task]
+    folders = list(EXPORTS[cfg.task].values())
+    export_dir = output_dir / folders[0] if len(folders) == 1 else output_dir  # joint: both folders
     logger = build_logger(cfg, output_dir)
     try:
         trainer = build_trainer(cfg, output_dir, logger, export_dir)
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.resume)
         export = next(c for c in trainer.callbacks if isinstance(c, ExportPortableCheckpoint))
-        if export.pending:  # the run ended between validations: measure the final weights before choosing
-            (final,) = trainer.validate(module, datamodule=datamodule, verbose=False)
-            export.export_best(trainer, module, float(final[cfg.monitor]))
-        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}  # the last training figures
+        validate_exported(trainer, module, datamodule, cfg, export)
+        metrics.update({k: float(v) for k, v in trainer.callback_metrics.items()})
         if cfg.task != "diffusion":
             (tested,) = trainer.test(module, datamodule=datamodule, verbose=False)
             metrics.update({k: float(v) for k, v in tested.items()})
@@ -134,4 +175,5 @@ def train(cfg: TrainConfig, benchmark: Optional[Benchmark] = None) -> dict:
         finish_logger(logger)
     if trainer.is_global_zero:
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
+        print("\n".join(summary(cfg.task, metrics, output_dir, cfg.monitor)), flush=True)
     return metrics
