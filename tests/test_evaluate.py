@@ -36,9 +36,15 @@ def test_evaluate_writes_results_and_scores(tmp_path, small_models, benchmark):
             assert set(metrics) == {"auroc", "fpr95_classic", "fpr95_openood", "aupr_in", "aupr_out",
                                     "aupr_in_openood", "aupr_out_openood"} | interval
             assert all(0.0 <= v <= 1.0 for k, v in metrics.items() if k != "auroc_ci")
-            if interval:
-                assert metrics["auroc_ci"][0] <= metrics["auroc"] <= metrics["auroc_ci"][1]
+            if interval:  # a keyed object around the point estimate
+                assert set(metrics["auroc_ci"]) == {"lo", "hi"}
+                assert metrics["auroc_ci"]["lo"] <= metrics["auroc"] <= metrics["auroc_ci"]["hi"]
         assert set(entry["near"]) == set(entry["far"]) == {"auroc", "fpr95_classic", "fpr95_openood"} | interval
+    # Paired comparisons: each fused detector against its partner, the oracle against DiffGuard, as keyed objects.
+    assert {"diffguard+ebo - ebo", "oracle-ind/diffguard - diffguard"} <= set(saved["comparisons"])
+    for pair in saved["comparisons"].values():
+        assert set(pair) == {"near", "far"}
+        assert all(set(d) == {"point", "lo", "hi"} and d["lo"] <= d["hi"] for d in pair.values())
     assert saved["num_samples"] == {"ind": 6, "digits_6to9": 6, "textures": 6, "faces": 6, "photos": 6,
                                     "noise": 6, "constant": 6}
     assert 0.0 <= saved["id_accuracy"] <= 1.0
@@ -55,6 +61,16 @@ def test_evaluate_writes_results_and_scores(tmp_path, small_models, benchmark):
     follows = [r["pred"] == r["synthesis_pred"] for r in rows if r["set"] == "faces"]
     assert saved["synthesis_follows_label"]["faces"] == pytest.approx(sum(follows) / len(follows))
     assert {"id", "set", "split", "label", "pred", "synthesis_pred", "depth", "unet_evals", "diffguard", "msp"} <= set(rows[0])
+    # The column dictionary beside scores.csv describes every column: meaning, unit and, for scores, the sign.
+    dictionary = json.loads((tmp_path / "columns.json").read_text())
+    assert dictionary["file"] == "scores.csv" and list(dictionary["columns"]) == list(rows[0])
+    described = dictionary["columns"]
+    assert all(d["meaning"] for d in described.values())
+    assert all(d["direction"] == "higher = more OOD" for c, d in described.items() if c in names)
+    assert "minus the PSNR" in described["diffguard/psnr"]["meaning"] and "dB" in described["diffguard/psnr"]["unit"]
+    assert "diffguard/l2" in described["diffguard"]["meaning"]  # the preset's diffguard.score
+    assert "the input" in described["diffguard/l2"]["meaning"]  # the preset's diffguard.reference
+    assert "oracle" in described["oracle-ind/diffguard/l2"]["meaning"]
     # The near-OOD AUROC in results.json is recomputed from the CSV rows.
     from diffguard_pl.detectors.metrics import auroc
 
@@ -116,6 +132,25 @@ def test_summary_counts_test_split_and_accuracy():
     # InD test {1.5, 2.5} vs OOD {4.0, 0.5}: pairs won 2 of 4
     assert result["detectors"]["diffguard"]["per_ood"]["far1"]["auroc"] == 0.5
     assert result["detectors"]["diffguard"]["far"]["auroc"] == 0.5
+
+
+def test_column_dictionary_says_sign_and_unit_of_the_unguided_reference_columns():
+    from diffguard_pl.detectors.results import column_dictionary
+
+    columns = ["reference_pred", "round_trip_psnr", "diffguard/l2", "diffguard/l2@input", "diffguard/contrastive",
+               "diffguard/psnr@input", "diffguard", "diffguard+knn", "vim", "oracle-paper/diffguard+ebo"]
+    described = column_dictionary(columns, score="contrastive", reference="unguided")
+    assert "unguided reconstruction" in described["reference_pred"]["meaning"]
+    assert described["round_trip_psnr"]["unit"] == "dB" and described["round_trip_psnr"]["direction"] is None
+    assert "unguided reconstruction" in described["diffguard/l2"]["meaning"]
+    assert "between the guided synthesis and the input" in described["diffguard/l2@input"]["meaning"]
+    assert "negated" in described["diffguard/psnr@input"]["unit"]
+    assert "contrastive encoder" in described["diffguard/contrastive"]["meaning"]
+    assert "diffguard/contrastive" in described["diffguard"]["meaning"]
+    assert "z-score" in described["diffguard+knn"]["unit"] and "ViM" in described["vim"]["meaning"]
+    assert "paper oracle" in described["oracle-paper/diffguard+ebo"]["meaning"]
+    assert all(d["meaning"] for d in described.values())
+    assert column_dictionary(["diffguard/made_up"])["diffguard/made_up"]["meaning"] is None  # no guessing
 
 
 def test_merge_drops_duplicate_ids():

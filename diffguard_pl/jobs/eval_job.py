@@ -107,12 +107,12 @@ def write_outputs(results: dict, records: dict, groups: dict, output_dir: Path, 
 
         results["oracle"] = describe(cfg.oracle)
     write_json(results, output_dir / "results.json")
-    write_scores_csv(records, output_dir / "scores.csv")
+    write_scores_csv(records, output_dir / "scores.csv", cfg.diffguard.score, cfg.diffguard.reference)
     if logger is not None and type(logger).__name__ == "WandbLogger":
         import wandb
 
         artifact = wandb.Artifact(f"evaluation-{logger.experiment.id}", type="evaluation")
-        for name in ("results.json", "scores.csv", "config.yaml"):
+        for name in ("results.json", "scores.csv", "columns.json", "config.yaml"):
             artifact.add_file(str(output_dir / name))
         logger.experiment.log_artifact(artifact)
     if cfg.score_folder is not None:
