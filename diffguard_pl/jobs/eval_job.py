@@ -82,18 +82,6 @@ def _load_baseline_choice(output_dir: Path, fingerprint: str) -> Optional[dict]:
     return saved.get("baselines") if isinstance(saved, dict) and saved.get("fingerprint") == fingerprint else None
 
 
-def headline_metrics(results: dict) -> dict:
-    """Flat metrics for the logger: accuracy, throughput and the near / far means of every detector."""
-    flat = {"id_accuracy": results["id_accuracy"]}
-    flat.update({f"throughput/{k}": v for k, v in results["throughput"].items() if isinstance(v, (int, float))})
-    for name, entry in results["detectors"].items():
-        for group in ("near", "far"):
-            for key, value in entry[group].items():
-                if isinstance(value, (int, float)):  # intervals stay in results.json
-                    flat[f"{name}/{group}_{key}"] = value
-    return flat
-
-
 def write_outputs(results: dict, records: dict, groups: dict, output_dir: Path, cfg: EvalConfig, benchmark,
                   logger=None) -> None:
     from diffguard_pl.detectors.results import format_table, write_json, write_scores_csv
@@ -179,6 +167,7 @@ def _evaluate(cfg: EvalConfig, benchmark, classifier, diffusion, encoder, output
     from diffguard_pl.data.sampler import DistributedEvalSampler
     from diffguard_pl.jobs.eval_data import evaluation_sets, fit_classifier_baselines, folder_images, subset_by_id
     from diffguard_pl.jobs.lightning_setup import build_logger, finish_logger, quiet_lightning, trainer_kwargs
+    from diffguard_pl.jobs.wandb_report import log_results
     from diffguard_pl.modules.evaluator import DiffGuardEvaluator
     from diffguard_pl.method.pipeline import DiffGuardPipeline
     from diffguard_pl.detectors.results import finalize
@@ -231,10 +220,10 @@ def _evaluate(cfg: EvalConfig, benchmark, classifier, diffusion, encoder, output
     c = cfg.callbacks
     callbacks = [EvalProgress()] if cfg.trainer.enable_progress_bar else []
     callbacks += [InversionCurveLogger()] if c.curves else []
-    callbacks += ([ReconstructionLogger(c.reconstructions, c.reconstruction_select, cfg.diffguard.score)]
-                  if c.reconstructions > 0 else [])
+    callbacks += ([ReconstructionLogger(c.reconstructions, c.reconstruction_select, cfg.diffguard.score,
+                                        benchmark.class_names)] if c.reconstructions > 0 else [])
     callbacks += [ScoreDistributionPlot()] if c.score_plots else []
-    logger = build_logger(cfg, output_dir)
+    logger = build_logger(cfg, output_dir, metrics_footer=False)
     if cfg.logger == "wandb":  # the run's config: the resolved config, as config.yaml holds it
         from omegaconf import OmegaConf
 
@@ -253,7 +242,7 @@ def _evaluate(cfg: EvalConfig, benchmark, classifier, diffusion, encoder, output
             took = time.perf_counter() - started
             machine = describe_machine(pipeline.device)  # speeds differ by machine: say how fast this one is
             results["throughput"].update(wall_seconds=took, machine=machine)
-            logger.log_metrics(headline_metrics(results))
+            log_results(logger, results)
             logger.save()
             results["baselines"] = choice
             _save_baseline_choice(output_dir, header["fingerprint"], choice)
