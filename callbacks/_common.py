@@ -35,15 +35,19 @@ def set_label(set_name: str, groups: Mapping[str, str]) -> str:
     return f"{set_name} ({groups[set_name]}-OOD)" if set_name in groups else set_name
 
 
+# OOD colours: matplotlib's default cycle without its grey (C7), which InD's grey band and fill use.
+OOD_COLOURS = ("C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9")
+
+
 def set_styles(sets: Iterable[str], groups: Mapping[str, str]) -> Dict[str, dict]:
     """matplotlib line keywords per set, the same in every plot: InD black, thick and on top; near-OOD sets
-    dashed, far-OOD sets solid, each in its own colour of the default cycle (in the order of ``sets``)."""
+    dashed, far-OOD sets solid, each in its own colour (:data:`OOD_COLOURS`, in the order of ``sets``)."""
     styles, colour = {}, 0
     for set_name in sets:
         if set_name == IND:
             styles[set_name] = {"color": "black", "linewidth": 2.4, "linestyle": "-", "zorder": 3}
         else:
-            styles[set_name] = {"color": f"C{colour}", "linewidth": 1.4, "zorder": 2,
+            styles[set_name] = {"color": OOD_COLOURS[colour % len(OOD_COLOURS)], "linewidth": 1.4, "zorder": 2,
                                 "linestyle": "--" if groups.get(set_name) == "near" else "-"}
             colour += 1
         styles[set_name]["label"] = set_label(set_name, groups)

@@ -41,8 +41,8 @@ def reconstruction_figure(title: str, rows: List[dict], score: str, reference: s
     titles.append(f"|synthesis -\n{against}|")
     diffs = [(r["synthesis"] - r["reference"]).abs().mean(0) for r in rows]
     vmax = max([float(d.max()) for d in diffs] + [1e-6])
-    fig, axes = plt.subplots(len(titles), len(rows), figsize=(1.35 * len(rows) + 1.6, 1.45 * len(titles) + 0.7),
-                             squeeze=False)
+    fig, axes = plt.subplots(len(titles), len(rows), figsize=(1.35 * len(rows) + 1.6, 1.45 * len(titles) + 0.9),
+                             squeeze=False, layout="constrained")  # room for the titles and the colour bar
     for j, (r, diff) in enumerate(zip(rows, diffs)):
         panels = [r["input"], r["synthesis"]] + ([] if reference == "input" else [r["reference"]])
         for i, image in enumerate(panels):
@@ -58,7 +58,7 @@ def reconstruction_figure(title: str, rows: List[dict], score: str, reference: s
             axes[i, j].set_yticks([])
     for i, name in enumerate(titles):
         axes[i, 0].set_ylabel(name, fontsize=7)
-    bar = fig.colorbar(heat, ax=list(axes[-1, :]), fraction=0.05, pad=0.02)
+    bar = fig.colorbar(heat, ax=list(axes[-1, :]), fraction=0.05, pad=0.01)
     bar.set_label("mean over channels\n(intensity on [0, 1])", fontsize=6)
     bar.ax.tick_params(labelsize=6)
     fig.suptitle(title, fontsize=8)
