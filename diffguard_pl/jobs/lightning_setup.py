@@ -39,9 +39,10 @@ def quiet_lightning(verbose: bool = False) -> None:
 def build_logger(cfg, output_dir: Path, metrics_footer: bool = True):
     """CSV by default; W&B (offline unless configured) with logger=wandb. ``cfg`` has .logger and .wandb.
 
-    W&B's console stays to the point: Lightning passes ``anonymous=None`` to ``wandb.init``, which W&B 0.19+ answers
-    with a warning that the setting has no effect, so it is not passed; ``metrics_footer=False`` (an evaluation,
-    whose results the job prints itself) leaves out W&B's closing panels of history sparklines and summary values.
+    W&B's console stays to the point: Lightning passes ``anonymous=None`` to ``wandb.init``, which W&B (0.31 here)
+    answers with a warning that the setting has no effect, so it is not passed; ``metrics_footer=False`` (an
+    evaluation, whose results the job prints itself) leaves out W&B's closing panels of history sparklines and
+    summary values.
     """
     if cfg.logger == "wandb":
         import wandb
@@ -51,7 +52,8 @@ def build_logger(cfg, output_dir: Path, metrics_footer: bool = True):
         logger = WandbLogger(project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.name,
                              tags=list(cfg.wandb.tags), save_dir=str(output_dir), offline=cfg.wandb.offline,
                              settings=wandb.Settings(**footer))
-        logger._wandb_init.pop("anonymous", None)  # the constructor always sets it; wandb.init's default is unset
+        # Lightning's constructor always sets it (lightning/pytorch/loggers/wandb.py); wandb.init's default is unset.
+        getattr(logger, "_wandb_init", {}).pop("anonymous", None)
         return logger
     from lightning.pytorch.loggers import CSVLogger
 
