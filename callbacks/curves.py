@@ -104,11 +104,11 @@ def curve_figure(rows: Sequence[dict], metric: str, groups: Mapping[str, str], t
     for set_name in sets:
         mine = [r for r in rows if r["metric"] == metric and r["set"] == set_name]
         steps = [r["step"] for r in mine]
-        style = styles[set_name]
+        style, ind = styles[set_name], set_name == IND
         ax.plot(steps, [r["q50"] for r in mine], **style)
         ax.fill_between(steps, [r["q10"] for r in mine], [r["q90"] for r in mine], linewidth=0,
-                        color="0.6" if style["color"] == "black" else style["color"],
-                        alpha=0.35 if style["color"] == "black" else 0.12, zorder=style["zorder"] - 1)
+                        color="0.6" if ind else style["color"], alpha=0.35 if ind else 0.12,
+                        zorder=style["zorder"] - 1)
     if threshold is not None:
         unit = METRICS.get(metric, (metric, None))[1]
         ax.axhline(threshold, color="red", linestyle=":", linewidth=1.6, zorder=4,

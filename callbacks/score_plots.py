@@ -8,6 +8,7 @@ from typing import Dict, List, Mapping
 import lightning as L
 
 from diffguard_pl.callbacks._common import ordered_sets, output_folder, save_figure, set_styles
+from diffguard_pl.data.benchmark import IND
 
 
 def histogram_figure(by_set: Mapping[str, List[float]], detector: str, described: dict, groups: Mapping[str, str],
@@ -29,8 +30,8 @@ def histogram_figure(by_set: Mapping[str, List[float]], detector: str, described
     styles = set_styles(sets, groups)
     fig, ax = plt.subplots(figsize=(6.4, 3.8))
     for set_name in sets:
-        style = dict(styles[set_name])
-        if style["color"] == "black":  # InD: filled, so every OOD outline stays visible over it
+        style = styles[set_name]
+        if set_name == IND:  # filled, so every OOD outline stays visible over it
             ax.hist(by_set[set_name], bins=edges, density=True, histtype="stepfilled", facecolor="0.8",
                     edgecolor="black", linewidth=style["linewidth"], label=style["label"], zorder=1)
         else:

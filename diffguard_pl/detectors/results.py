@@ -200,7 +200,8 @@ BASELINE_MEANINGS = {
 META_MEANINGS = {
     "id": ("the sample's stable id", None),
     "set": ("ind or the OOD set's name", None),
-    "split": ("val or test: metrics use test, the fused detectors' normalisation InD val", None),
+    "split": ("val or test: metrics use the evaluated split (test unless split=val), the fused detectors' "
+              "normalisation InD val", None),
     "label": ("the InD class (its position in data.ind_classes); -1 for OOD samples", "class index"),
     "pred": ("the classifier's prediction on the input: the label that guides the synthesis", "class index"),
     "synthesis_pred": ("the classifier's prediction on the guided synthesis", "class index"),
