@@ -36,6 +36,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from diffguard_pl.detectors.bootstrap import paired_difference  # noqa: E402
+from diffguard_pl.detectors.results import paired  # noqa: E402
 
 GROUPS = ("near", "far")
 
@@ -54,7 +55,8 @@ def read_scores(out: Path) -> dict:
 
 
 def paired_runs(a: dict, b: dict, column_a: str, column_b: str, groups: dict) -> dict:
-    """Near / far AUROC of run a's ``column_a`` minus run b's ``column_b`` over the test samples both scored."""
+    """Near / far AUROC of run a's ``column_a`` minus run b's ``column_b`` over the test samples both scored:
+    ``{"near": {"point", "lo", "hi"}, "far": ...}``, like results.json's ``comparisons``."""
     shared = [i for i in a if i in b and a[i]["split"] == "test"]
 
     def scores(rows, column, set_name):
@@ -68,8 +70,8 @@ def paired_runs(a: dict, b: dict, column_a: str, column_b: str, groups: dict) ->
     for group in GROUPS:
         members = [s for s in sets if groups.get(s) == group]
         if members:
-            out[group] = list(paired_difference(scores(a, column_a, "ind"), oods_a, scores(b, column_b, "ind"),
-                                                oods_b, members))
+            out[group] = paired(paired_difference(scores(a, column_a, "ind"), oods_a, scores(b, column_b, "ind"),
+                                                  oods_b, members))
     return out
 
 
@@ -97,13 +99,13 @@ def interval(entry: dict) -> str:
     """AUROC with its interval; results.json bootstraps the headline detectors only (the others: the point)."""
     if "auroc_ci" not in entry:
         return pct(entry["auroc"])
-    lo, hi = entry["auroc_ci"]
-    return f"{pct(entry['auroc'])} [{pct(lo)}, {pct(hi)}]"
+    ci = entry["auroc_ci"]
+    return f"{pct(entry['auroc'])} [{pct(ci['lo'])}, {pct(ci['hi'])}]"
 
 
-def difference(triple) -> str:
-    point, lo, hi = triple
-    return f"{100 * point:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+def difference(entry: dict) -> str:
+    """A paired difference ``{"point", "lo", "hi"}`` in points of %: ``+1.2 [-0.3, +2.8]``."""
+    return f"{100 * entry['point']:+.1f} [{100 * entry['lo']:+.1f}, {100 * entry['hi']:+.1f}]"
 
 
 def main(argv: list) -> dict:

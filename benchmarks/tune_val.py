@@ -156,7 +156,7 @@ def main(argv: list) -> dict:
     for c in sorted(candidates, key=lambda c: -c["objective"]):
         print(f"{point_name(c['settings']):40s} {c['distance']:14s} {c['reference']:9s} {100 * c['near']:6.1f} "
               f"{100 * c['far']:6.1f} {100 * c['objective']:6.1f} {100 * (c['mnist'] or float('nan')):6.1f} "
-              f"{c['unet_evals']:6.0f} {c['images_per_second']:6.2f}")
+              f"{c['unet_evals']:6.0f} {c['images_per_second'] or float('nan'):6.2f}")
     chosen = choose(candidates, args.tolerance)
     partners = fused_partners(runs[point_name(chosen["settings"])], f"diffguard/{chosen['column']}", groups)
     baseline = {b: partners[b] for b in BASELINES}

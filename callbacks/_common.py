@@ -1,12 +1,15 @@
-"""What the evaluation callbacks share: gathering to rank 0, figures, and logging to W&B or files."""
+"""What the evaluation callbacks share: gathering to rank 0, how each set is drawn, figures, and logging to W&B
+or files."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, List
+from typing import Any, Dict, Iterable, List, Mapping
 
 import lightning as L
 import torch.distributed as dist
+
+from diffguard_pl.data.benchmark import IND
 
 
 def gather_to_rank_zero(obj: Any) -> List[Any]:
@@ -16,6 +19,39 @@ def gather_to_rank_zero(obj: Any) -> List[Any]:
     gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(obj, gathered, dst=0)
     return gathered if dist.get_rank() == 0 else []
+
+
+def ordered_sets(sets: Iterable[str], groups: Mapping[str, str]) -> List[str]:
+    """InD first, then the OOD sets in the benchmark's order (``groups``), then any other set (a scored folder)."""
+    present = list(dict.fromkeys(sets))
+    known = [IND] + list(groups)
+    return [s for s in known if s in present] + [s for s in present if s not in known]
+
+
+def set_label(set_name: str, groups: Mapping[str, str]) -> str:
+    """``InD``, ``digits_6to9 (near-OOD)``, ``faces (far-OOD)``; a set without a group keeps its name."""
+    if set_name == IND:
+        return "InD"
+    return f"{set_name} ({groups[set_name]}-OOD)" if set_name in groups else set_name
+
+
+# OOD colours: matplotlib's default cycle without its grey (C7), which InD's grey band and fill use.
+OOD_COLOURS = ("C0", "C1", "C2", "C3", "C4", "C5", "C6", "C8", "C9")
+
+
+def set_styles(sets: Iterable[str], groups: Mapping[str, str]) -> Dict[str, dict]:
+    """matplotlib line keywords per set, the same in every plot: InD black, thick and on top; near-OOD sets
+    dashed, far-OOD sets solid, each in its own colour (:data:`OOD_COLOURS`, in the order of ``sets``)."""
+    styles, colour = {}, 0
+    for set_name in sets:
+        if set_name == IND:
+            styles[set_name] = {"color": "black", "linewidth": 2.4, "linestyle": "-", "zorder": 3}
+        else:
+            styles[set_name] = {"color": OOD_COLOURS[colour % len(OOD_COLOURS)], "linewidth": 1.4, "zorder": 2,
+                                "linestyle": "--" if groups.get(set_name) == "near" else "-"}
+            colour += 1
+        styles[set_name]["label"] = set_label(set_name, groups)
+    return styles
 
 
 def wandb_run(trainer: L.Trainer):

@@ -1,17 +1,36 @@
-"""Per-step inversion quality curves (PSNR, SSIM, 1 - DISTS), per data set, for tuning AES."""
+"""Per-step inversion quality curves (PSNR in dB, SSIM, 1 - DISTS of x_t against x0), per data set, for tuning
+adaptive early stop (AES): where InD and each OOD set cross the threshold."""
 
 from __future__ import annotations
 
 import csv
 from collections import defaultdict
-from typing import Dict, List
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import lightning as L
 import torch
 
-from diffguard_pl.callbacks._common import output_folder, save_figure, wandb_run
+from diffguard_pl.callbacks._common import ordered_sets, output_folder, save_figure, set_label, set_styles, wandb_run
+from diffguard_pl.data.benchmark import IND
 
 QUANTILES = (0.1, 0.5, 0.9)
+BANDS = ("q10", "q50", "q90")
+# What each curve measures and its unit (diffguard_pl/method/aes.py); AES stops a sample once it falls below.
+METRICS = {"psnr": ("PSNR of x_t against x0", "dB"), "ssim": ("SSIM of x_t against x0", None),
+           "dists": ("1 - DISTS of x_t against x0", None)}
+
+
+def axis_label(metric: str) -> str:
+    """``PSNR of x_t against x0 (dB)``: the metric with its unit."""
+    name, unit = METRICS.get(metric, (metric, None))
+    return f"{name} ({unit})" if unit else name
+
+
+def aes_thresholds(aes) -> Dict[str, float]:
+    """The AES thresholds in force per curve metric (``diffguard.aes``; {} when AES is off or unknown)."""
+    if aes is None or not aes.enabled:
+        return {}
+    return {m: float(getattr(aes, m)) for m in METRICS if getattr(aes, m, None) is not None}
 
 
 def summarize_curves(curves: Dict[str, Dict[str, torch.Tensor]]) -> List[dict]:
@@ -49,13 +68,70 @@ def curves_from_records(records: Dict[str, list]) -> Dict[str, Dict[str, torch.T
     return out
 
 
+def band_series(rows: Sequence[dict], metric: str, sets: Sequence[str], groups: Mapping[str, str],
+                threshold: Optional[float] = None, ood_bands: Sequence[str] = BANDS
+                ) -> Tuple[List[List[int]], List[List[float]], List[str]]:
+    """W&B line-series data of one metric: per set its quantile lines (keys ``InD q50``, ``faces (far-OOD) q10``,
+    ...; InD all of 10 / 50 / 90%, the other sets ``ood_bands``) over the steps it has samples at, and the AES
+    threshold as a constant line ``AES threshold``."""
+    xs, ys, keys = [], [], []
+    for set_name in sets:
+        mine = [r for r in rows if r["metric"] == metric and r["set"] == set_name]
+        for band in BANDS if set_name == IND else ood_bands:
+            xs.append([r["step"] for r in mine])
+            ys.append([r[band] for r in mine])
+            keys.append(f"{set_label(set_name, groups)} {band}")
+    if threshold is not None:
+        steps = sorted({r["step"] for r in rows if r["metric"] == metric})
+        xs.append(steps)
+        ys.append([threshold] * len(steps))
+        keys.append("AES threshold")
+    return xs, ys, keys
+
+
+def curve_figure(rows: Sequence[dict], metric: str, groups: Mapping[str, str], threshold: Optional[float] = None):
+    """One metric's curves: per set the median over samples and its 10-90% band, InD black and thick over a
+    grey band, near-OOD sets dashed; the AES threshold as a red dotted line (a sample stops below it)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    sets = ordered_sets((r["set"] for r in rows if r["metric"] == metric), groups)
+    styles = set_styles(sets, groups)
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for set_name in sets:
+        mine = [r for r in rows if r["metric"] == metric and r["set"] == set_name]
+        steps = [r["step"] for r in mine]
+        style, ind = styles[set_name], set_name == IND
+        ax.plot(steps, [r["q50"] for r in mine], **style)
+        ax.fill_between(steps, [r["q10"] for r in mine], [r["q90"] for r in mine], linewidth=0,
+                        color="0.6" if ind else style["color"], alpha=0.35 if ind else 0.12,
+                        zorder=style["zorder"] - 1)
+    if threshold is not None:
+        unit = METRICS.get(metric, (metric, None))[1]
+        ax.axhline(threshold, color="red", linestyle=":", linewidth=1.6, zorder=4,
+                   label=f"AES threshold {threshold:g}{' ' + unit if unit else ''} (stop below)")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("inversion step")
+    ax.set_ylabel(axis_label(metric))
+    ax.set_title(f"{METRICS.get(metric, (metric,))[0]}: median over samples, 10-90% band", fontsize=9)
+    ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5), frameon=False)
+    ax.grid(alpha=0.3)
+    return fig
+
+
 class InversionCurveLogger(L.Callback):
     """Draws each set's per-step inversion quality after ``trainer.test`` of a DiffGuardEvaluator.
 
     Reads the per-sample curves from the evaluator's records (``curve/<metric>``), so a resumed run's plots
-    cover the samples of earlier runs too. Writes ``curves/curves.csv`` (mean and quantiles per set, metric
-    and step), ``curves/<metric>.png`` (mean and 10-90% band, InD against each OOD set on one chart) and,
-    with W&B, line plots under ``curves/<metric>`` plus the PNGs. Rank 0 only (the records are gathered).
+    cover the samples of earlier runs too, and the AES thresholds from ``pl_module.pipeline.cfg.aes``. Writes
+    ``curves/curves.csv`` (mean and quantiles per set, metric and step) and ``curves/<metric>.png``
+    (:func:`curve_figure`); with W&B also the table ``curves/quantiles`` (the CSV's rows), per metric a line
+    plot ``curves/<metric>`` (every set's median, InD's 10 / 50 / 90% lines, the threshold) and per OOD set
+    ``curves/<metric>/<set>`` (that set's and InD's 10 / 50 / 90% lines, the threshold), and the PNGs. Rank 0
+    only (the records are gathered).
     """
 
     def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -71,34 +147,35 @@ class InversionCurveLogger(L.Callback):
             writer = csv.DictWriter(handle, fieldnames=list(rows[0].keys()))
             writer.writeheader()
             writer.writerows(rows)
-        self._plot(rows, folder, trainer)
-
-    def _plot(self, rows: List[dict], folder, trainer: L.Trainer) -> None:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+        groups = dict(getattr(pl_module, "groups", {}))
+        thresholds = aes_thresholds(getattr(getattr(getattr(pl_module, "pipeline", None), "cfg", None), "aes", None))
         run = wandb_run(trainer)
-        for metric in sorted({r["metric"] for r in rows}):
-            fig, ax = plt.subplots(figsize=(6, 4))
-            series = {}
-            for set_name in dict.fromkeys(r["set"] for r in rows):
-                mine = [r for r in rows if r["metric"] == metric and r["set"] == set_name]
-                steps = [r["step"] for r in mine]
-                ax.plot(steps, [r["mean"] for r in mine], label=set_name)
-                ax.fill_between(steps, [r["q10"] for r in mine], [r["q90"] for r in mine], alpha=0.15)
-                series[set_name] = (steps, [r["mean"] for r in mine])
-            ax.set_xlabel("inversion step")
-            ax.set_ylabel(metric)
-            ax.legend(fontsize=7)
-            ax.set_title(f"{metric} of x_t against x0 (mean, 10-90%)")
-            if run is not None:
-                import wandb
-
-                width = max(len(s[0]) for s in series.values())
-                run.log({f"curves/{metric}": wandb.plot.line_series(
-                    xs=list(range(1, width + 1)),
-                    ys=[s[1] + [float("nan")] * (width - len(s[1])) for s in series.values()],
-                    keys=list(series), title=f"{metric} per inversion step", xname="inversion step")})
+        if run is not None:
+            self._log_wandb(run, rows, groups, thresholds)
+        for metric in dict.fromkeys(r["metric"] for r in rows):
+            fig = curve_figure(rows, metric, groups, thresholds.get(metric))
             save_figure(fig, folder / f"{metric}.png", trainer, f"curves/{metric}_png")
+
+    @staticmethod
+    def _log_wandb(run, rows: List[dict], groups: Dict[str, str], thresholds: Dict[str, float]) -> None:
+        import wandb
+
+        columns = ["set", "group"] + [c for c in rows[0] if c != "set"]
+        table = wandb.Table(columns=columns, data=[
+            [r["set"], "InD" if r["set"] == IND else groups.get(r["set"], "")] + [r[c] for c in columns[2:]]
+            for r in rows])
+        logged = {"curves/quantiles": table}
+        for metric in dict.fromkeys(r["metric"] for r in rows):
+            sets = ordered_sets((r["set"] for r in rows if r["metric"] == metric), groups)
+            threshold, label = thresholds.get(metric), axis_label(metric)
+            xs, ys, keys = band_series(rows, metric, sets, groups, threshold, ood_bands=("q50",))
+            logged[f"curves/{metric}"] = wandb.plot.line_series(
+                xs=xs, ys=ys, keys=keys, xname="inversion step",
+                title=f"{label} per inversion step: medians, InD's 10/50/90%")
+            for set_name in (s for s in sets if s != IND):
+                xs, ys, keys = band_series(rows, metric, [s for s in (IND, set_name) if s in sets], groups,
+                                           threshold)
+                logged[f"curves/{metric}/{set_name}"] = wandb.plot.line_series(
+                    xs=xs, ys=ys, keys=keys, xname="inversion step",
+                    title=f"{label} per inversion step: {set_label(set_name, groups)} against InD (10/50/90%)")
+        run.log(logged)

@@ -40,14 +40,14 @@ def test_a_run_against_itself_differs_by_exactly_zero(claims):
     diff = claims.paired_runs(run, run, "diffguard", "diffguard", GROUPS)
     assert set(diff) == {"near", "far"}
     for group in diff.values():
-        assert group == [0.0, 0.0, 0.0]
+        assert group == {"point": 0.0, "lo": 0.0, "hi": 0.0}
 
 
 def test_the_better_run_wins_and_the_point_is_the_auroc_difference(claims):
     good, weak = sets(1, 2.0), sets(2, 0.0)
     a, b = rows(good), rows(weak)
     diff = claims.paired_runs(a, b, "diffguard", "diffguard", GROUPS)
-    point, low, high = diff["near"]
+    point, low, high = diff["near"]["point"], diff["near"]["lo"], diff["near"]["hi"]
     expected = auroc(good["ind"], good["near_set"]) - auroc(weak["ind"], weak["near_set"])
     assert point == pytest.approx(float(expected), abs=1e-12)
     assert 0 < low <= point <= high
@@ -59,9 +59,10 @@ def test_only_test_samples_both_runs_scored_are_paired(claims):
     for run, value in ((a, 99.0), (b, -99.0)):  # validation rows that differ between the runs never enter
         run.update({f"val/{i}": row for i, row in rows({"near_set": torch.full((5,), value)}, split="val").items()})
     same = claims.paired_runs(a, b, "diffguard", "diffguard", GROUPS)
-    assert same["near"] == [0.0, 0.0, 0.0] and same["far"] == [0.0, 0.0, 0.0]
+    zero = {"point": 0.0, "lo": 0.0, "hi": 0.0}
+    assert same["near"] == zero and same["far"] == zero
     a["near_set/0"]["diffguard"] = "1e9"  # a sample only one run scored does not enter either
-    assert claims.paired_runs(a, b, "diffguard", "diffguard", GROUPS)["near"] == [0.0, 0.0, 0.0]
+    assert claims.paired_runs(a, b, "diffguard", "diffguard", GROUPS)["near"] == zero
 
 
 def test_mechanism_table_counts_syntheses_classified_as_their_label(claims):
@@ -75,5 +76,23 @@ def test_mechanism_table_counts_syntheses_classified_as_their_label(claims):
 
 
 def test_interval_printed_only_where_bootstrapped(claims):
-    assert claims.interval({"auroc": 0.5234, "auroc_ci": [0.5, 0.55]}) == "52.3 [50.0, 55.0]"
+    assert claims.interval({"auroc": 0.5234, "auroc_ci": {"lo": 0.5, "hi": 0.55}}) == "52.3 [50.0, 55.0]"
     assert claims.interval({"auroc": 0.5234}) == "52.3"
+
+
+def test_comparisons_print_from_keyed_objects_as_results_json_holds_them(claims):
+    """results.json's comparisons are {"point", "lo", "hi"}; the table prints them in points of %."""
+    from diffguard_pl.detectors.results import comparisons
+
+    values = sets(5, 1.0)
+    records = {"id": [], "set": [], "split": [], "label": [], "ebo": [], "diffguard": [], "diffguard+ebo": []}
+    for set_name, scores in values.items():
+        for k, v in enumerate(scores.tolist()):
+            for column, value in (("id", f"{set_name}/{k}"), ("set", set_name), ("split", "test"),
+                                  ("label", 0 if set_name == "ind" else -1), ("ebo", v), ("diffguard", v),
+                                  ("diffguard+ebo", v + (k % 3))):
+                records[column].append(value)
+    entry = comparisons(records, GROUPS, replicates=200)["diffguard+ebo - ebo"]["near"]
+    assert set(entry) == {"point", "lo", "hi"} and entry["lo"] <= entry["point"] <= entry["hi"]
+    shown = f"{100 * entry['point']:+.1f} [{100 * entry['lo']:+.1f}, {100 * entry['hi']:+.1f}]"
+    assert claims.difference(entry) == shown

@@ -36,9 +36,15 @@ def test_evaluate_writes_results_and_scores(tmp_path, small_models, benchmark):
             assert set(metrics) == {"auroc", "fpr95_classic", "fpr95_openood", "aupr_in", "aupr_out",
                                     "aupr_in_openood", "aupr_out_openood"} | interval
             assert all(0.0 <= v <= 1.0 for k, v in metrics.items() if k != "auroc_ci")
-            if interval:
-                assert metrics["auroc_ci"][0] <= metrics["auroc"] <= metrics["auroc_ci"][1]
+            if interval:  # a keyed object around the point estimate
+                assert set(metrics["auroc_ci"]) == {"lo", "hi"}
+                assert metrics["auroc_ci"]["lo"] <= metrics["auroc"] <= metrics["auroc_ci"]["hi"]
         assert set(entry["near"]) == set(entry["far"]) == {"auroc", "fpr95_classic", "fpr95_openood"} | interval
+    # Paired comparisons: each fused detector against its partner, the oracle against DiffGuard, as keyed objects.
+    assert {"diffguard+ebo - ebo", "oracle-ind/diffguard - diffguard"} <= set(saved["comparisons"])
+    for pair in saved["comparisons"].values():
+        assert set(pair) == {"near", "far"}
+        assert all(set(d) == {"point", "lo", "hi"} and d["lo"] <= d["hi"] for d in pair.values())
     assert saved["num_samples"] == {"ind": 6, "digits_6to9": 6, "textures": 6, "faces": 6, "photos": 6,
                                     "noise": 6, "constant": 6}
     assert 0.0 <= saved["id_accuracy"] <= 1.0
@@ -55,6 +61,16 @@ def test_evaluate_writes_results_and_scores(tmp_path, small_models, benchmark):
     follows = [r["pred"] == r["synthesis_pred"] for r in rows if r["set"] == "faces"]
     assert saved["synthesis_follows_label"]["faces"] == pytest.approx(sum(follows) / len(follows))
     assert {"id", "set", "split", "label", "pred", "synthesis_pred", "depth", "unet_evals", "diffguard", "msp"} <= set(rows[0])
+    # The column dictionary beside scores.csv describes every column: meaning, unit and, for scores, the sign.
+    dictionary = json.loads((tmp_path / "columns.json").read_text())
+    assert dictionary["file"] == "scores.csv" and list(dictionary["columns"]) == list(rows[0])
+    described = dictionary["columns"]
+    assert all(d["meaning"] for d in described.values())
+    assert all(d["direction"] == "higher = more OOD" for c, d in described.items() if c in names)
+    assert "minus the PSNR" in described["diffguard/psnr"]["meaning"] and "dB" in described["diffguard/psnr"]["unit"]
+    assert "diffguard/l2" in described["diffguard"]["meaning"]  # the preset's diffguard.score
+    assert "the input" in described["diffguard/l2"]["meaning"]  # the preset's diffguard.reference
+    assert "oracle" in described["oracle-ind/diffguard/l2"]["meaning"]
     # The near-OOD AUROC in results.json is recomputed from the CSV rows.
     from diffguard_pl.detectors.metrics import auroc
 
@@ -118,6 +134,25 @@ def test_summary_counts_test_split_and_accuracy():
     assert result["detectors"]["diffguard"]["far"]["auroc"] == 0.5
 
 
+def test_column_dictionary_says_sign_and_unit_of_the_unguided_reference_columns():
+    from diffguard_pl.detectors.results import column_dictionary
+
+    columns = ["reference_pred", "round_trip_psnr", "diffguard/l2", "diffguard/l2@input", "diffguard/contrastive",
+               "diffguard/psnr@input", "diffguard", "diffguard+knn", "vim", "oracle-paper/diffguard+ebo"]
+    described = column_dictionary(columns, score="contrastive", reference="unguided")
+    assert "unguided reconstruction" in described["reference_pred"]["meaning"]
+    assert described["round_trip_psnr"]["unit"] == "dB" and described["round_trip_psnr"]["direction"] is None
+    assert "unguided reconstruction" in described["diffguard/l2"]["meaning"]
+    assert "between the guided synthesis and the input" in described["diffguard/l2@input"]["meaning"]
+    assert "negated" in described["diffguard/psnr@input"]["unit"]
+    assert "contrastive encoder" in described["diffguard/contrastive"]["meaning"]
+    assert "diffguard/contrastive" in described["diffguard"]["meaning"]
+    assert "z-score" in described["diffguard+knn"]["unit"] and "ViM" in described["vim"]["meaning"]
+    assert "paper oracle" in described["oracle-paper/diffguard+ebo"]["meaning"]
+    assert all(d["meaning"] for d in described.values())
+    assert column_dictionary(["diffguard/made_up"])["diffguard/made_up"]["meaning"] is None  # no guessing
+
+
 def test_merge_drops_duplicate_ids():
     a = {k: v[:4] for k, v in _records().items()}
     b = {k: v[3:] for k, v in _records().items()}  # t0 appears twice (sampler padding)
@@ -125,18 +160,90 @@ def test_merge_drops_duplicate_ids():
     assert sorted(merged["id"]) == sorted(_records()["id"])
 
 
-def test_wandb_offline_run_holds_curves_images_and_same_results(tmp_path, small_models, benchmark, monkeypatch):
+def offline_summary(run_dir):
+    """The run summary W&B wrote offline, ``{key: value}`` (the last value of each top-level key), read from its
+    transaction log ``run-*.wandb``: a 7-byte header, then 32 KiB blocks of chunks, each behind a 7-byte header
+    (CRC-32C: 4 bytes, length: 2 bytes little-endian, type: 1 full, 2 first, 3 middle, 4 last), as LevelDB's log;
+    a chunk or a chunk sequence holds one protobuf ``Record``."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    (log,) = run_dir.glob("run-*.wandb")
+    data, block, position, pieces, summary = log.read_bytes(), 32768, 7, [], {}
+    while position + 7 <= len(data):
+        room = block - position % block
+        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
+        if room < 7 or (length == 0 and kind == 0):  # the rest of a block is padding
+            position += room
+            continue
+        pieces.append(data[position + 7:position + 7 + length])
+        position += 7 + length
+        if kind in (1, 4):
+            record = wandb_internal_pb2.Record()
+            record.ParseFromString(b"".join(pieces))
+            pieces = []
+            if record.WhichOneof("record_type") == "summary":
+                for item in record.summary.update:  # a flat key, or a path into a nested value
+                    if item.key or len(item.nested_key) == 1:
+                        summary[item.key or item.nested_key[0]] = json.loads(item.value_json)
+    return summary
+
+
+def media_table(run_dir, stem):
+    """A wandb.Table logged under ``stem`` (``folder/name``), as the offline run keeps it in files/media/table."""
+    (path,) = (run_dir / "files" / "media" / "table").glob(f"{stem}_[0-9]*.table.json")
+    table = json.loads(path.read_text())
+    return [dict(zip(table["columns"], row)) for row in table["data"]]
+
+
+def test_wandb_offline_run_holds_per_set_metrics_curves_images_and_same_results(tmp_path, small_models, benchmark,
+                                                                                monkeypatch, capfd):
     monkeypatch.setenv("WANDB_MODE", "offline")
-    plain = evaluate(config_lib.load(EvalConfig, eval_argv(tmp_path / "csv", small_models), None), benchmark)
-    logged = evaluate(config_lib.load(EvalConfig, eval_argv(tmp_path / "wb", small_models, "logger=wandb"), None),
-                      benchmark)
+    monkeypatch.delenv("WANDB_SILENT", raising=False)  # W&B's own console lines, as a user sees them
+    aes = ["diffguard.aes.enabled=true", "diffguard.aes.psnr=5"]  # a threshold no sample reaches at depth 2
+    plain = evaluate(config_lib.load(EvalConfig, eval_argv(tmp_path / "csv", small_models, *aes), None), benchmark)
+    capfd.readouterr()
+    logged = evaluate(config_lib.load(EvalConfig, eval_argv(tmp_path / "wb", small_models, "logger=wandb", *aes),
+                                      None), benchmark)
+    console = "".join(capfd.readouterr())
     assert logged["detectors"] == plain["detectors"]  # logging never changes results
+    # The console: W&B says where the run is and how to upload it, without the `anonymous` warning and without
+    # panels of one-point sparklines or summary values after the job's own table.
+    assert "wandb sync" in console and "offline-run-" in console
+    assert "anonymous" not in console and "Run history" not in console and "Run summary" not in console
     (run,) = (tmp_path / "wb" / "wandb").glob("offline-run-*")
+    saved = json.loads((tmp_path / "wb" / "results.json").read_text())
+    # Per-set metrics of every detector, intervals and comparisons, read back from the run summary.
+    summary = offline_summary(run)
+    for name, entry in saved["detectors"].items():
+        for set_name, metrics in entry["per_ood"].items():
+            for key in ("auroc", "fpr95_classic", "fpr95_openood", "aupr_in", "aupr_out"):
+                assert summary[f"{name}/{set_name}_{key}"] == pytest.approx(metrics[key])
+        assert summary[f"{name}/near_auroc"] == pytest.approx(entry["near"]["auroc"])
+    ci = saved["detectors"]["diffguard"]["per_ood"]["faces"]["auroc_ci"]
+    assert (summary["diffguard/faces_auroc_lo"], summary["diffguard/faces_auroc_hi"]) == (ci["lo"], ci["hi"])
+    assert summary["diffguard+ebo/far_auroc_hi"] == saved["detectors"]["diffguard+ebo"]["far"]["auroc_ci"]["hi"]
+    difference = saved["comparisons"]["diffguard+ebo - ebo"]["near"]
+    assert summary["comparisons/diffguard+ebo - ebo/near_auroc_diff_lo"] == difference["lo"]
+    # ... and as tables.
+    per_set = media_table(run, "results/per_set")
+    assert len(per_set) == len(saved["detectors"]) * 6
+    row = next(r for r in per_set if r["detector"] == "diffguard" and r["set"] == "digits_6to9")
+    assert row["group"] == "near" and row["auroc_lo"] == saved["detectors"]["diffguard"]["per_ood"][
+        "digits_6to9"]["auroc_ci"]["lo"]
+    assert {(r["comparison"], r["group"]) for r in media_table(run, "results/comparisons")} == {
+        (pair, group) for pair, entry in saved["comparisons"].items() for group in entry}
+    # Per-step curves as quantile bands per set, InD in every chart, and the AES threshold.
+    faces = media_table(run, "curves/psnr/faces_table")
+    assert {r["lineKey"] for r in faces} == {"InD q10", "InD q50", "InD q90", "faces (far-OOD) q10",
+                                             "faces (far-OOD) q50", "faces (far-OOD) q90", "AES threshold"}
+    assert {r["lineVal"] for r in faces if r["lineKey"] == "AES threshold"} == {5.0}
+    quantiles = media_table(run, "curves/quantiles")
+    assert {(r["set"], r["group"]) for r in quantiles} >= {("ind", "InD"), ("digits_6to9", "near"), ("faces", "far")}
     media = run / "files" / "media"
-    assert list((media / "table" / "curves").glob("psnr_table_*.json"))  # the line plot's data
     assert list((media / "images" / "reconstructions").glob("digits_6to9_*.png"))
     assert list((media / "images" / "scores").glob("diffguard+ebo_*.png"))
-    assert list(run.glob("run-*.wandb"))
     # The same figures as files, whatever the logger.
     for out in (tmp_path / "csv", tmp_path / "wb"):
         assert (out / "curves" / "psnr.png").is_file() and (out / "reconstructions" / "ind.png").is_file()
@@ -148,6 +255,30 @@ def test_wandb_offline_run_holds_curves_images_and_same_results(tmp_path, small_
         assert [int(r["step"]) for r in psnr_ind] == [1, 2]  # depth 2: one row per inversion step
         assert all(int(r["count"]) == 12 for r in psnr_ind)  # InD val + InD test, 6 each
         assert float(psnr_ind[0]["q10"]) <= float(psnr_ind[0]["q50"]) <= float(psnr_ind[0]["q90"])
+
+
+def test_flat_metrics_and_tables_hold_every_number_of_results_json():
+    from diffguard_pl.jobs.wandb_report import flat_metrics, result_tables
+
+    records = _records()
+    add_derived_detectors(records, "l2")
+    results = summarize(records, {"far1": "far"}, replicates=50)
+    results["throughput"] = {"images_per_second": 2.0, "machine": {"device": "cpu"}}
+    flat = flat_metrics(results)
+    per_set = results["detectors"]["diffguard"]["per_ood"]["far1"]
+    assert {k: flat[f"diffguard/far1_{k}"] for k in per_set if k != "auroc_ci"} == {
+        k: v for k, v in per_set.items() if k != "auroc_ci"}
+    assert flat["diffguard/far1_auroc_lo"] == per_set["auroc_ci"]["lo"]
+    assert flat["diffguard/far_auroc_hi"] == results["detectors"]["diffguard"]["far"]["auroc_ci"]["hi"]
+    assert flat["comparisons/diffguard+ebo - ebo/far_auroc_diff"] == results["comparisons"]["diffguard+ebo - ebo"][
+        "far"]["point"]
+    assert flat["synthesis_follows_label/far1"] == 0.0 and flat["throughput/images_per_second"] == 2.0
+    assert "throughput/machine" not in flat and not [k for k in flat if k.startswith("diffguard/near_")]  # no near set
+    tables = result_tables(results)
+    columns, rows = tables["results/per_set"]
+    assert len(rows) == len(results["detectors"])  # one OOD set
+    assert dict(zip(columns, rows[0]))["ood_samples"] == 2
+    assert {r[1] for r in tables["results/near_far"][1]} == {"far"}  # the empty near group is left out
 
 
 def test_out_of_memory_names_the_batch_and_keeps_finished_samples(tmp_path, small_models, benchmark, monkeypatch):

@@ -295,7 +295,8 @@ def test_summary_and_table_carry_both_fpr_conventions():
     result = summarize(records, groups)
     entry = result["detectors"]["det"]
     table = format_table(result, groups).splitlines()
-    lo, hi = entry["near"].pop("auroc_ci")  # a 95% bootstrap interval around the point estimate
+    ci = entry["near"].pop("auroc_ci")  # a 95% bootstrap interval around the point estimate
+    lo, hi = ci["lo"], ci["hi"]
     assert lo <= entry["near"]["auroc"] <= hi and 0 < hi - lo < 0.5
     assert entry["near"] == {k: ood_metrics(ind, ood)[k] for k in ("auroc", "fpr95_classic", "fpr95_openood")}
     assert entry["far"]["fpr95_openood"] == fpr_at_tpr_openood(ind, far)

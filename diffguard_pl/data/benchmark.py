@@ -11,7 +11,7 @@ a stable string, ``set`` the set name and ``split`` train, val or test. Per-samp
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import torch
@@ -81,6 +81,7 @@ class Benchmark:
     val: ImageSet
     test: ImageSet
     ood: Dict[str, OODSet] = field(default_factory=dict)
+    class_names: Optional[List[str]] = None  # per InD label (its position in data.ind_classes); None: unknown
 
     def ood_names(self, group: str | None = None) -> List[str]:
         return [name for name, s in self.ood.items() if group is None or s.group == group]

@@ -57,6 +57,7 @@ def build_digits_benchmark(cfg: DataConfig) -> Benchmark:
         train=ind_set(train_part, "train"),
         val=ind_set(val_part, "val"),
         test=ind_set(test_part, "test"),
+        class_names=[str(c) for c in cfg.ind_classes],  # label k is the digit ind_classes[k]
     )
 
     near_idx = np.flatnonzero(np.isin(targets, cfg.near_ood_classes))

@@ -208,6 +208,7 @@ def build_fashion_benchmark(cfg: DataConfig) -> Benchmark:
         val=ind_set(train_x[train_idx[val_part]], train_labels[val_part], [train_ids[i] for i in val_part], "val"),
         test=ind_set(test_x[test_idx], np.array([remap[c] for c in test_y[test_idx]]),
                      [f"fashion/test/{i:05d}" for i in test_idx], "test"),
+        class_names=[CLASS_NAMES[c] for c in cfg.ind_classes],
     )
 
     # near-OOD: official test images for test; validation drawn from the official training images, as many as

@@ -4,6 +4,8 @@ Records are columns (dict of equal-length lists): ``id``, ``set``, ``split``,
 ``label``, ``pred``, ``depth``, ``unet_evals`` and one column per detector
 score (higher = more OOD). Metrics use only ``split == "test"`` records;
 the fused detector's normalisation uses only InD ``split == "val"`` records.
+Intervals are keyed objects: ``auroc_ci`` is ``{"lo", "hi"}`` and each paired comparison
+``{"point", "lo", "hi"}``. ``scores.csv`` comes with ``columns.json``, what every column means (sign, unit).
 """
 
 from __future__ import annotations
@@ -12,19 +14,32 @@ import csv
 import json
 import math
 from pathlib import Path
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 
 from diffguard_pl.data.benchmark import IND
 from diffguard_pl.detectors.bootstrap import REPLICATES, group_mean, interval, paired_difference, replicate_aurocs
 from diffguard_pl.detectors.fused import (
-    DIFFGUARD, FUSION_PARTNERS, ORACLE_PREFIX, add_derived_detectors, detector_columns, select,
+    AGAINST_INPUT, DIFFGUARD, FUSION_PARTNERS, ORACLE_PREFIX, add_derived_detectors, detector_columns, distance_column,
+    select,
 )
 from diffguard_pl.detectors.metrics import ood_metrics
 
 # Averaged over the near / far groups: AUROC and both FPR@95 conventions (see diffguard_pl/detectors/metrics.py).
 NEAR_FAR_KEYS = ("auroc", "fpr95_classic", "fpr95_openood")
+
+
+def auroc_interval(lo_hi: Tuple[float, float]) -> dict:
+    """A bootstrap interval as results.json keeps it: ``{"lo": 2.5%, "hi": 97.5%}``."""
+    lo, hi = lo_hi
+    return {"lo": lo, "hi": hi}
+
+
+def paired(point_lo_hi: Tuple[float, float, float]) -> dict:
+    """A paired difference as results.json keeps it: ``{"point": estimate, "lo": 2.5%, "hi": 97.5%}``."""
+    point, lo, hi = point_lo_hi
+    return {"point": point, "lo": lo, "hi": hi}
 
 
 def merge_records(parts: Sequence[Mapping[str, list]]) -> Dict[str, list]:
@@ -83,10 +98,10 @@ def summarize(records: Mapping[str, list], groups: Mapping[str, str], split: str
                 for key in NEAR_FAR_KEYS
             }
             if draws is not None and members:
-                entry[group]["auroc_ci"] = list(interval(group_mean(draws, members)))
+                entry[group]["auroc_ci"] = auroc_interval(interval(group_mean(draws, members)))
         if draws is not None:
             for s in present:
-                per_ood[s]["auroc_ci"] = list(interval(draws[s]))
+                per_ood[s]["auroc_ci"] = auroc_interval(interval(draws[s]))
         result["detectors"][detector] = entry
     result["comparisons"] = comparisons(records, groups, split, replicates)
     if "synthesis_pred" in records:
@@ -114,7 +129,7 @@ def synthesis_agreement(records: Mapping[str, list], sets: Sequence[str], split:
 def comparisons(records: Mapping[str, list], groups: Mapping[str, str], split: str = "test",
                 replicates: int = REPLICATES) -> dict:
     """Paired bootstrap differences of near / far AUROC on the same samples: each fused detector against its
-    partner alone, and each oracle against DiffGuard: ``{"a - b": {"near": [point, lo, hi], "far": ...}}``."""
+    partner alone, and each oracle against DiffGuard: ``{"a - b": {"near": {"point", "lo", "hi"}, "far": ...}}``."""
     pairs = [(c, c.split("+", 1)[1]) for c in records if c.startswith(DIFFGUARD + "+")]
     pairs += [(c, DIFFGUARD) for c in records if c.startswith(ORACLE_PREFIX) and c.endswith("/" + DIFFGUARD)]
     out = {}
@@ -130,7 +145,7 @@ def comparisons(records: Mapping[str, list], groups: Mapping[str, str], split: s
         for group in ("near", "far"):
             members = [s for s in present if groups[s] == group]
             if members:
-                entry[group] = list(paired_difference(*scores[a], *scores[b], members, replicates))
+                entry[group] = paired(paired_difference(*scores[a], *scores[b], members, replicates))
         out[f"{a} - {b}"] = entry
     return out
 
@@ -145,14 +160,116 @@ def finalize(records: Dict[str, list], score: str, groups: Mapping[str, str], sp
     return result
 
 
-def write_scores_csv(records: Mapping[str, list], path: str | Path) -> None:
-    """One row per sample: the meta columns and every detector's score (the per-step curves stay in records/)."""
+class Distance(NamedTuple):
+    symbol: str  # what a plot's label calls it
+    meaning: str
+    unit: str
+    suffix: str = ""  # after a value in a label
+
+
+# Every DiffGuard distance (diffguard_pl/method/scores.py), oriented like every score: higher = more OOD.
+DISTANCES = {
+    "l1": Distance("L1", "mean absolute pixel difference", "intensity on [0, 1]"),
+    "l2": Distance("L2", "mean squared pixel difference", "squared intensity on [0, 1]"),
+    "psnr": Distance("-PSNR", "minus the PSNR (peak 1)", "dB, negated: -30 is a PSNR of 30 dB", " dB"),
+    "ssim": Distance("1 - SSIM", "one minus SSIM (Gaussian window 11, sigma 1.5)", "unitless, 0 = identical"),
+    "logit_l1": Distance("logit L1", "mean absolute difference of the classifier's logits", "logits"),
+    "feature_cos": Distance("1 - cos", "one minus the cosine similarity of the classifier's penultimate features",
+                            "unitless, 0 to 2"),
+    "contrastive": Distance("1 - cos (contrastive)", "one minus the cosine similarity of the contrastive "
+                            "encoder's features (models.encoder)", "unitless, 0 to 2"),
+    "dists": Distance("DISTS", "DISTS distance (piq)", "unitless, 0 = identical"),
+    "lpips": Distance("LPIPS", "LPIPS distance (piq)", "unitless, 0 = identical"),
+}
+BASELINE_MEANINGS = {
+    "msp": ("minus the largest softmax probability", "probability, negated"),
+    "ebo": ("minus the energy score, logsumexp of the logits (T = 1)", "logits, negated"),
+    "maxlogit": ("minus the largest logit", "logits, negated"),
+    "knn": ("distance of the normalised penultimate features to the k-th nearest InD training feature "
+            "(k: results.json baselines)", "unitless, 0 to 2"),
+    "vim": ("ViM: the features' residual outside the principal subspace, scaled, minus logsumexp of the logits "
+            "(dim: results.json baselines)", "logits"),
+}
+META_MEANINGS = {
+    "id": ("the sample's stable id", None),
+    "set": ("ind or the OOD set's name", None),
+    "split": ("val or test: metrics use the evaluated split (test unless split=val), the fused detectors' "
+              "normalisation InD val", None),
+    "label": ("the InD class (its position in data.ind_classes); -1 for OOD samples", "class index"),
+    "pred": ("the classifier's prediction on the input: the label that guides the synthesis", "class index"),
+    "synthesis_pred": ("the classifier's prediction on the guided synthesis", "class index"),
+    "reference_pred": ("the classifier's prediction on the unguided reconstruction (diffguard.reference=unguided)",
+                       "class index"),
+    "round_trip_psnr": ("PSNR of the unguided reconstruction against the input: how well the walk returns without "
+                        "guidance (diffguard.reference=unguided; higher = closer)", "dB"),
+    "depth": ("inversion steps taken (adaptive early stop ends some early; diffguard.depth is the most)", "steps"),
+    "unet_evals": ("denoiser evaluations spent on the sample", "evaluations"),
+}
+MORE_OOD = "higher = more OOD"
+REFERENCES = {"input": "the input", "unguided": "the unguided reconstruction (from the same latent)"}
+
+
+def describe_column(column: str, score: Optional[str] = None, reference: Optional[str] = None) -> dict:
+    """What a scores.csv column holds: ``{"meaning", "unit", "direction"}`` (direction None for meta columns).
+
+    ``score`` (diffguard.score) and ``reference`` (diffguard.reference) make the DiffGuard entries concrete;
+    without them they name the config keys. A column no rule knows gets meaning None.
+    """
+    if column in META_MEANINGS:
+        meaning, unit = META_MEANINGS[column]
+        return {"meaning": meaning, "unit": unit, "direction": None}
+    if column.startswith(ORACLE_PREFIX) and "/" in column:
+        mode, detector = column[len(ORACLE_PREFIX):].split("/", 1)
+        entry = describe_column(detector, score, reference)
+        if entry["meaning"] is not None:
+            entry["meaning"] += f"; the synthesis guided by the {mode} oracle's label, not the prediction"
+        return entry
+    if column in BASELINE_MEANINGS:
+        meaning, unit = BASELINE_MEANINGS[column]
+        return {"meaning": f"classifier baseline: {meaning}", "unit": unit, "direction": MORE_OOD}
+    if column == DIFFGUARD:
+        if not score:
+            return {"meaning": "DiffGuard's score: the values of diffguard/<diffguard.score in config.yaml>",
+                    "unit": "that column's", "direction": MORE_OOD}
+        entry = describe_column(distance_column(score), score, reference)
+        return {**entry, "meaning": f"DiffGuard's score, the values of {distance_column(score)}: {entry['meaning']}"}
+    if column.startswith(DIFFGUARD + "+"):
+        partner = column[len(DIFFGUARD) + 1:]
+        return {"meaning": f"diffguard fused with {partner}: the sum of both z-scores, each normalised on the InD "
+                           f"validation split", "unit": "z-score sum, unitless", "direction": MORE_OOD}
+    if column.startswith(DIFFGUARD + "/"):
+        distance = column[len(DIFFGUARD) + 1:]
+        against_input = distance.endswith(AGAINST_INPUT)
+        distance = distance.removesuffix(AGAINST_INPUT)
+        if distance not in DISTANCES:
+            return {"meaning": None, "unit": None, "direction": MORE_OOD}
+        if against_input:
+            versus = "the input (this run's reference is the unguided reconstruction; what reference=input scores)"
+        else:
+            versus = REFERENCES.get(reference, "the reference (diffguard.reference)")
+        return {"meaning": f"{DISTANCES[distance].meaning} between the guided synthesis and {versus}",
+                "unit": DISTANCES[distance].unit, "direction": MORE_OOD}
+    return {"meaning": None, "unit": None, "direction": None}
+
+
+def column_dictionary(columns: Sequence[str], score: Optional[str] = None,
+                      reference: Optional[str] = None) -> Dict[str, dict]:
+    """:func:`describe_column` of every column, in order (what ``columns.json`` holds)."""
+    return {c: describe_column(c, score, reference) for c in columns}
+
+
+def write_scores_csv(records: Mapping[str, list], path: str | Path, score: Optional[str] = None,
+                     reference: Optional[str] = None) -> None:
+    """One row per sample: the meta columns and every detector's score (the per-step curves stay in records/);
+    beside it ``columns.json``, what each column means (see :func:`describe_column`)."""
     columns = [c for c in records if not c.startswith("curve/")]
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)
         for row in zip(*(records[c] for c in columns)):
             writer.writerow(row)
+    dictionary = {"file": Path(path).name, "columns": column_dictionary(columns, score, reference)}
+    (Path(path).parent / "columns.json").write_text(json.dumps(dictionary, indent=2))
 
 
 def write_json(result: dict, path: str | Path) -> None:
@@ -169,8 +286,8 @@ def write_json(result: dict, path: str | Path) -> None:
 def _cell(metrics: dict, key: str) -> str:
     value = f"{100 * metrics[key]:.1f}"
     if key == "auroc" and "auroc_ci" in metrics:
-        lo, hi = metrics["auroc_ci"]
-        value += f" [{100 * lo:.1f}, {100 * hi:.1f}]"
+        ci = metrics["auroc_ci"]
+        value += f" [{100 * ci['lo']:.1f}, {100 * ci['hi']:.1f}]"
     return value
 
 

@@ -189,7 +189,7 @@ def _evaluate(cfg: EvalConfig, benchmark, models: Models, output_dir: Path, part
 
     stats, choice = fit_classifier_baselines(models.classifier, benchmark, cfg)  # stage 5
     save_baseline_choice(output_dir, header["fingerprint"], choice)
-    logger = build_logger(cfg, output_dir)
+    logger = build_logger(cfg, output_dir, metrics_footer=False)
     try:
         evaluator, trainer = _run_loop(cfg, models, sets, work, stats, logger, benchmark)  # stage 6
         if not trainer.is_global_zero:
@@ -238,8 +238,8 @@ def _run_loop(cfg: EvalConfig, models: Models, sets: list, work: records_lib.Wor
     c = cfg.callbacks
     callbacks = [EvalProgress()] if cfg.trainer.enable_progress_bar else []
     callbacks += [InversionCurveLogger()] if c.curves else []
-    callbacks += ([ReconstructionLogger(c.reconstructions, c.reconstruction_select, cfg.diffguard.score)]
-                  if c.reconstructions > 0 else [])
+    callbacks += ([ReconstructionLogger(c.reconstructions, c.reconstruction_select, cfg.diffguard.score,
+                                        benchmark.class_names)] if c.reconstructions > 0 else [])
     callbacks += [ScoreDistributionPlot()] if c.score_plots else []
     if cfg.logger == "wandb":  # the run's config: the resolved config, as config.yaml holds it
         from omegaconf import OmegaConf
@@ -253,27 +253,18 @@ def _run_loop(cfg: EvalConfig, models: Models, sets: list, work: records_lib.Wor
     return evaluator, trainer
 
 
-def headline_metrics(results: dict) -> dict:
-    """Flat metrics for the logger: accuracy, throughput and the near / far means of every detector."""
-    flat = {"id_accuracy": results["id_accuracy"]}
-    flat.update({f"throughput/{k}": v for k, v in results["throughput"].items() if isinstance(v, (int, float))})
-    for name, entry in results["detectors"].items():
-        for group in ("near", "far"):
-            for key, value in entry[group].items():
-                if isinstance(value, (int, float)):  # intervals stay in results.json
-                    flat[f"{name}/{group}_{key}"] = value
-    return flat
-
-
 def _log_results(logger, results: dict, output_dir: Path) -> None:
-    """The results to the logger; with W&B also results.json, scores.csv and config.yaml as an artifact."""
-    logger.log_metrics(headline_metrics(results))
+    """The results to the logger (diffguard_pl/jobs/wandb_report.py); with W&B also the output files as an
+    artifact."""
+    from diffguard_pl.jobs.wandb_report import log_results
+
+    log_results(logger, results)
     logger.save()
     if type(logger).__name__ == "WandbLogger":
         import wandb
 
         artifact = wandb.Artifact(f"evaluation-{logger.experiment.id}", type="evaluation")
-        for name in ("results.json", "scores.csv", "config.yaml"):
+        for name in ("results.json", "scores.csv", "columns.json", "config.yaml"):
             if (output_dir / name).is_file():
                 artifact.add_file(str(output_dir / name))
         logger.experiment.log_artifact(artifact)

@@ -74,7 +74,8 @@ def write_outputs(results: dict, records: Dict[str, list], header: dict, output_
     if folder_report is not None:
         results["folder"] = folder_report
     write_json(results, output_dir / "results.json")
-    write_scores_csv(records, output_dir / "scores.csv")
+    reference = header.get("config", {}).get("diffguard", {}).get("reference", "input")
+    write_scores_csv(records, output_dir / "scores.csv", header["score"], reference)
     if folder_report is not None:
         from diffguard_pl.jobs.folder import write_folder_scores
 
