@@ -233,7 +233,8 @@ def _run_loop(cfg: EvalConfig, models: Models, sets: list, work: records_lib.Wor
     dataset = Subset(ConcatDataset(sets), work.todo)
     loader = DataLoader(dataset, batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers,
                         sampler=DistributedEvalSampler(len(dataset)))  # each sample on exactly one process
-    evaluator = DiffGuardEvaluator(pipeline, stats, oracle=cfg.oracle, split=cfg.split, previous=work.previous,
+    evaluator = DiffGuardEvaluator(pipeline, stats, work.header["groups"], oracle=cfg.oracle, split=cfg.split,
+                                   previous=work.previous,
                                    record_header=work.header, output_dir=str(cfg.output_dir))
     c = cfg.callbacks
     callbacks = [EvalProgress()] if cfg.trainer.enable_progress_bar else []

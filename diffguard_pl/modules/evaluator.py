@@ -4,8 +4,9 @@ Each ``test_step`` runs the batched pipeline (inversion and guided synthesis)
 plus the classifier baselines, keeps per-sample records and appends them to the
 run's record files. At the end of the epoch the records of every process are
 gathered and merged with those an earlier run finished (``previous``), one per
-sample id, into ``all_records`` on rank 0, which the callbacks draw and the
-evaluation job turns into results. ``images`` and ``loop_seconds`` time the test
+sample id, into ``all_records`` on rank 0 (with the derived detectors: ``diffguard``
+and the fused ones), which the callbacks draw and the evaluation job turns into
+results. ``images`` and ``loop_seconds`` time the test
 loop (from the first batch's start to the last batch's end).
 """
 
@@ -20,7 +21,7 @@ import torch.distributed as dist
 
 from diffguard_pl.method import oracle as oracle_lib
 from diffguard_pl.detectors.baselines import BaselineStats, baseline_scores
-from diffguard_pl.detectors.fused import distance_column, oracle_column
+from diffguard_pl.detectors.fused import add_derived_detectors, distance_column, oracle_column
 from diffguard_pl.errors import UserError
 from diffguard_pl.method.pipeline import DiffGuardPipeline
 from diffguard_pl.jobs.records import RecordWriter
@@ -32,6 +33,7 @@ class DiffGuardEvaluator(L.LightningModule):
         self,
         pipeline: DiffGuardPipeline,
         baselines: BaselineStats,
+        groups: Optional[Dict[str, str]] = None,
         oracle: str = "none",
         split: str = "test",
         previous: Optional[Dict[str, list]] = None,
@@ -47,6 +49,7 @@ class DiffGuardEvaluator(L.LightningModule):
         self.perceptual = pipeline.perceptual
         self.encoder = pipeline.encoder
         self.baselines = baselines
+        self.groups = dict(groups or {})  # OOD set -> near | far, for the callbacks' plots
         self.oracle = oracle
         self.split = split
         self.previous = previous or {}  # records finished by an earlier, interrupted run
@@ -134,6 +137,9 @@ class DiffGuardEvaluator(L.LightningModule):
         self.images = sum(len(p["id"]) for p in parts)
         if self.trainer.is_global_zero:
             self.all_records = merge_records([self.previous] + parts)
+            header = self.record_header or {}
+            if "score" in header:  # the callbacks draw every detector: the derived ones too
+                add_derived_detectors(self.all_records, header["score"], header["partners"])
 
     @staticmethod
     def _where(batch: dict, batch_idx: int) -> str:
