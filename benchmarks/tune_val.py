@@ -22,7 +22,8 @@ Prints every candidate (near, far, objective, MNIST, cost, speed) and writes the
 
     python benchmarks/tune_val.py --config conf/fashion_gdm.yaml --grid diffguard.depth=10,20,30,40 \\
         --grid diffguard.guidance.scale=1,3,10 diffguard.reference=unguided limit_per_set=150
-    python benchmarks/tune_val.py ... --only "depth=30,scale=3"      # one point of the grid (coarse to fine)
+    python benchmarks/tune_val.py ... --only depth30_scale3          # run one point of the grid (coarse to fine)
+    python benchmarks/tune_val.py ... --point diffguard.depth=30,diffguard.ladder=released   # a variant beside it
 """
 
 from __future__ import annotations
@@ -123,7 +124,9 @@ def point_name(settings: dict) -> str:
 def main(argv: list) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", required=True, help="the preset to tune")
-    parser.add_argument("--grid", action="append", required=True, help="key=v1,v2,... (repeatable)")
+    parser.add_argument("--grid", action="append", default=[], help="key=v1,v2,... (repeatable): their product")
+    parser.add_argument("--point", action="append", default=[],
+                        help="key=v,key=v (repeatable): one more point beside the grid's, e.g. a variant of the best")
     parser.add_argument("--tag", default=None, help="folder under outputs/tune (default: the preset's name)")
     parser.add_argument("--tolerance", type=float, default=1.0, help="points of the objective that count as a tie")
     parser.add_argument("--only", action="append", default=[],
@@ -132,10 +135,14 @@ def main(argv: list) -> dict:
     import yaml
 
     grid = {k: [yaml.safe_load(x) for x in v.split(",")] for k, v in (item.split("=", 1) for item in args.grid)}
+    points = [dict(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else []
+    points += [{k: yaml.safe_load(v) for k, v in (pair.split("=", 1) for pair in point.split(","))}
+               for point in args.point]
+    if not points:
+        parser.error("give --grid and / or --point")
     folder = ROOT / "outputs" / "tune" / (args.tag or Path(args.config).stem)
     candidates, groups, runs = [], None, {}
-    for values in itertools.product(*grid.values()):
-        settings = dict(zip(grid, values))
+    for settings in points:
         out = folder / point_name(settings)
         if args.only and not any(o in point_name(settings) for o in args.only):
             if not (out / "results.json").is_file():
@@ -171,7 +178,7 @@ def main(argv: list) -> dict:
               "objective": chosen["objective"], "near": chosen["near"], "far": chosen["far"],
               "unet_evals": chosen["unet_evals"], "partner": partner, "fused": fused, "baselines": baseline,
               "rule": f"mean of near and far validation AUROC; ties within {args.tolerance} points to the cheapest",
-              "grid": grid, "extra": extra}
+              "grid": grid, "points": args.point, "extra": extra}
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "choice.json").write_text(json.dumps(choice, indent=2))
     with open(folder / "candidates.csv", "w", newline="") as handle:
