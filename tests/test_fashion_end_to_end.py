@@ -1,5 +1,6 @@
 """Fashion-OOD end to end: the committed models on the real data, through evaluate.py's code path, on a few images."""
 
+import csv
 import json
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 from diffguard_pl import config as config_lib
 from diffguard_pl.config import DataConfig, EvalConfig
 from diffguard_pl.data import build_benchmark, fashion
+from diffguard_pl.detectors.metrics import auroc
 from diffguard_pl.jobs.eval_job import evaluate
 from diffguard_pl.models import load_classifier
 
@@ -48,7 +50,13 @@ def test_preset_runs_end_to_end(tmp_path, bench, preset):
     saved = json.loads((tmp_path / "results.json").read_text())
     assert set(saved["num_samples"]) == {"ind"} | OOD_SETS and set(saved["num_samples"].values()) == {3}
     entry = saved["detectors"]["diffguard"]
-    assert set(entry["per_ood"]) == OOD_SETS and 0.0 <= entry["near"]["auroc"] <= 1.0
+    assert set(entry["per_ood"]) == OOD_SETS
+    with open(tmp_path / "scores.csv") as handle:  # the reported AUROC is the one of the written scores
+        rows = [r for r in csv.DictReader(handle) if r["split"] == "test"]
+    score = {s: torch.tensor([float(r["diffguard"]) for r in rows if r["set"] == s]) for s in {"ind"} | OOD_SETS}
+    assert (score["ind"] > 0).all()  # the committed models' synthesis differs from every input
+    for name in OOD_SETS:
+        assert entry["per_ood"][name]["auroc"] == pytest.approx(auroc(score["ind"], score[name]), abs=1e-12)
     assert saved["groups"]["fashion_6to9"] == "near" and saved["groups"]["mnist"] == "far"
     assert set(saved["synthesis_follows_label"]) == {"ind"} | OOD_SETS
     assert results["throughput"]["unet_evals_per_image"] >= 4

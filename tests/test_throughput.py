@@ -2,6 +2,7 @@
 and the execution settings (diffguard.runtime)."""
 
 import copy
+import csv
 import json
 import math
 
@@ -247,12 +248,20 @@ def test_guidance_under_inference_mode_equals_no_grad(benchmark):
 
 
 def test_evaluate_honours_the_runtime_settings(tmp_path, small_models, benchmark):
-    out = tmp_path / "eval"
-    argv = eval_argv(out, small_models, "diffguard.runtime.autocast=bf16", "diffguard.runtime.channels_last=true",
-                     "callbacks.curves=false", "callbacks.reconstructions=0", "callbacks.score_plots=false")
-    evaluate(config_lib.load(EvalConfig, argv, None), benchmark)
-    assert "autocast: bf16" in (out / "config.yaml").read_text()
-    assert json.loads((out / "results.json").read_text())["detectors"]["diffguard"]["near"]["auroc"] >= 0
+    """evaluate.py runs the models under the configured autocast and memory format: bf16 changes the scores a
+    little (so it was applied), no more than bf16 rounding does."""
+    quiet = ["callbacks.curves=false", "callbacks.reconstructions=0", "callbacks.score_plots=false"]
+    runs = {}
+    for name, settings in (("fp32", []), ("bf16", ["diffguard.runtime.autocast=bf16",
+                                                    "diffguard.runtime.channels_last=true"])):
+        evaluate(config_lib.load(EvalConfig, eval_argv(tmp_path / name, small_models, *settings, *quiet), None),
+                 benchmark)
+        with open(tmp_path / name / "scores.csv") as handle:
+            runs[name] = {r["id"]: float(r["diffguard/l2"]) for r in csv.DictReader(handle)}
+    assert "autocast: bf16" in (tmp_path / "bf16" / "config.yaml").read_text()
+    fp32, bf16 = (torch.tensor([runs[k][i] for i in sorted(runs["fp32"])]) for k in ("fp32", "bf16"))
+    assert not torch.equal(fp32, bf16)
+    assert ((bf16 - fp32).abs() / fp32.abs().clamp_min(1e-6)).median() < 0.1
 
 
 @pytest.mark.slow

@@ -35,7 +35,8 @@ def quiet_lightning(verbose: bool = False) -> None:
     # log_every_n_steps is still logged every log_every_n_steps steps
     for pattern in (".*isinstance\\(treespec, LeafSpec\\).*", ".*does not have many workers.*",
                     ".*Found .* module\\(s\\) in eval mode.*", ".*litlogger.*", ".*LeafSpec.*",
-                    ".*smaller than the logging interval.*"):
+                    ".*smaller than the logging interval.*",
+                    ".*Experiment logs directory .* exists and is not empty.*"):  # a resumed run's own logs
         warnings.filterwarnings("ignore", message=pattern)
 
 

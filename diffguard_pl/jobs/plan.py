@@ -13,13 +13,8 @@ from typing import Optional
 from diffguard_pl.config import EvalConfig
 from diffguard_pl.data import Benchmark
 from diffguard_pl.jobs.eval_data import evaluation_sets
+from diffguard_pl.method.oracle import DESCRIPTIONS, modes
 from diffguard_pl.models import Classifier, DiffusionModel
-
-
-def unet_evals_per_image(cfg: EvalConfig, synthesis_rows: int, synthesis_steps: int) -> int:
-    """Denoiser evaluations per image at full depth (AES can only lower it), oracle re-synthesis not counted."""
-    d = cfg.diffguard
-    return d.depth + synthesis_steps * (synthesis_rows + int(d.reference == "unguided"))
 
 
 def print_plan(cfg: EvalConfig, benchmark: Benchmark, classifier: Classifier, diffusion: DiffusionModel,
@@ -30,7 +25,7 @@ def print_plan(cfg: EvalConfig, benchmark: Benchmark, classifier: Classifier, di
     d, g = cfg.diffguard, cfg.diffguard.guidance
     sets = evaluation_sets(benchmark, cfg.limit_per_set, cfg.split)
     ladder = pipeline.ladder
-    per_image = unet_evals_per_image(cfg, pipeline.synthesis_rows, ladder.synthesis_start(d.depth))
+    per_image = pipeline.unet_evals(d.depth)  # at full depth: AES can only lower it
     total = sum(len(s) for s in sets)
     kind = type(diffusion.unet).__name__ + (f" + {type(diffusion.vae).__name__}" if diffusion.latent else "")
     lines = [
@@ -51,9 +46,6 @@ def print_plan(cfg: EvalConfig, benchmark: Benchmark, classifier: Classifier, di
     guidance = (f"classifier guidance, scale {g.scale}, clean {g.clean}, {g.cutout.num} {g.cutout.mode} cutouts"
                 if g.mode == "classifier" else f"classifier-free guidance, omega {free.omega}, DSG {dsg}")
     reached, start = ladder.reached(d.depth), ladder.synthesis_start(d.depth)
-    oracle = {"none": "none", "ind": "ind (true labels for InD samples)",
-              "paper": "paper (true labels for InD, a random label per OOD sample, DSG off)",
-              "both": "ind and paper"}[cfg.oracle]
     lines += [
         f"DDIM: {d.num_steps} spaced steps (timesteps {int(ladder.timesteps[1])}, {int(ladder.timesteps[2])}, ..., "
         f"{int(ladder.timesteps[-1])}), {d.ladder} ladder; inversion depth {d.depth} reaches timestep "
@@ -62,7 +54,7 @@ def print_plan(cfg: EvalConfig, benchmark: Benchmark, classifier: Classifier, di
            if d.aes.enabled else ""),
         f"synthesis: from timestep {int(ladder.timesteps[start])} ({d.handoff} handoff), {start} steps; {guidance}; "
         f"x0 clipping: {d.clip_x0}; reference {d.reference}; score {d.score}",
-        f"oracle: {oracle}",
+        f"oracle: {cfg.oracle}" + "".join(f"; {mode}: {DESCRIPTIONS[mode]}" for mode in modes(cfg.oracle)),
         f"denoiser evaluations: at most {per_image:,} per image, {per_image * total:,} for {total:,} images",
     ]
     print("\n".join(lines))

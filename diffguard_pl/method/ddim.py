@@ -117,6 +117,17 @@ def eps_from_x0(x_t: torch.Tensor, x0: torch.Tensor, coef_t: Coefficients,
     return torch.where(recip_m1 > 0, (x_t * recip - x0) / recip_m1.clamp_min(1e-10), at_clean)
 
 
+def denoised(x_t: torch.Tensor, eps: torch.Tensor, coef_t: Coefficients, clip_x0: bool = False
+             ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x0, eps) of ``x_t`` as guided-diffusion's ``p_mean_variance`` gives them: x0 predicted from ``eps``,
+    clipped to [-1, 1] with ``clip_x0`` (its ``clip_denoised``), and eps re-derived from that x0 (a no-op up to
+    rounding without clipping; at the clean level, a_t = 1, ``eps`` is kept). The one home of x0 clipping."""
+    x0 = predict_x0(x_t, eps, None, coef_t)
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)
+    return x0, eps_from_x0(x_t, x0, coef_t, at_clean=eps)
+
+
 def ddim_step(
     x_t: torch.Tensor, eps: torch.Tensor, a_t: Optional[torch.Tensor], a_s: Optional[torch.Tensor],
     clip_x0: bool = False, coef_t: Optional[Coefficients] = None, coef_s: Optional[Coefficients] = None,
@@ -126,17 +137,12 @@ def ddim_step(
     ``coef_t`` / ``coef_s``: the levels' :func:`step_coefficients` when precomputed (then ``a_t`` / ``a_s``
     may be None); the result is the same to the bit.
 
-    As guided-diffusion's ``ddim_sample`` / ``ddim_reverse_sample``: x0 is predicted, clipped to [-1, 1] with
-    ``clip_x0`` (its ``clip_denoised``: cleaner samples, but the step is then no longer exactly invertible),
-    and eps re-derived from that x0 before the step (a no-op up to rounding without clipping; at the clean
-    level, a_t = 1, eps is kept).
+    As guided-diffusion's ``ddim_sample`` / ``ddim_reverse_sample``: from :func:`denoised` (x0 clipped with
+    ``clip_x0``: cleaner samples, but the step is then no longer exactly invertible).
     """
     coef_t = coef_t if coef_t is not None else step_coefficients(a_t, x_t)
     root_a_s, root_1ma_s = (coef_s if coef_s is not None else step_coefficients(a_s, x_t))[:2]
-    x0 = predict_x0(x_t, eps, None, coef_t)
-    if clip_x0:
-        x0 = x0.clamp(-1, 1)
-    eps = eps_from_x0(x_t, x0, coef_t, at_clean=eps)
+    x0, eps = denoised(x_t, eps, coef_t, clip_x0)
     return x0 * root_a_s + root_1ma_s * eps
 
 
@@ -180,12 +186,14 @@ class Ladder:
         return self.start + depth
 
     def synthesis_start(self, depth: Union[int, torch.Tensor]):
-        """The level synthesis starts from after ``depth`` inversion steps (one above with the released handoff)."""
+        """The level synthesis starts from after ``depth`` inversion steps (one above with the released handoff);
+        also the number of synthesis steps (they end at level 0)."""
         return self.reached(depth) + (1 if self.handoff == "released" else 0)
 
-    def max_depth(self) -> int:
-        """The most inversion steps the levels allow."""
-        return self.num_levels - 1 - self.start - (1 if self.handoff == "released" else 0)
+    def unet_evals(self, depth: Union[int, torch.Tensor], rows_per_step: int):
+        """Denoiser evaluations of a walk: ``depth`` inversion steps, then ``rows_per_step`` rows per synthesis
+        step (the guided row, its unconditional twin with classifier-free guidance, the unguided reference)."""
+        return depth + self.synthesis_start(depth) * rows_per_step
 
     def inversion_eps_level(self, level: int) -> int:
         """The level whose timestep the inversion step from ``level`` evaluates eps at."""

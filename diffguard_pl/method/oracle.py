@@ -71,7 +71,3 @@ def describe(setting: str) -> dict:
     """results.json's record of the oracle modes of a run."""
     return {"modes": modes(setting), **{mode: DESCRIPTIONS[mode] for mode in modes(setting)}}
 
-
-def column(mode: str, detector: str) -> str:
-    """The name of a detector's oracle variant."""
-    return f"oracle-{mode}/{detector}"

@@ -91,6 +91,10 @@ class DiffGuardPipeline:
         else 1."""
         return 2 if self.classifier_free else 1
 
+    def unet_evals(self, depth: int | torch.Tensor) -> int | torch.Tensor:
+        """Denoiser evaluations per image after ``depth`` inversion steps (oracle re-synthesis not counted)."""
+        return self.ladder.unet_evals(depth, self.synthesis_rows + int(self.cfg.reference == "unguided"))
+
     def to(self, device: torch.device | str) -> "DiffGuardPipeline":
         for module in (self.diffusion, self.classifier, self.perceptual, self.encoder):
             if module is not None:
@@ -248,8 +252,7 @@ class DiffGuardPipeline:
         reference = self.view(self.to_images(run["reference"])) if with_reference else source
         scores = self.score(synthesis, reference)
         depth = run["depth"].cpu()
-        synthesis_steps = self.ladder.synthesis_start(depth)
-        unet_evals = depth + synthesis_steps * (self.synthesis_rows + int(with_reference))
+        unet_evals = self.unet_evals(depth)
         out = {
             "logits": logits, "features": feats, "pred": pred, "synthesis": synthesis.images,
             "synthesis_pred": synthesis.logits.argmax(dim=1), "reference": reference.images,

@@ -22,7 +22,7 @@ import torch
 
 from diffguard_pl.method.aes import AdaptiveEarlyStop
 from diffguard_pl.config import DiffGuardConfig
-from diffguard_pl.method.ddim import Ladder, ddim_step, eps_from_x0, predict_x0
+from diffguard_pl.method.ddim import Ladder, ddim_step, denoised
 from diffguard_pl.method.guidance import CutoutPlan, classifier_free_eps, guided_eps
 from diffguard_pl.models.classifier import Classifier
 from diffguard_pl.models.diffusion import DiffusionModel
@@ -233,7 +233,7 @@ class Walker:
 
     def _clipped(self, x: torch.Tensor, eps: torch.Tensor, coef: tuple) -> torch.Tensor:
         """The eps re-derived from the clipped x0 prediction (guided-diffusion's clip_denoised)."""
-        return eps_from_x0(x, predict_x0(x, eps, None, coef).clamp(-1, 1), coef)
+        return denoised(x, eps, coef, clip_x0=True)[1]
 
     def _synthesis_step(self, walk: Walk, rows: Rows, eps: torch.Tensor, extra: Dict[str, torch.Tensor]) -> None:
         """Level k -> k - 1 (eps at level k) for ``rows``: guided, clipped as configured; the reference unguided."""
