@@ -590,7 +590,8 @@ class BaselineConfig:
     """
 
     detectors: List[str] = field(default_factory=registry.default_names)  # classifier detectors to run, each a
-                                                                          # column of scores.csv
+                                                                          # column of scores.csv; every name, what
+                                                                          # it needs and costs: docs/detectors.md
     params: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # fixed hyperparameters, not tuned: e.g.
                                                                      # baselines.params.knn.k=10
     grids: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # grids replacing the registry's: e.g.

@@ -14,7 +14,7 @@ from typing import Dict, List, Mapping, Sequence, Tuple
 import torch
 
 from diffguard_pl.data.benchmark import IND
-from diffguard_pl.detectors.registry import DIFFGUARD, ORACLE_PREFIX, distance_column, fused_column
+from diffguard_pl.detectors.registry import DIFFGUARD, FUSION_DEFAULT, ORACLE_PREFIX, distance_column, fused_column
 
 META_COLUMNS = ("id", "set", "split", "label", "pred", "synthesis_pred", "reference_pred", "round_trip_psnr", "depth",
                 "unet_evals")
@@ -47,7 +47,8 @@ def select(records: Mapping[str, list], split: str, set_name: str, column: str) 
     return torch.tensor(values, dtype=torch.float64)
 
 
-def add_derived_detectors(records: Dict[str, list], score: str, partners: Sequence[str]) -> List[str]:
+def add_derived_detectors(records: Dict[str, list], score: str,
+                          partners: Sequence[str] = FUSION_DEFAULT) -> List[str]:
     """Add ``diffguard`` (the configured distance) and ``diffguard+X`` for each partner X (z-scores summed).
 
     The z-score normalisation of every detector is fitted on the InD validation split only; oracle variants
