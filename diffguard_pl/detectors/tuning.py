@@ -150,7 +150,8 @@ def choose(entry: reg.Detector, parts: ClassifierParts, train: Samples, val_ind:
         reason = f"no {' or '.join(missing)} validation data: the registry's default values"
         candidates = [{**resolve_defaults(entry, sizes), **fixed}]
     else:
-        reason = TUNED if free else ("fixed by config (baselines.params)" if fixed else "no hyperparameters")
+        reason = (TUNED if free else "fixed by config (baselines.params)" if fixed
+                  else "no grid: the registry's default values" if entry.defaults else "no hyperparameters")
         candidates = [{**dict(zip(free, values)), **fixed} for values in itertools.product(*free.values())]
         candidates = [{**resolve_defaults(entry, sizes), **c} for c in candidates]
     tried = list(_candidates(entry, parts, train, val_ind if has_val else None, val_ood if has_val else None,
