@@ -8,23 +8,30 @@
     knn.score(images)
 
 Every detector has ``fit(data)`` (a tensor of InD training images in [0, 1], a DataLoader of such batches
-(tensors, (images, labels) pairs or dicts with "image"), or nothing for detectors that learn nothing) and
-``score(images)`` returning one float64 score per image, higher meaning more OOD (``predict`` is the same,
-the name pytorch-ood uses). Images are always in [0, 1]; anything else is an error, not a guess.
+(tensors, (images, labels) pairs or dicts with "image" and "label"), or nothing for detectors that learn nothing)
+and ``score(images)`` returning one float64 score per image, higher meaning more OOD (``predict`` is the same, the
+name pytorch-ood uses). :class:`Baseline` is a ``pytorch_ood.api.Detector``: pytorch-ood's ``OODMetrics`` and
+``GridSearch`` take it as they are; DiffGuard as one: diffguard_pl/integrations/pytorch_ood.py. Images are always in
+[0, 1]; anything else is an error, not a guess.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import Iterable, Optional, Sequence, Union
+from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple, Union
 
 import torch
+from pytorch_ood.api import Detector, RequiresFittingException
 
-from diffguard_pl.detectors.baselines import (
-    BaselineStats, default_vim_dim, energy, fit_baselines, knn_score, max_logit, msp, vim_score,
-)
 from diffguard_pl.config import EvalConfig, compose, to_object
+from diffguard_pl.detectors import registry
+from diffguard_pl.detectors.classifier_parts import (
+    ClassifierParts, DetectorUnavailable, Samples, detector_class, fit, predict, why_not,
+)
+from diffguard_pl.detectors.tuning import train_rows, check_fixed, resolve_defaults, resolve_grid
 from diffguard_pl.errors import ConfigError
+from diffguard_pl.method.pipeline import check_images
 from diffguard_pl.models import Classifier, load_classifier, load_diffusion
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
@@ -47,24 +54,21 @@ def load_preset(name: str, *overrides: str) -> EvalConfig:
     return to_object(compose(EvalConfig, [path], list(overrides)))
 
 
-def _check_images(images: torch.Tensor) -> torch.Tensor:
-    if not torch.is_tensor(images) or images.ndim != 4:
-        raise ValueError(f"images must be a tensor [N, C, H, W], got {type(images).__name__} "
-                         f"{getattr(images, 'shape', '')}")
-    if images.numel() and (images.min() < -1e-3 or images.max() > 1 + 1e-3):
-        raise ValueError(f"images must lie in [0, 1], got [{float(images.min()):.3f}, {float(images.max()):.3f}]; "
-                         f"images in [-1, 1] map to it as (x + 1) / 2")
-    return images
-
-
-def _batches(data: Data, batch_size: int = 256):
-    """Image batches from a tensor or an iterable of batches (tensors, (images, labels), or dicts)."""
+def batches(data: Data, batch_size: int = 256) -> Iterator[Tuple[torch.Tensor, Optional[torch.Tensor]]]:
+    """(images, labels or None) batches from a tensor or an iterable of batches (tensors, (images, labels) pairs
+    or dicts with "image" and optionally "label"), the images checked to be in [0, 1]."""
     if torch.is_tensor(data):
-        yield from (_check_images(data[i: i + batch_size]) for i in range(0, len(data), batch_size))
+        check_images(data)
+        yield from ((data[i: i + batch_size], None) for i in range(0, len(data), batch_size))
         return
     for batch in data:
-        images = batch["image"] if isinstance(batch, dict) else batch[0] if isinstance(batch, (list, tuple)) else batch
-        yield _check_images(images)
+        if isinstance(batch, dict):
+            images, labels = batch["image"], batch.get("label")
+        elif isinstance(batch, (list, tuple)):
+            images, labels = batch[0], batch[1] if len(batch) > 1 else None
+        else:
+            images, labels = batch, None
+        yield check_images(images), None if labels is None else torch.as_tensor(labels)
 
 
 class DiffGuard:
@@ -76,9 +80,8 @@ class DiffGuard:
 
     @classmethod
     def from_preset(cls, name: str, *overrides: str, device: Union[str, torch.device] = "cpu") -> "DiffGuard":
-        from diffguard_pl.method.pipeline import DiffGuardPipeline
-
         from diffguard_pl.jobs.eval_data import load_encoder
+        from diffguard_pl.method.pipeline import DiffGuardPipeline
 
         cfg = load_preset(name, *overrides)
         m = cfg.models
@@ -96,7 +99,7 @@ class DiffGuard:
 
     def __call__(self, images: torch.Tensor, ids: Optional[Sequence[str]] = None) -> dict:
         """Every output of the pipeline (scores per distance, predictions, syntheses, ...)."""
-        return self.pipeline(_check_images(images), ids)
+        return self.pipeline(images, ids)
 
     def score(self, images: torch.Tensor, ids: Optional[Sequence[str]] = None) -> torch.Tensor:
         """One score per image (the configured distance, float64), higher = more OOD."""
@@ -105,49 +108,98 @@ class DiffGuard:
     predict = score
 
 
-class Baseline:
-    """A classifier-based detector: ``msp``, ``ebo``, ``maxlogit`` (nothing to fit), ``knn`` and ``vim``
-    (fitted on InD training images: ``k`` nearest neighbours, ``dim`` principal dimensions)."""
+class Baseline(Detector):
+    """A classifier detector by name (docs/detectors.md: ``msp``, ``ebo``, ``knn``, ``vim``, ``ash``, ``odin``, ...)
+    on a classifier, with its hyperparameters as keywords (``Baseline("knn", classifier, k=50)``); those not given
+    take the registry's defaults. Raises :class:`DetectorUnavailable` (one line: why) for a detector that cannot run
+    on the classifier."""
 
-    NAMES = ("msp", "ebo", "maxlogit", "knn", "vim")
+    def __init__(self, name: str, classifier: Classifier, **hyperparameters: Any):
+        self.entry = registry.classifier_detector(name)
+        known = registry.hyperparameters(name)
+        unknown = sorted(set(hyperparameters) - set(known))
+        if unknown:
+            raise ValueError(f"{name} has no hyperparameter {', '.join(unknown)}: "
+                             f"{'it has ' + ', '.join(known) if known else 'it has none'}")
+        self.name, self.classifier, self.parts = name, classifier.eval(), ClassifierParts(classifier)
+        reason = why_not(self.entry, self.parts)
+        if reason is not None:
+            raise DetectorUnavailable(f"{name} cannot run on this classifier: {reason}")
+        self.params = dict(hyperparameters)
+        self.sizes = registry.Sizes(sys.maxsize, self.parts.feature_width, classifier.spec.num_classes)
+        self.hyperparameter_space = resolve_grid(self.entry, self.sizes)[0]
+        self.detector = None
+        self.requires_fit = bool(getattr(detector_class(self.entry), "requires_fit", False))
 
-    def __init__(self, name: str, classifier: Classifier, k: int = 50, dim: Optional[int] = None):
-        if name not in self.NAMES:
-            raise ValueError(f"unknown baseline {name!r}: choose one of {self.NAMES}")
-        self.name, self.classifier, self.k, self.dim = name, classifier.eval(), k, dim
-        self.stats: Optional[BaselineStats] = None
+    def _build(self, sizes: registry.Sizes):
+        params = {**resolve_defaults(self.entry, sizes), **self.params}
+        check_fixed(self.entry, sizes, self.params)
+        return self.parts.build(self.entry, params)
 
-    @torch.no_grad()
-    def _outputs(self, data: Data) -> tuple[torch.Tensor, torch.Tensor]:
-        device = next(self.classifier.parameters()).device
-        logits, feats = [], []
-        for images in _batches(data):
-            lo, fe = self.classifier.forward_with_features(images.to(device))
-            logits.append(lo.float().cpu())
-            feats.append(fe.float().cpu())
-        return torch.cat(logits), torch.cat(feats)
+    def get_hyperparameters(self) -> dict:
+        return {**resolve_defaults(self.entry, self.sizes), **self.params}
 
-    def fit(self, data: Optional[Data] = None) -> "Baseline":
-        """KNN / ViM: fit on InD training images; the logit-only detectors ignore ``data``."""
-        if self.name in ("knn", "vim"):
-            if data is None:
-                raise ValueError(f"{self.name} is fitted on InD training images: pass them to fit()")
-            logits, feats = self._outputs(data)
-            head = self.classifier.model.get_classifier()
-            dim = self.dim or default_vim_dim(feats.shape[1])
-            self.stats = fit_baselines(feats, logits, head.weight.detach().cpu(), head.bias.detach().cpu()
-                                       if head.bias is not None else None, knn_k=min(self.k, len(feats)), vim_dim=dim)
+    def to(self, device: Union[str, torch.device]) -> "Baseline":
+        self.classifier.to(device)
+        if self.detector is not None:
+            self.detector.to(device)
         return self
 
-    def score(self, images: torch.Tensor) -> torch.Tensor:
-        """One score per image (float64), higher = more OOD."""
-        if self.name in ("knn", "vim") and self.stats is None:
-            raise RuntimeError(f"{self.name} is not fitted yet: call fit(train_images) first")
-        logits, feats = self._outputs(_check_images(images))
-        if self.name == "knn":
-            return knn_score(self.stats, feats)
-        if self.name == "vim":
-            return vim_score(self.stats, logits, feats)
-        return {"msp": msp, "ebo": energy, "maxlogit": max_logit}[self.name](logits)
+    def set_hyperparameters(self, **kwargs: Any) -> "Baseline":
+        """Set hyperparameters by name; a detector that learns from data must be fitted again."""
+        unknown = sorted(set(kwargs) - set(registry.hyperparameters(self.name)))
+        if unknown:
+            raise ValueError(f"{self.name} has no hyperparameter {', '.join(unknown)}")
+        self.params.update(kwargs)
+        self.detector = None
+        return self
 
-    predict = score
+    @torch.no_grad()
+    def _samples(self, data: Data, keep_images: bool) -> Samples:
+        device = self.parts.device
+        logits, feats, labels, images = [], [], [], []
+        for x, y in batches(data):
+            lo, fe = self.classifier.forward_with_features(x.to(device))
+            logits.append(lo.float())
+            feats.append(fe.float())
+            labels.append(y)
+            images.append(x if keep_images else None)
+        if not logits:
+            raise ValueError("no images given")
+        known = None if any(y is None for y in labels) else torch.cat(labels)
+        return Samples(torch.cat(logits), torch.cat(feats), known, torch.cat(images) if keep_images else None)
+
+    def fit(self, data: Optional[Data] = None) -> "Baseline":
+        """Fit on InD training images (``data``: see the module docstring); the detectors that learn nothing take
+        no data. Labels, where given, only mark InD samples, except for the detectors that need them (mds, ...)."""
+        if not self.requires_fit:
+            self.detector = self._build(self.sizes)
+            return self
+        if data is None:
+            raise ValueError(f"{self.name} is fitted on InD training images: pass them to fit()")
+        train = self._samples(data, keep_images=self.entry.reads in (registry.FEATURE_MAPS, registry.IMAGES))
+        reason = why_not(self.entry, self.parts, labelled=train.labels is not None)
+        if reason is not None:
+            raise DetectorUnavailable(f"{self.name} cannot be fitted on these data: {reason}")
+        train = train_rows(self.entry, train)
+        sizes = self.sizes._replace(train=len(train))
+        try:
+            self.detector = fit(self._build(sizes), self.entry, self.parts, train)
+        except DetectorUnavailable as error:
+            raise DetectorUnavailable(f"{self.name} cannot be fitted on these data: {error}") from None
+        return self
+
+    def predict(self, x: torch.Tensor) -> torch.Tensor:
+        """One score per image (float64, on the CPU), higher = more OOD."""
+        if self.detector is None:
+            if self.requires_fit:
+                raise RequiresFittingException(f"{self.name} is not fitted yet: call fit(train_images) first")
+            self.detector = self._build(self.sizes)
+        reason = why_not(self.entry, self.parts)
+        if reason is not None:
+            raise DetectorUnavailable(f"{self.name} cannot score here: {reason}")
+        samples = self._samples(check_images(x), keep_images=self.entry.reads in (registry.FEATURE_MAPS,
+                                                                                   registry.IMAGES))
+        return predict(self.detector, self.entry, self.parts, samples)
+
+    score = predict

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple, Type, TypeVar
 from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from diffguard_pl.detectors import registry
 from diffguard_pl.errors import ConfigError  # noqa: F401  (re-exported: the schema's error)
 
 T = TypeVar("T")
@@ -578,32 +579,44 @@ class ModelPaths:
 
 @dataclass
 class BaselineConfig:
-    """The KNN and ViM baselines: their k and principal dimension, tuned on validation data when left null.
+    """The classifier detectors: which run beside DiffGuard, and how their hyperparameters are set.
 
-    Left null, KNN's k and ViM's dim are tuned like OpenOOD v1.5: the grid value with the best AUROC of InD
-    validation against the pooled OOD validation splits (never test splits), ties to the smaller value; without
-    OOD validation data, k = 50 (at most the bank size) and ViM's default dim. The choice and every candidate's
-    validation AUROC are written to results.json under "baselines".
+    Names, what each needs and its grid: docs/detectors.md (the table of diffguard_pl/detectors/registry.py). Each
+    is fitted on InD training images; a hyperparameter not given in ``params`` is chosen on validation splits like
+    OpenOOD v1.5 (the grid value with the best AUROC of InD validation against the pooled OOD validation splits,
+    never test splits; ties to the smaller value); without OOD validation data the registry's defaults are used. A
+    detector that cannot run on the classifier is left out with its reason. The choices, every candidate's
+    validation AUROC and each detector's cost are written to results.json under "baselines".
     """
 
-    knn_k: Optional[int] = None  # KNN scores the distance to the k-th nearest neighbour; null: tuned on knn_k_grid
-    knn_k_grid: List[int] = field(default_factory=lambda: [50, 100, 200, 500, 1000])  # candidates for knn_k
-                                                                                      # (values > bank size dropped)
-    vim_dim: Optional[int] = None  # ViM's principal-space dimension; null: tuned on vim_dim_grid
-    vim_dim_grid: Optional[List[int]] = None  # null: OpenOOD's {256, 1000} below D, else scaled by D / 2048 (D: the
-                                              # classifier's feature dimension)
-    train_samples: Optional[int] = None  # fit KNN / ViM on this many InD train images (chosen by id hash); null: all
+    detectors: List[str] = field(default_factory=registry.default_names)  # classifier detectors to run, each a
+                                                                          # column of scores.csv; every name, what
+                                                                          # it needs and costs: docs/detectors.md
+    params: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # fixed hyperparameters, not tuned: e.g.
+                                                                     # baselines.params.knn.k=10
+    grids: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # grids replacing the registry's: e.g.
+                                                                    # baselines.grids.knn.k=[10,50]
+    train_samples: Optional[int] = None  # fit the detectors on this many InD train images (chosen by id hash);
+                                         # null: all
 
     def __post_init__(self) -> None:
-        for key in ("knn_k", "vim_dim"):
-            value = getattr(self, key)
-            if value is not None and value < 1:
-                raise ConfigError(f"baselines.{key}={value} must be >= 1, or null to tune it on validation data")
-        for key in ("knn_k_grid", "vim_dim_grid"):
-            grid = getattr(self, key)
-            if grid is not None and (not grid or any(v < 1 for v in grid)):
-                raise ConfigError(f"baselines.{key}={list(grid)} must be a non-empty list of values >= 1"
-                                  + (", or null for OpenOOD's grid" if key == "vim_dim_grid" else ""))
+        try:
+            registry.check_names("baselines.detectors", self.detectors)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        for key in ("params", "grids"):
+            for name, values in getattr(self, key).items():
+                if name not in self.detectors:
+                    raise ConfigError(f"baselines.{key} has {name!r}, which baselines.detectors does not run: add it "
+                                      f"there, or drop baselines.{key}.{name}")
+                known = registry.hyperparameters(name)
+                for param, value in values.items():
+                    if param not in known:
+                        raise ConfigError(f"baselines.{key}.{name}.{param}: {name} has "
+                                          f"{'the hyperparameters ' + ', '.join(known) if known else 'none'}")
+                    if key == "grids" and (not isinstance(value, (list, tuple)) or not value):
+                        raise ConfigError(f"baselines.grids.{name}.{param}={value} must be a non-empty list")
+        _check_positive("baselines.train_samples", self.train_samples, allow_none=True)
 
 
 @dataclass
@@ -635,9 +648,9 @@ class EvalConfig(RunConfig):
     score_folder: Optional[str] = None  # score the images of a folder (no labels): scores + in / out decisions as CSV
     score_folder_limit: Optional[int] = neutral(None)  # score_folder: score this many of its images (chosen by id
                                                        # hash); null: every image of the folder
-    fusion_partners: List[str] = field(default_factory=lambda: ["ebo", "vim", "knn"])  # detectors diffguard+X
-                                                                                      # (z-scores summed) for X in
-                                                                                      # msp | ebo | maxlogit | knn | vim
+    fusion_partners: List[str] = field(default_factory=lambda: list(registry.FUSION_DEFAULT))  # classifier
+        # detectors X fused with DiffGuard as diffguard+X (z-scores summed, normalised on InD validation); each must
+        # be in baselines.detectors
     models: ModelPaths = field(default_factory=ModelPaths)
     diffguard: DiffGuardConfig = field(default_factory=DiffGuardConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
@@ -649,8 +662,14 @@ class EvalConfig(RunConfig):
         _check_choice("oracle", self.oracle, ["none", "ind", "paper", "both"])
         _check_positive("limit_per_set", self.limit_per_set, allow_none=True)
         _check_positive("score_folder_limit", self.score_folder_limit, allow_none=True)
-        for partner in self.fusion_partners:
-            _check_choice("fusion_partners", partner, ["msp", "ebo", "maxlogit", "knn", "vim"])
+        try:
+            registry.check_names("fusion_partners", self.fusion_partners)
+        except ValueError as error:
+            raise ConfigError(str(error)) from None
+        missing = [p for p in self.fusion_partners if p not in self.baselines.detectors]
+        if missing:
+            raise ConfigError(f"fusion_partners has {', '.join(missing)}, which baselines.detectors does not run: add "
+                              f"each there, or drop it from fusion_partners")
         parse_shard(self.shard)
 
 

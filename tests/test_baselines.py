@@ -1,30 +1,25 @@
-import dataclasses
+"""The classifier detectors: our KNN and ViM (exact float64 arithmetic), cross-checked against pytorch-ood's on the
+committed digits classifier's features; the logit detectors (pytorch-ood's, fed float64 logits); the choice of
+hyperparameters on validation splits (diffguard_pl/detectors/tuning.py)."""
+
 import math
 
 import numpy as np
 import pytest
 import torch
+from pytorch_ood.detector import KNN as PoodKNN, EnergyBased, MaxLogit, MaxSoftmax, ViM as PoodViM
 
-from diffguard_pl.detectors.baselines import (
-    BaselineStats,
-    baseline_scores,
-    default_vim_dim,
-    default_vim_grid,
-    energy,
-    fit_baselines,
-    knn_grid_for_bank,
-    knn_score,
-    knn_scores,
-    max_logit,
-    msp,
-    tune_baselines,
-    vim_score,
-)
 from diffguard_pl.config import BaselineConfig, ConfigError
+from diffguard_pl.detectors import registry
+from diffguard_pl.detectors.baselines import KNN, ViM, default_vim_dim, default_vim_grid
+from diffguard_pl.detectors.classifier_parts import ClassifierParts, Samples, predict
 from diffguard_pl.detectors.metrics import auroc
+from diffguard_pl.detectors.tuning import TUNED, choose, fit_detectors, resolve_grid
+
+from helpers.models import small_classifier
+from helpers.paths import CHECKPOINTS
 
 C, D = 5, 32
-KEYS = {"msp", "ebo", "maxlogit", "knn", "vim"}
 
 
 def make_data(seed: int = 0, n_train: int = 400, n_test: int = 150):
@@ -33,27 +28,18 @@ def make_data(seed: int = 0, n_train: int = 400, n_test: int = 150):
     means = torch.zeros(C, D)
     means[:, :8] = torch.randn(C, 8, generator=g)
     means = 6 * means / means.norm(dim=1, keepdim=True)
-    weight = means / 3
-    bias = 0.3 * torch.randn(C, generator=g)
+    head = torch.nn.Linear(D, C)
+    head.weight.data, head.bias.data = means / 3, 0.3 * torch.randn(C, generator=g)
 
     def ind(n):
-        y = torch.randint(0, C, (n,), generator=g)
-        return means[y] + 0.4 * torch.randn(n, D, generator=g)
+        return means[torch.randint(0, C, (n,), generator=g)] + 0.4 * torch.randn(n, D, generator=g)
 
     def ood(n):
         f = torch.randn(n, D, generator=g)
         f[:, :8] *= 0.8
         return f * 1.2
 
-    head = lambda f: f @ weight.T + bias  # noqa: E731
-    train, test_in, test_out = ind(n_train), ind(n_test), ood(n_test)
-    return {
-        "train": (train, head(train)),
-        "in": (test_in, head(test_in)),
-        "out": (test_out, head(test_out)),
-        "weight": weight,
-        "bias": bias,
-    }
+    return {"train": ind(n_train), "in": ind(n_test), "out": ood(n_test), "head": head}
 
 
 @pytest.fixture(scope="module")
@@ -62,287 +48,281 @@ def data():
 
 
 @pytest.fixture(scope="module")
-def stats(data):
-    feats, logits = data["train"]
-    return fit_baselines(feats, logits, data["weight"], data["bias"], knn_k=10)
+def digits():
+    """The committed digits classifier's logits and features on InD train / InD val / near-OOD val."""
+    from diffguard_pl.config import DataConfig
+    from diffguard_pl.data import build_benchmark
+    from diffguard_pl.jobs.features import compute_outputs
+    from diffguard_pl.models import load_classifier
+
+    bench = build_benchmark(DataConfig())
+    classifier = load_classifier(CHECKPOINTS / "classifier")
+    sets = {"train": bench.train, "ind": bench.val, "ood": bench.ood["digits_6to9"].val}
+    out = {key: compute_outputs(classifier, s, 256) for key, s in sets.items()}
+    return {"classifier": classifier, "labels": bench.train.labels, **out}
 
 
-def test_logit_scores_hand_checked():
-    logits = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0], [2.0, 5.0]])
-    torch.testing.assert_close(msp(logits), torch.tensor([-0.5, -0.75, -1 / (1 + math.exp(-3))], dtype=torch.float64))
-    torch.testing.assert_close(
-        energy(logits),
-        torch.tensor([-math.log(2), -math.log(4), -(5 + math.log1p(math.exp(-3)))], dtype=torch.float64),
-    )
-    torch.testing.assert_close(max_logit(logits), torch.tensor([0.0, -math.log(3), -5.0], dtype=torch.float64))
-    torch.testing.assert_close(
-        energy(logits[:1], temperature=2.0), torch.tensor([-2 * math.log(2)], dtype=torch.float64)
-    )
-    with pytest.raises(ValueError, match="temperature"):
-        energy(logits, temperature=0.0)
+# --------------------------------------------------------------------------------------------------- our KNN
 
 
-def test_every_baseline_separates_synthetic_ood(data, stats):
-    s_in = baseline_scores(stats, data["in"][1], data["in"][0])
-    s_out = baseline_scores(stats, data["out"][1], data["out"][0])
-    assert set(s_in) == KEYS
-    for name in KEYS:
-        assert s_in[name].shape == (150,) and s_in[name].dtype == torch.float64
-        assert auroc(s_in[name], s_out[name]) > 0.9, name
-
-
-def test_knn_matches_brute_force(data, stats):
-    train = data["train"][0].double()
-    train = train / train.norm(dim=1, keepdim=True)
-    for feats in (data["in"][0], data["out"][0], data["train"][0][:50]):
-        q = feats.double() / feats.double().norm(dim=1, keepdim=True)
-        dist = np.sqrt(((q[:, None, :] - train[None, :, :]) ** 2).sum(-1).numpy())
-        expected = np.sort(dist, axis=1)[:, stats.knn_k - 1]
-        got = knn_score(stats, feats, chunk_size=7)
-        np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5, atol=1e-6)
+def test_knn_matches_brute_force(data):
+    knn = KNN(k=10).fit_features(data["train"])
+    train = torch.nn.functional.normalize(data["train"].double(), dim=1)
+    for feats in (data["in"], data["out"], data["train"][:50]):
+        q = torch.nn.functional.normalize(feats.double(), dim=1)
+        expected = np.sort(torch.cdist(q, train).numpy(), axis=1)[:, 9]
+        np.testing.assert_allclose(KNN(k=10, chunk_size=7).fit_features(data["train"]).predict_features(feats),
+                                   expected, rtol=1e-7, atol=1e-7)  # the bank is kept in float32
+        assert knn.predict_features(feats).dtype == torch.float64
 
 
 def test_knn_exact_ties():
     # Bank of duplicated points: the k-th distance is well defined whichever duplicate is picked.
     bank = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0], [-1.0, 0.0]])
-    stats = fit_baselines(bank, torch.zeros(5, 1), torch.ones(1, 2), None, knn_k=3, vim_dim=1)
-    got = knn_score(stats, torch.tensor([[2.0, 0.0], [0.0, 3.0], [1.0, 1.0], [-1.0, 0.0]]))
+    got = KNN(k=3).fit_features(bank).predict_features(torch.tensor([[2.0, 0.0], [0.0, 3.0], [1.0, 1.0], [-1.0, 0.0]]))
     r2 = math.sqrt(2.0)
-    expected = torch.tensor([r2, r2, math.sqrt(2 - r2), r2], dtype=torch.float64)
-    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(got, torch.tensor([r2, r2, math.sqrt(2 - r2), r2], dtype=torch.float64))
 
 
-def numpy_vim(train_feats, train_logits, w, b, dim):
-    x, z, w, b = (np.asarray(a, dtype=np.float64) for a in (train_feats, train_logits, w, b))
+def test_one_search_gives_each_k_the_distance_of_its_own_search(data):
+    """The tuner searches once for the grid's largest k; each k still gets its exact k-th distance."""
+    feats = torch.cat([data["in"][:40], data["out"][:40]])
+    knn = KNN(k=1).fit_features(data["train"])
+    together = knn.predict_grid(feats, [1, 5, 50, 150])
+    for k in (1, 5, 50, 150):
+        assert torch.equal(together[k], KNN(k=k).fit_features(data["train"]).predict_features(feats)), k
+    assert not torch.equal(together[1], together[150])
+
+
+def test_scores_do_not_depend_on_the_batch(data):
+    feats = torch.cat([data["in"][:40], data["out"][:40]])
+    for detector in (KNN(k=10).fit_features(data["train"]), ViM(data["head"], 8).fit_features(data["train"])):
+        batch = detector.predict_features(feats)
+        perm = torch.randperm(80, generator=torch.Generator().manual_seed(1))
+        torch.testing.assert_close(detector.predict_features(feats[perm]), batch[perm], rtol=1e-12, atol=1e-12)
+        for i in (0, 13, 79):
+            torch.testing.assert_close(detector.predict_features(feats[i:i + 1])[0], batch[i], rtol=1e-12, atol=1e-12)
+
+
+# --------------------------------------------------------------------------------------------------- our ViM
+
+
+def numpy_vim(train, head, dim):
+    x = train.double().numpy()
+    w, b = head.weight.detach().double().numpy(), head.bias.detach().double().numpy()
     u = -np.linalg.pinv(w) @ b
-    cov = (x - u).T @ (x - u) / len(x)
-    vals, vecs = np.linalg.eigh(cov)
+    vals, vecs = np.linalg.eigh((x - u).T @ (x - u) / len(x))
     ns = vecs[:, np.argsort(-vals)[dim:]]
-    alpha = z.max(axis=1).mean() / np.linalg.norm((x - u) @ ns, axis=1).mean()
+    alpha = (x @ w.T + b).max(axis=1).mean() / np.linalg.norm((x - u) @ ns, axis=1).mean()
     return u, ns, alpha
 
 
-def test_vim_matches_numpy(data, stats):
-    feats, logits = data["train"]
-    u, ns, alpha = numpy_vim(feats, logits, data["weight"], data["bias"], stats.vim_dim)
-    assert stats.vim_dim == default_vim_dim(D) == 16
-    assert stats.vim_ns.shape == (D, D - 16)
-    np.testing.assert_allclose(stats.vim_u.numpy(), u, rtol=1e-6, atol=1e-9)
-    assert stats.vim_alpha == pytest.approx(alpha, rel=1e-8)
-    # Eigenvectors are defined up to sign / rotation: compare the projectors.
-    np.testing.assert_allclose(stats.vim_ns.numpy() @ stats.vim_ns.numpy().T, ns @ ns.T, atol=1e-8)
-    # Scores: alpha * ||(f - u) NS|| - logsumexp(z).
-    f, z = (a.double().numpy() for a in data["out"])
+def test_vim_matches_numpy(data):
+    vim = ViM(data["head"], default_vim_dim(D)).fit_features(data["train"])
+    u, ns, alpha = numpy_vim(data["train"], data["head"], 16)
+    assert vim.dim == 16 and vim.ns.shape == (D, D - 16)
+    np.testing.assert_allclose(vim.u.numpy(), u, rtol=1e-6, atol=1e-9)
+    assert vim.alpha == pytest.approx(alpha, rel=1e-8)
+    np.testing.assert_allclose(vim.ns.numpy() @ vim.ns.numpy().T, ns @ ns.T, atol=1e-8)  # up to sign / rotation
+    f = data["out"].double().numpy()
+    w, b = data["head"].weight.detach().double().numpy(), data["head"].bias.detach().double().numpy()
+    z = f @ w.T + b
     expected = alpha * np.linalg.norm((f - u) @ ns, axis=1) - np.log(np.exp(z).sum(axis=1))
-    got = baseline_scores(stats, data["out"][1], data["out"][0])["vim"]
-    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-8, atol=1e-8)
-
-
-def test_vim_origin_is_where_logits_vanish(stats, data):
-    # For a full-row-rank W, u solves W u + b = 0.
-    z_u = data["weight"].double() @ stats.vim_u + data["bias"].double()
-    torch.testing.assert_close(z_u, torch.zeros(C, dtype=torch.float64), atol=1e-10, rtol=0)
-
-
-def test_scores_do_not_depend_on_the_batch(data, stats):
-    feats = torch.cat([data["in"][0][:40], data["out"][0][:40]])
-    logits = torch.cat([data["in"][1][:40], data["out"][1][:40]])
-    batch = baseline_scores(stats, logits, feats)
-    perm = torch.randperm(80, generator=torch.Generator().manual_seed(1))
-    shuffled = baseline_scores(stats, logits[perm], feats[perm])
-    for i in (0, 13, 45, 79):
-        alone = baseline_scores(stats, logits[i : i + 1], feats[i : i + 1])
-        for name in KEYS:
-            torch.testing.assert_close(alone[name][0], batch[name][i], rtol=1e-12, atol=1e-12)
-    for name in KEYS:
-        torch.testing.assert_close(shuffled[name], batch[name][perm], rtol=1e-12, atol=1e-12)
-    chunked = knn_score(stats, feats, chunk_size=3)
-    torch.testing.assert_close(chunked, batch["knn"], rtol=1e-12, atol=1e-12)
-
-
-
-def test_one_search_gives_each_k_the_distance_of_its_own_search(data, stats):
-    """The tuner searches once for the grid's largest k; each k still gets its exact k-th distance."""
-    feats = torch.cat([data["in"][0][:40], data["out"][0][:40]])
-    ks = [1, 5, 50, 150]
-    together = knn_scores(stats, feats, ks, chunk_size=7)
-    for k in ks:
-        alone = knn_score(dataclasses.replace(stats, knn_k=k), feats)
-        assert torch.equal(together[k], alone), k
-    assert not torch.equal(together[1], together[150])
-
-def test_state_dict_roundtrip_and_to(data, stats, tmp_path):
-    state = stats.state_dict()
-    for key, value in state.items():
-        assert isinstance(value, (torch.Tensor, int, float)), key
-    torch.save(state, tmp_path / "stats.pt")
-    loaded = BaselineStats.from_state_dict(torch.load(tmp_path / "stats.pt", weights_only=True))
-    moved = loaded.to("cpu")
-    assert moved.knn_k == stats.knn_k and moved.vim_dim == stats.vim_dim and moved.vim_alpha == stats.vim_alpha
-    a = baseline_scores(stats, data["in"][1], data["in"][0])
-    b = baseline_scores(moved, data["in"][1], data["in"][0])
-    for name in KEYS:
-        torch.testing.assert_close(a[name], b[name], rtol=0, atol=0)
-
-
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_on_gpu_matches_cpu(data, stats):
-    cuda = stats.to("cuda")
-    a = baseline_scores(stats, data["out"][1], data["out"][0])
-    b = baseline_scores(cuda, data["out"][1].cuda(), data["out"][0].cuda())
-    for name in KEYS:
-        torch.testing.assert_close(b[name].cpu(), a[name], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(vim.predict_features(data["out"]).numpy(), expected, rtol=1e-8, atol=1e-8)
+    # u solves W u + b = 0 for a full-row-rank W: the origin where the logits vanish.
+    torch.testing.assert_close(vim._logits(vim.u), torch.zeros(C, dtype=torch.float64), atol=1e-10, rtol=0)
 
 
 def test_fit_validation(data):
-    feats, logits = data["train"]
-    w, b = data["weight"], data["bias"]
-    with pytest.raises(ValueError, match="knn_k"):
-        fit_baselines(feats, logits, w, b, knn_k=0)
-    with pytest.raises(ValueError, match="vim_dim"):
-        fit_baselines(feats, logits, w, b, vim_dim=D)
-    with pytest.raises(ValueError, match="shapes do not fit"):
-        fit_baselines(feats, logits, w.T, b)
-    with pytest.raises(ValueError, match="head_bias"):
-        fit_baselines(feats, logits, w, b[:-1])
+    with pytest.raises(ValueError, match=r"k=401 must lie in \[1, 400\]"):
+        KNN(k=401).fit_features(data["train"])
+    with pytest.raises(ValueError, match=r"dim=32 must lie in \[1, 31\]"):
+        ViM(data["head"], D).fit_features(data["train"])
+    with pytest.raises(ValueError, match="width 16, the head takes 32"):
+        ViM(data["head"], 4).fit_features(data["train"][:, :16])
     assert default_vim_dim(2048) == 1000 and default_vim_dim(768) == 512 and default_vim_dim(512) == 256
 
 
-# ---------------------------------------------------------------------------
-# Choosing KNN's k and ViM's dim on validation data (OpenOOD v1.5's parameter search)
-
-
-def clustered(seed: int = 0):
-    """A bank where k = 100 is the one good KNN grid value.
-
-    Train: 4 InD clusters of 150 tight points plus one "decoy" cluster of 75 points in another direction.
-    InD validation points sit in the InD clusters, OOD validation points in the decoy cluster. For k <= 75
-    both find close neighbours; for 75 < k <= 150 only InD does; for k > 150 neither does.
-    """
-    g = torch.Generator().manual_seed(seed)
-    dirs = torch.nn.functional.normalize(torch.randn(5, D, generator=g), dim=1)
-
-    def cluster(i, n):
-        return dirs[i] + 0.05 * torch.randn(n, D, generator=g)
-
-    weight, bias = 3 * dirs[:4], torch.zeros(4)
-    pair = lambda f: (f @ weight.T + bias, f)  # noqa: E731
-    train = torch.cat([cluster(i, 150) for i in range(4)] + [cluster(4, 75)])
-    val_ind = pair(torch.cat([cluster(i, 30) for i in range(4)]))
-    val_ood = pair(cluster(4, 60))
-    return train, pair(train)[0], weight, bias, val_ind, val_ood
-
-
-def direct_knn_auroc(stats, k, val_ind, val_ood):
-    with_k = BaselineStats(stats.knn_bank, k, stats.vim_u, stats.vim_ns, stats.vim_alpha, stats.vim_dim)
-    return auroc(knn_score(with_k, val_ind[1]), knn_score(with_k, val_ood[1]))
-
-
-def test_tuner_picks_the_k_with_the_best_validation_auroc():
-    train, logits, w, b, val_ind, val_ood = clustered()
-    stats, choice = tune_baselines(train, logits, w, b, val_ind, val_ood)
-    knn = choice["knn"]
-    assert knn["grid"] == [50, 100, 200, 500] and knn["dropped"] == [1000]  # 1000 > bank size 675
-    assert set(knn["val_auroc"]) == {"50", "100", "200", "500"}
-    for k in knn["grid"]:
-        assert knn["val_auroc"][str(k)] == direct_knn_auroc(stats, k, val_ind, val_ood)
-    aurocs = knn["val_auroc"]
-    assert knn["k"] == 100 == stats.knn_k  # the construction's answer
-    assert aurocs["100"] > max(aurocs[k] for k in ("50", "200", "500"))
-    assert choice["validation"] == {"ind": 120, "ood": 60}
-    # ViM: every candidate's AUROC is that of a ViM fitted with that dim; the best one is kept.
-    vim = choice["vim"]
-    assert vim["grid"] == default_vim_grid(D)
-    for dim in vim["grid"]:
-        fitted = fit_baselines(train, logits, w, b, knn_k=100, vim_dim=dim)
-        direct = auroc(vim_score(fitted, *val_ind), vim_score(fitted, *val_ood))
-        assert vim["val_auroc"][str(dim)] == pytest.approx(direct, abs=1e-12)
-    best = max(vim["val_auroc"].values())
-    assert vim["val_auroc"][str(vim["dim"])] == best and stats.vim_dim == vim["dim"]
-    assert vim["dim"] == min(int(d) for d, a in vim["val_auroc"].items() if a == best)
-    assert stats.vim_ns.shape == (D, D - vim["dim"])
-
-
-def test_tuner_breaks_ties_towards_the_smaller_value(data):
-    # Widely separated synthetic InD / OOD: every k reaches the same validation AUROC.
-    feats, logits = data["train"]
-    stats, choice = tune_baselines(feats, logits, data["weight"], data["bias"], data["in"][::-1], data["out"][::-1],
-                                   knn_grid=[30, 20, 10])
-    values = choice["knn"]["val_auroc"]
-    assert len(set(values.values())) == 1  # the premise: a tie
-    assert choice["knn"]["k"] == 10 == stats.knn_k and choice["knn"]["grid"] == [10, 20, 30]
-
-
-def test_knn_grid_is_cut_to_the_bank():
-    assert knn_grid_for_bank([1000, 50, 200], 300) == [50, 200]
-    assert knn_grid_for_bank([50, 100], 30) == [30]
-
-
-@pytest.mark.parametrize("d", [2, 3, 16, 32, 100, 256, 257, 512, 1024, 1001, 2048, 4096])
+@pytest.mark.parametrize("d", [2, 3, 16, 32, 100, 256, 257, 512, 1024, 2048, 4096])
 def test_vim_grid(d):
     grid = default_vim_grid(d)
     assert grid == sorted(set(grid)) and all(1 <= v < d for v in grid)
     if d > 256:  # OpenOOD's values where they fit below D
         assert grid == [v for v in (256, 1000) if v < d]
     else:  # the same ratios to D as OpenOOD's to ResNet-50's 2048, up to rounding and the clip to [1, D - 1]
-        expected = {min(max(round(d * r / 2048), 1), d - 1) for r in (256, 1000)}
-        assert set(grid) == expected
-        for v, r in zip(sorted(expected), (256, 1000)):
-            assert abs(v - d * r / 2048) <= 0.5 or v in (1, d - 1)
+        assert set(grid) == {min(max(round(d * r / 2048), 1), d - 1) for r in (256, 1000)}
+    assert default_vim_grid(32) == [4, 16] and default_vim_grid(2048) == [256, 1000]
 
 
-def test_vim_grid_examples():
-    # 32 * 256 / 2048 = 4 and 32 * 1000 / 2048 = 15.625; 512 only fits 256; ResNet-50's 2048 fits both.
-    assert default_vim_grid(32) == [4, 16]
-    assert default_vim_grid(512) == [256] and default_vim_grid(2048) == [256, 1000]
-    with pytest.raises(ValueError, match="feature dimension >= 2"):
-        default_vim_grid(1)
+# ------------------------------------------------------------------------- cross-check against pytorch-ood
+
+
+def test_our_knn_equals_pytorch_oods_on_the_digits_classifier(digits):
+    """Same k, same normalisation: the same ranking (AUROC to 1e-9); distances apart by scikit-learn's float32."""
+    (_, train), (_, ind), (_, ood) = digits["train"], digits["ind"], digits["ood"]
+    for k in (1, 10, 50, 100):
+        ours = KNN(k=k).fit_features(train)
+        theirs = PoodKNN(None, k=k).fit_features(train, digits["labels"])
+        a, b = [d.predict_features(ind) for d in (ours, theirs)], [d.predict_features(ood) for d in (ours, theirs)]
+        assert abs(auroc(a[0], b[0]) - auroc(a[1], b[1])) <= 1e-9, k
+        assert (a[0] - a[1]).abs().max() < 1e-6 and (b[0] - b[1]).abs().max() < 1e-6
+
+
+def test_our_vim_differs_from_pytorch_oods_by_its_float32_only(digits):
+    """Same dim: the same AUROC (1e-9) where the principal space is well separated (dims of the grid for 128-d
+    features); at dim 64 pytorch-ood's float32 eigendecomposition moves the residual space (by 0.14), and its
+    residual projector is then the float32 one, to 1e-4, where ours is the float64 one."""
+    classifier, (_, train), (_, ind), (_, ood) = digits["classifier"], digits["train"], digits["ind"], digits["ood"]
+    head = classifier.model.get_classifier()
+    assert default_vim_grid(train.shape[1]) == [16, 62]
+    for dim in (4, 16):
+        ours = ViM(head, dim).fit_features(train)
+        theirs = PoodViM(None, d=dim, w=head.weight, b=head.bias).fit_features(train, digits["labels"])
+        a = [auroc(d.predict_features(ind).double(), d.predict_features(ood).double()) for d in (ours, theirs)]
+        assert abs(a[0] - a[1]) <= 1e-9, dim
+
+    def projector(dtype, dim):
+        x, w, b = train.to(dtype), head.weight.detach().to(dtype), head.bias.detach().to(dtype)
+        centred = x + torch.linalg.pinv(w) @ b
+        vals, vecs = torch.linalg.eigh(centred.T @ centred / len(x))
+        ns = vecs[:, torch.argsort(vals, descending=True)[dim:]]
+        return (ns @ ns.T).double()
+
+    theirs = PoodViM(None, d=64, w=head.weight, b=head.bias).fit_features(train, digits["labels"])
+    ours = ViM(head, 64).fit_features(train)
+    p64, p32 = projector(torch.float64, 64), projector(torch.float32, 64)
+    assert (p64 - p32).norm() > 0.05  # float32 moves the residual space at this dim
+    assert (theirs.principal_subspace.double() @ theirs.principal_subspace.double().T - p32).norm() < 1e-4
+    assert (ours.ns @ ours.ns.T - p64).norm() < 1e-8
+
+
+def test_logit_detectors_are_pytorch_oods_fed_float64_logits(digits):
+    """MSP, EBO and MaxLogit are pytorch-ood's; the registry feeds them float64 logits, so they equal pytorch-ood's
+    on float64 logits exactly, and float32 softmax saturation does not tie distinct samples."""
+    parts = ClassifierParts(digits["classifier"])
+    logits = torch.cat([digits["ind"][0], digits["ood"][0]])
+    samples = Samples(logits, torch.cat([digits["ind"][1], digits["ood"][1]]))
+    for name, reference in (("msp", MaxSoftmax.score), ("ebo", EnergyBased.score), ("maxlogit", MaxLogit.score)):
+        entry = registry.classifier_detector(name)
+        got = predict(parts.build(entry, {"t": 1.0} if name == "ebo" else {}), entry, parts, samples)
+        assert got.dtype == torch.float64 and torch.equal(got, reference(logits.double()))
+    # Hand-checked values.
+    hand = torch.tensor([[0.0, 0.0], [math.log(3.0), 0.0], [2.0, 5.0]])
+    few = Samples(hand, torch.zeros(3, 2))
+    build = lambda n: parts.build(registry.classifier_detector(n), {})  # noqa: E731
+    torch.testing.assert_close(predict(build("msp"), registry.classifier_detector("msp"), parts, few),
+                               torch.tensor([-0.5, -0.75, -1 / (1 + math.exp(-3))], dtype=torch.float64))
+    torch.testing.assert_close(predict(build("ebo"), registry.classifier_detector("ebo"), parts, few),
+                               torch.tensor([-math.log(2), -math.log(4), -(5 + math.log1p(math.exp(-3)))],
+                                            dtype=torch.float64))
+    # Saturation: in float32 both confident samples get MSP -1 exactly; in float64 they stay apart.
+    confident = torch.tensor([[20.0, 0.0], [25.0, 0.0]])
+    assert MaxSoftmax.score(confident)[0] == MaxSoftmax.score(confident)[1] == -1.0
+    msp = predict(build("msp"), registry.classifier_detector("msp"), parts, Samples(confident, torch.zeros(2, 2)))
+    assert msp[0] > msp[1]
+
+
+# ------------------------------------------------------------------------------ choosing on validation data
+
+
+def clustered(seed: int = 0):
+    """Features where k = 100 is the one good KNN grid value.
+
+    Train: 4 InD clusters of 150 tight points plus one "decoy" cluster of 75 points in another direction. InD
+    validation points sit in the InD clusters, OOD validation points in the decoy cluster. For k <= 75 both find
+    close neighbours; for 75 < k <= 150 only InD does; for k > 150 neither does.
+    """
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.nn.functional.normalize(torch.randn(5, D, generator=g), dim=1)
+    head = torch.nn.Linear(D, 4)
+    head.weight.data, head.bias.data = 3 * dirs[:4], torch.zeros(4)
+
+    def samples(*clusters):
+        f = torch.cat([dirs[i] + 0.05 * torch.randn(n, D, generator=g) for i, n in clusters])
+        return Samples(head(f).detach(), f)
+
+    train = samples(*[(i, 150) for i in range(4)], (4, 75))
+    return head, train, samples(*[(i, 30) for i in range(4)]), samples((4, 60))
+
+
+class Parts:
+    """ClassifierParts' interface over a bare linear head (the detectors of features need no more)."""
+
+    def __init__(self, head):
+        self.head, self.weight, self.bias = head, head.weight.detach(), head.bias.detach()
+
+    build = ClassifierParts.build
+
+
+def test_the_k_with_the_best_validation_auroc_is_chosen():
+    head, train, val_ind, val_ood = clustered()
+    fitted, record = choose(registry.classifier_detector("knn"), Parts(head), train, val_ind, val_ood)
+    assert record["grid"] == {"k": [50, 100, 200, 500]} and record["dropped"] == {"k": [1000]}  # above 675 features
+    for k in (50, 100, 200, 500):
+        direct = KNN(k=k).fit_features(train.features)
+        assert record["val_auroc"][str(k)] == auroc(direct.predict_features(val_ind.features),
+                                                    direct.predict_features(val_ood.features))
+    aurocs = record["val_auroc"]
+    assert record["k"] == fitted.detector.k == 100 and aurocs["100"] > max(aurocs[k] for k in ("50", "200", "500"))
+    assert record["reason"] == TUNED and record["fit_samples"] == 675 and record["ms_per_image"] > 0
+    # ViM: every candidate's AUROC is that of a ViM fitted with that dim; the best one is kept.
+    fitted, record = choose(registry.classifier_detector("vim"), Parts(head), train, val_ind, val_ood)
+    assert record["grid"] == {"dim": default_vim_grid(D)}
+    for dim in default_vim_grid(D):
+        direct = ViM(head, dim).fit_features(train.features)
+        assert record["val_auroc"][str(dim)] == auroc(direct.predict_features(val_ind.features),
+                                                      direct.predict_features(val_ood.features))
+    best = max(record["val_auroc"].values())
+    assert record["val_auroc"][str(record["dim"])] == best and fitted.detector.dim == record["dim"]
+    assert record["dim"] == min(int(d) for d, a in record["val_auroc"].items() if a == best)
+
+
+def test_ties_go_to_the_smaller_value(data):
+    # Widely separated synthetic InD / OOD: every k reaches the same validation AUROC.
+    head = data["head"]
+    as_samples = lambda f: Samples(head(f).detach(), f)  # noqa: E731
+    _, record = choose(registry.classifier_detector("knn"), Parts(head), as_samples(data["train"]),
+                       as_samples(data["in"]), as_samples(data["out"]), grid_override={"k": [30, 20, 10]})
+    assert len(set(record["val_auroc"].values())) == 1 and record["k"] == 10 and record["grid"] == {"k": [10, 20, 30]}
 
 
 @pytest.mark.parametrize("missing", ["none", "empty"])
-def test_fixed_values_without_ood_validation_data(missing):
-    train, logits, w, b, val_ind, val_ood = clustered()
-    no_ood = None if missing == "none" else (val_ood[0][:0], val_ood[1][:0])
-    stats, choice = tune_baselines(train, logits, w, b, val_ind, no_ood)
-    assert stats.knn_k == choice["knn"]["k"] == 50
-    assert stats.vim_dim == choice["vim"]["dim"] == default_vim_dim(D)
-    for name in ("knn", "vim"):
-        assert choice[name]["reason"] == "no OOD validation data: fixed values"
-        assert choice[name]["val_auroc"] == {}
-    assert choice["validation"] == {"ind": 120, "ood": 0}
-    # A bank smaller than 50: k is capped at its size.
-    small, _ = tune_baselines(train[:30], logits[:30], w, b, val_ind, None)
-    assert small.knn_k == 30
+def test_defaults_without_ood_validation_data(missing):
+    head, train, val_ind, val_ood = clustered()
+    no_ood = None if missing == "none" else val_ood.rows(torch.arange(0))
+    _, record = choose(registry.classifier_detector("knn"), Parts(head), train, val_ind, no_ood)
+    assert record["k"] == 50 and record["reason"] == "no OOD validation data: the registry's default values"
+    assert record["val_auroc"] == {}
+    _, record = choose(registry.classifier_detector("vim"), Parts(head), train, val_ind, no_ood)
+    assert record["dim"] == default_vim_dim(D)
+    small = train.rows(torch.arange(30))  # a bank smaller than the default k: k is capped at its size
+    assert choose(registry.classifier_detector("knn"), Parts(head), small, val_ind, no_ood)[1]["k"] == 30
 
 
-def test_explicit_config_values_are_respected():
-    train, logits, w, b, val_ind, val_ood = clustered()
-    stats, choice = tune_baselines(train, logits, w, b, val_ind, val_ood, knn_k=7, vim_dim=5)
-    assert (stats.knn_k, stats.vim_dim) == (7, 5) and stats.vim_ns.shape == (D, D - 5)
-    assert choice["knn"]["reason"] == "fixed by config (baselines.knn_k)"
-    assert choice["vim"]["reason"] == "fixed by config (baselines.vim_dim)"
-    assert choice["knn"]["val_auroc"] == {"7": direct_knn_auroc(stats, 7, val_ind, val_ood)}
-    # One fixed, the other tuned.
-    stats, choice = tune_baselines(train, logits, w, b, val_ind, val_ood, knn_k=7)
-    assert stats.knn_k == 7 and choice["vim"]["reason"].startswith("best validation AUROC")
-    with pytest.raises(ValueError, match=r"baselines.knn_k=700 .*\[1, 675\]"):
-        tune_baselines(train, logits, w, b, val_ind, val_ood, knn_k=700)
-    with pytest.raises(ValueError, match=r"baselines.vim_dim=32 .*\[1, 31\]"):
-        tune_baselines(train, logits, w, b, val_ind, val_ood, vim_dim=D)
-    with pytest.raises(ValueError, match="baselines.vim_dim_grid"):
-        tune_baselines(train, logits, w, b, val_ind, val_ood, vim_grid=[D, 2 * D])
+def test_values_from_the_config_are_used():
+    head, train, val_ind, val_ood = clustered()
+    fitted, record = choose(registry.classifier_detector("knn"), Parts(head), train, val_ind, val_ood, {"k": 7})
+    assert fitted.detector.k == record["k"] == 7 and record["reason"] == "fixed by config (baselines.params)"
+    direct = KNN(k=7).fit_features(train.features)
+    assert record["val_auroc"] == {"7": auroc(direct.predict_features(val_ind.features),
+                                              direct.predict_features(val_ood.features))}
+    with pytest.raises(ValueError, match=r"baselines.params.knn.k=700 must lie in \(0, 675\]"):
+        choose(registry.classifier_detector("knn"), Parts(head), train, val_ind, val_ood, {"k": 700})
+    assert resolve_grid(registry.classifier_detector("gen"), registry.Sizes(10, 8, 6))[0]["M"] == [6]  # M <= C
 
 
 def test_baseline_config():
     cfg = BaselineConfig()
-    assert cfg.knn_k is None and cfg.vim_dim is None and cfg.vim_dim_grid is None
-    assert cfg.knn_k_grid == [50, 100, 200, 500, 1000]
-    with pytest.raises(ConfigError, match="baselines.knn_k=0"):
-        BaselineConfig(knn_k=0)
-    with pytest.raises(ConfigError, match="baselines.knn_k_grid"):
-        BaselineConfig(knn_k_grid=[])
-    with pytest.raises(ConfigError, match="baselines.vim_dim_grid"):
-        BaselineConfig(vim_dim_grid=[0, 4])
+    assert cfg.detectors == registry.default_names() and {"msp", "ebo", "maxlogit", "knn", "vim"} <= set(cfg.detectors)
+    assert cfg.params == {} and cfg.grids == {}
+    with pytest.raises(ConfigError, match="baselines.detectors has 'nope'"):
+        BaselineConfig(detectors=["msp", "nope"])
+    with pytest.raises(ConfigError, match="baselines.params.knn.dim: knn has the hyperparameters k"):
+        BaselineConfig(params={"knn": {"dim": 3}})
+    with pytest.raises(ConfigError, match="baselines.grids.vim.dim=4 must be a non-empty list"):
+        BaselineConfig(grids={"vim": {"dim": 4}})
+    with pytest.raises(ConfigError, match="baselines.params has 'odin', which baselines.detectors does not run"):
+        BaselineConfig(detectors=["msp"], params={"odin": {"eps": 0.1}})
 
 
 class Poisoned(torch.utils.data.Dataset):
@@ -352,32 +332,42 @@ class Poisoned(torch.utils.data.Dataset):
         return 5
 
     def __getitem__(self, index):
-        raise AssertionError("a test split was read while fitting the baselines")
+        raise AssertionError("a test split was read while fitting the classifier detectors")
 
 
-def test_classifier_baselines_tuned_on_validation_splits_only(benchmark):
+def test_classifier_detectors_tuned_on_validation_splits_only(benchmark):
     from diffguard_pl.config import EvalConfig
     from diffguard_pl.data.benchmark import Benchmark, OODSet
     from diffguard_pl.jobs.eval_data import fit_classifier_baselines
-    from diffguard_pl.models import ClassifierSpec, build_classifier
 
-    torch.manual_seed(0)
-    spec = ClassifierSpec("diffguard_resnet_tiny", num_classes=6, in_chans=1, input_size=16, mean=[0.5], std=[0.5])
-    classifier = build_classifier(spec).eval()
     names = list(benchmark.ood)
     ood = {name: OODSet(s.group, s.val.subset(range(10)), Poisoned()) for name, s in benchmark.ood.items()}
     ood[names[0]] = OODSet(ood[names[0]].group, benchmark.ood[names[0]].val.subset([]), Poisoned())  # empty val
     small = Benchmark(benchmark.name, benchmark.num_classes, benchmark.channels, benchmark.resolution,
                       benchmark.train.subset(range(120)), benchmark.val.subset(range(40)), Poisoned(), ood)
     cfg = EvalConfig()
-    stats, choice = fit_classifier_baselines(classifier, small, cfg)
+    cfg.baselines.detectors = ["knn", "vim", "odin", "msp"]
+    detectors, choice = fit_classifier_baselines(small_classifier(), small, cfg)
     assert choice["validation"] == {"ind": 40, "ood": 10 * (len(names) - 1)}
-    assert choice["knn"]["grid"] == [50, 100] and stats.knn_k == choice["knn"]["k"]
-    assert stats.knn_bank.shape[0] == 120
-    # Explicit values from the config, and no OOD validation at all.
-    cfg.baselines.knn_k, cfg.baselines.vim_dim = 3, 2
+    assert choice["knn"]["grid"] == {"k": [50, 100]} and detectors.fitted["knn"].detector.bank.shape[0] == 120
+    assert len(choice["odin"]["val_auroc"]) == 8 and choice["left_out"] == {}
+    # Values from the config, and no OOD validation at all.
+    cfg.baselines.params = {"knn": {"k": 3}, "vim": {"dim": 2}}
     no_ood = Benchmark(small.name, small.num_classes, small.channels, small.resolution, small.train, small.val,
                        Poisoned(), {name: OODSet(s.group, s.val.subset([]), Poisoned()) for name, s in ood.items()})
-    stats, choice = fit_classifier_baselines(classifier, no_ood, cfg)
-    assert (stats.knn_k, stats.vim_dim) == (3, 2) and choice["knn"]["reason"] == "fixed by config (baselines.knn_k)"
-    assert choice["validation"] == {"ind": 40, "ood": 0}
+    detectors, choice = fit_classifier_baselines(small_classifier(), no_ood, cfg)
+    assert (choice["knn"]["k"], choice["vim"]["dim"]) == (3, 2) and choice["validation"] == {"ind": 40, "ood": 0}
+    assert choice["odin"]["reason"] == "no OOD validation data: the registry's default values"
+    assert choice["odin"]["params"] == {"temperature": 1000, "eps": 0.0014}
+
+
+def test_fit_detectors_records_each_choice_and_cost(data):
+    head = data["head"]
+    as_samples = lambda f: Samples(head(f).detach(), f, torch.zeros(len(f), dtype=torch.long))  # noqa: E731
+    _, choice = fit_detectors(["msp", "knn", "gen"], Parts(head), as_samples(data["train"]), as_samples(data["in"]),
+                              as_samples(data["out"]))
+    assert set(choice) == {"msp", "knn", "gen", "left_out", "validation"}
+    assert choice["gen"]["grid"]["M"] == [C] and choice["gen"]["dropped"]["M"] == [10, 50, 100, 200, 500, 1000]
+    assert len(choice["gen"]["val_auroc"]) == 7 and all(k.startswith("gamma=") for k in choice["gen"]["val_auroc"])
+    for record in (choice[n] for n in ("msp", "knn", "gen")):
+        assert record["seconds"] > 0 and record["ms_per_image"] > 0 and record["val_auroc"]

@@ -1,2 +1,4 @@
-"""Detectors and their numbers: the classifier baselines (baselines), fused and derived detectors (fused),
-OOD metrics (metrics), bootstrap intervals (bootstrap) and results.json / scores.csv (results)."""
+"""Detectors and their numbers: every detector's name, needs, grid and paper (registry); the classifier detectors
+built on a classifier (classifier_parts), fitted and tuned on validation splits (tuning), our KNN and ViM
+(baselines); DiffGuard's derived and fused detectors (fused); OOD metrics (metrics), bootstrap intervals
+(bootstrap) and results.json / scores.csv (results)."""

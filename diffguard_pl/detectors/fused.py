@@ -1,48 +1,36 @@
-"""Every detector's name, in one table, and the detectors derived from the recorded scores.
+"""The detectors derived from the recorded scores: ``diffguard`` (the configured distance) and ``diffguard+X``.
 
-Higher scores mean more OOD. Columns of the per-sample records (``scores.csv``):
-
-- ``diffguard/<distance>``: DiffGuard with each distance of ``diffguard.distances``;
-  ``diffguard``: the configured one (``diffguard.score``); with ``diffguard.reference=unguided`` also
-  ``diffguard/<distance>@input``: the same synthesis against the input (what ``reference=input`` scores);
-- ``msp``, ``ebo``, ``maxlogit``, ``knn``, ``vim``: the classifier baselines (diffguard_pl/detectors/baselines.py);
-- ``diffguard+<X>``: DiffGuard fused with baseline X, the sum of both z-scores, normalised on the InD
-  validation split only (X in ``fusion_partners``);
-- ``oracle-<mode>/<detector>``: the same under oracle labels (diffguard_pl/method/oracle.py).
+Higher scores mean more OOD. Columns of the per-sample records (``scores.csv``), named by
+diffguard_pl/detectors/registry.py: ``diffguard/<distance>`` (and ``diffguard/<distance>@input``), ``diffguard``,
+one column per classifier detector (``baselines.detectors``), ``diffguard+<X>`` (DiffGuard fused with classifier
+detector X: the sum of both z-scores, normalised on the InD validation split only; X in ``fusion_partners``) and
+``oracle-<mode>/<detector>`` (the same under oracle labels, diffguard_pl/method/oracle.py).
 """
 
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Sequence
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 import torch
 
 from diffguard_pl.data.benchmark import IND
+from diffguard_pl.detectors.registry import DIFFGUARD, FUSION_DEFAULT, ORACLE_PREFIX, distance_column, fused_column
 
-DIFFGUARD = "diffguard"
-BASELINES = ("msp", "ebo", "maxlogit", "knn", "vim")
-FUSION_PARTNERS = ("ebo", "vim", "knn")
-FUSED = "diffguard+ebo"
-ORACLE_PREFIX = "oracle-"  # oracle-<mode>/<detector>
 META_COLUMNS = ("id", "set", "split", "label", "pred", "synthesis_pred", "reference_pred", "round_trip_psnr", "depth",
                 "unet_evals")
-AGAINST_INPUT = "@input"
 
 
-def distance_column(distance: str, against_input: bool = False) -> str:
-    """The column of DiffGuard with one distance (``against_input``: the synthesis against the input in a run
-    whose reference is the unguided reconstruction)."""
-    return f"{DIFFGUARD}/{distance}{AGAINST_INPUT if against_input else ''}"
+def zscore(values: torch.Tensor) -> Tuple[float, float]:
+    """(mean, standard deviation) that normalise a detector's scores: fitted on InD validation scores only; a
+    zero deviation counts as 1."""
+    return float(values.mean()), float(values.std()) or 1.0
 
 
-def fused_column(partner: str) -> str:
-    """The column of DiffGuard fused with a baseline."""
-    return f"{DIFFGUARD}+{partner}"
-
-
-def oracle_column(mode: str, detector: str) -> str:
-    """The column of a detector's oracle variant."""
-    return f"{ORACLE_PREFIX}{mode}/{detector}"
+def fuse(diffguard: torch.Tensor, partner: torch.Tensor, norm_diffguard: Tuple[float, float],
+         norm_partner: Tuple[float, float]) -> torch.Tensor:
+    """``diffguard+X``: the sum of both z-scores."""
+    (mu_d, sd_d), (mu_p, sd_p) = norm_diffguard, norm_partner
+    return (diffguard - mu_d) / sd_d + (partner - mu_p) / sd_p
 
 
 def is_detector(column: str) -> bool:
@@ -60,14 +48,17 @@ def select(records: Mapping[str, list], split: str, set_name: str, column: str) 
 
 
 def add_derived_detectors(records: Dict[str, list], score: str,
-                          partners: Sequence[str] = FUSION_PARTNERS) -> List[str]:
+                          partners: Sequence[str] = FUSION_DEFAULT) -> List[str]:
     """Add ``diffguard`` (the configured distance) and ``diffguard+X`` for each partner X (z-scores summed).
 
     The z-score normalisation of every detector is fitted on the InD validation split only; oracle variants
-    (``oracle-<mode>/...``) get the same normalisation. With fewer than two InD validation samples (a small
-    ``shard=i/n`` slice) the fused detectors cannot be fitted and are left out; the returned notes say so.
+    (``oracle-<mode>/...``) get the same normalisation. A partner without a column (left out: it cannot run on
+    the classifier) and, with fewer than two InD validation samples (a small ``shard=i/n`` slice), every fused
+    detector are left out; the returned notes say so.
     """
-    partners = [p for p in partners if p in records]  # e.g. records of a run without feature baselines
+    notes = [f"{fused_column(p)} left out: {p} has no scores in this run (results.json baselines.left_out says why)"
+             for p in partners if p not in records]
+    partners = [p for p in partners if p in records]
     prefixes = [""] + sorted({c.split("/")[0] + "/" for c in records if c.startswith(ORACLE_PREFIX)})
     for prefix in prefixes:
         source = prefix + distance_column(score)
@@ -75,19 +66,16 @@ def add_derived_detectors(records: Dict[str, list], score: str,
             records[f"{prefix}{DIFFGUARD}"] = list(records[source])
     val_dg = select(records, "val", IND, distance_column(score))
     if len(val_dg) < 2:
-        return [f"fused detectors left out: their normalisation needs at least 2 InD validation samples, "
-                f"got {len(val_dg)}"]
-    norm = {DIFFGUARD: (float(val_dg.mean()), float(val_dg.std()) or 1.0)}
+        return notes + [f"fused detectors left out: their normalisation needs at least 2 InD validation samples, "
+                        f"got {len(val_dg)}"]
+    norm = {DIFFGUARD: zscore(val_dg)}
     for partner in partners:
-        values = select(records, "val", IND, partner)
-        norm[partner] = (float(values.mean()), float(values.std()) or 1.0)
+        norm[partner] = zscore(select(records, "val", IND, partner))
     for prefix in prefixes:
         if f"{prefix}{DIFFGUARD}" not in records:
             continue
         for partner in partners:
-            (mu_d, sd_d), (mu_p, sd_p) = norm[DIFFGUARD], norm[partner]
-            records[prefix + fused_column(partner)] = [
-                (d - mu_d) / sd_d + (p - mu_p) / sd_p for d, p in zip(records[f"{prefix}{DIFFGUARD}"], records[partner])
-            ]
-    return []
-
+            fused = fuse(torch.tensor(records[f"{prefix}{DIFFGUARD}"], dtype=torch.float64),
+                         torch.tensor(records[partner], dtype=torch.float64), norm[DIFFGUARD], norm[partner])
+            records[prefix + fused_column(partner)] = fused.tolist()
+    return notes

@@ -20,11 +20,10 @@ import torch
 
 from diffguard_pl.data.benchmark import IND
 from diffguard_pl.detectors.bootstrap import REPLICATES, group_mean, interval, paired_difference, replicate_aurocs
-from diffguard_pl.detectors.fused import (
-    AGAINST_INPUT, DIFFGUARD, FUSION_PARTNERS, ORACLE_PREFIX, add_derived_detectors, detector_columns, distance_column,
-    select,
-)
+from diffguard_pl.detectors import registry
+from diffguard_pl.detectors.fused import add_derived_detectors, detector_columns, select
 from diffguard_pl.detectors.metrics import ood_metrics
+from diffguard_pl.detectors.registry import AGAINST_INPUT, DIFFGUARD, ORACLE_PREFIX, distance_column, fused_partner
 
 # Averaged over the near / far groups: AUROC and both FPR@95 conventions (see diffguard_pl/detectors/metrics.py).
 NEAR_FAR_KEYS = ("auroc", "fpr95_classic", "fpr95_openood")
@@ -130,7 +129,7 @@ def comparisons(records: Mapping[str, list], groups: Mapping[str, str], split: s
                 replicates: int = REPLICATES) -> dict:
     """Paired bootstrap differences of near / far AUROC on the same samples: each fused detector against its
     partner alone, and each oracle against DiffGuard: ``{"a - b": {"near": {"point", "lo", "hi"}, "far": ...}}``."""
-    pairs = [(c, c.split("+", 1)[1]) for c in records if c.startswith(DIFFGUARD + "+")]
+    pairs = [(c, fused_partner(c)) for c in records if fused_partner(c)]
     pairs += [(c, DIFFGUARD) for c in records if c.startswith(ORACLE_PREFIX) and c.endswith("/" + DIFFGUARD)]
     out = {}
     present = [s for s in groups if len(select(records, split, s, "label"))]
@@ -151,7 +150,7 @@ def comparisons(records: Mapping[str, list], groups: Mapping[str, str], split: s
 
 
 def finalize(records: Dict[str, list], score: str, groups: Mapping[str, str], split: str,
-             partners: Sequence[str] = FUSION_PARTNERS) -> dict:
+             partners: Sequence[str] = registry.FUSION_DEFAULT) -> dict:
     """Derived detectors (added to ``records``) and every metric of results.json."""
     notes = add_derived_detectors(records, score, partners)
     result = summarize(records, groups, split)
@@ -180,15 +179,6 @@ DISTANCES = {
                             "encoder's features (models.encoder)", "unitless, 0 to 2"),
     "dists": Distance("DISTS", "DISTS distance (piq)", "unitless, 0 = identical"),
     "lpips": Distance("LPIPS", "LPIPS distance (piq)", "unitless, 0 = identical"),
-}
-BASELINE_MEANINGS = {
-    "msp": ("minus the largest softmax probability", "probability, negated"),
-    "ebo": ("minus the energy score, logsumexp of the logits (T = 1)", "logits, negated"),
-    "maxlogit": ("minus the largest logit", "logits, negated"),
-    "knn": ("distance of the normalised penultimate features to the k-th nearest InD training feature "
-            "(k: results.json baselines)", "unitless, 0 to 2"),
-    "vim": ("ViM: the features' residual outside the principal subspace, scaled, minus logsumexp of the logits "
-            "(dim: results.json baselines)", "logits"),
 }
 META_MEANINGS = {
     "id": ("the sample's stable id", None),
@@ -224,17 +214,17 @@ def describe_column(column: str, score: Optional[str] = None, reference: Optiona
         if entry["meaning"] is not None:
             entry["meaning"] += f"; the synthesis guided by the {mode} oracle's label, not the prediction"
         return entry
-    if column in BASELINE_MEANINGS:
-        meaning, unit = BASELINE_MEANINGS[column]
-        return {"meaning": f"classifier baseline: {meaning}", "unit": unit, "direction": MORE_OOD}
+    if registry.is_classifier_detector(column):
+        entry = registry.classifier_detector(column)
+        return {"meaning": f"classifier detector: {entry.meaning}", "unit": entry.unit, "direction": MORE_OOD}
     if column == DIFFGUARD:
         if not score:
             return {"meaning": "DiffGuard's score: the values of diffguard/<diffguard.score in config.yaml>",
                     "unit": "that column's", "direction": MORE_OOD}
         entry = describe_column(distance_column(score), score, reference)
         return {**entry, "meaning": f"DiffGuard's score, the values of {distance_column(score)}: {entry['meaning']}"}
-    if column.startswith(DIFFGUARD + "+"):
-        partner = column[len(DIFFGUARD) + 1:]
+    if fused_partner(column):
+        partner = fused_partner(column)
         return {"meaning": f"diffguard fused with {partner}: the sum of both z-scores, each normalised on the InD "
                            f"validation split", "unit": "z-score sum, unitless", "direction": MORE_OOD}
     if column.startswith(DIFFGUARD + "/"):

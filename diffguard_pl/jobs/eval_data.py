@@ -11,12 +11,13 @@ from typing import List, Optional
 
 import torch
 
-from diffguard_pl.detectors.baselines import BaselineStats, tune_baselines
 from diffguard_pl.config import DataConfig, EvalConfig
+from diffguard_pl.detectors.classifier_parts import ClassifierParts, Samples
+from diffguard_pl.detectors.tuning import ClassifierDetectors, fit_detectors, label
 from diffguard_pl.data import Benchmark, ImageSet, sample_seed
 from diffguard_pl.errors import ConfigError
 from diffguard_pl.jobs.features import classifier_outputs
-from diffguard_pl.jobs.phases import Phase
+from diffguard_pl.jobs.phases import Phase, is_rank_zero
 from diffguard_pl.models import Classifier, ClassifierSpec, DiffusionModel, build_classifier, load_classifier
 from diffguard_pl.models import load_diffusion
 
@@ -133,34 +134,58 @@ def evaluation_sets(benchmark: Benchmark, limit: Optional[int], split: str = "te
 
 
 def fit_classifier_baselines(classifier: Classifier, benchmark: Benchmark,
-                             cfg: EvalConfig) -> tuple[BaselineStats, dict]:
-    """KNN / ViM statistics from the classifier's features on the InD training split (``baselines.train_samples``
-    of them, chosen by id hash), KNN's k and ViM's dim tuned on validation splits like OpenOOD v1.5.
+                             cfg: EvalConfig) -> tuple[ClassifierDetectors, dict]:
+    """The classifier detectors of ``baselines.detectors`` fitted on the InD training split (``baselines.train_samples``
+    of it, chosen by id hash), their hyperparameters chosen on validation splits (diffguard_pl/detectors/tuning.py).
 
     The choice uses the InD validation split against the pooled ``val`` splits of every OOD set (all their
     samples: ``limit_per_set`` does not apply, so the choice depends only on the fingerprinted config). Test
-    splits are never used. Returns the statistics and the choice (results.json's ``baselines``).
+    splits are never used. Prints each detector's choice and cost, and why any was left out. Returns the fitted
+    detectors and the choice (results.json's ``baselines``).
     """
     batch, workers = cfg.data.eval_batch_size, cfg.data.num_workers
     train = subset_by_id(benchmark.train, cfg.baselines.train_samples, cfg.data.seed)
-    train_logits, train_feats = classifier_outputs(classifier, train, batch, workers, "InD training images")
-    val_ind = classifier_outputs(classifier, benchmark.val, batch, workers, "InD validation images")
-    ood_val = [s.val for s in benchmark.ood.values() if s.val is not None and len(s.val)]
     pooled = None
+    ood_val = [s.val for s in benchmark.ood.values() if s.val is not None and len(s.val)]
     if ood_val:  # the OOD validation splits as one set (one cache entry, one line on the console)
         pooled = ImageSet("ood_val", torch.cat([s.images for s in ood_val]),
                           torch.cat([s.labels for s in ood_val]).tolist(), [i for s in ood_val for i in s.ids], "val")
-    val_ood = classifier_outputs(classifier, pooled, batch, workers, "OOD validation images")
-    head = classifier.model.get_classifier()
-    b = cfg.baselines
-    try:
-        with Phase(f"fitting KNN / ViM on {len(train):,} InD training images (k and dim chosen on validation)"):
-            return tune_baselines(train_feats, train_logits, head.weight, head.bias, val_ind, val_ood,
-                                  knn_grid=b.knn_k_grid, vim_grid=b.vim_dim_grid, knn_k=b.knn_k, vim_dim=b.vim_dim)
-    except ValueError as error:
-        if "baselines." in str(error):
-            raise ConfigError(str(error)) from error
-        raise
+    sets = {}
+    for key, image_set, what in (("train", train, "InD training images"),
+                                 ("ind", benchmark.val, "InD validation images"),
+                                 ("ood", pooled, "OOD validation images")):
+        logits, feats = classifier_outputs(classifier, image_set, batch, workers, what)
+        labels = image_set.labels if image_set is not None else torch.zeros(0, dtype=torch.long)
+        sets[key] = Samples(logits, feats, labels, image_set, batch)
+    names, b = list(cfg.baselines.detectors), cfg.baselines
+    with Phase(f"fitting {len(names)} classifier detectors on {len(train):,} InD training images (hyperparameters "
+               f"chosen on validation splits)", len(names), unit="detectors") as phase:
+        try:
+            detectors, choice = fit_detectors(names, ClassifierParts(classifier), sets["train"], sets["ind"],
+                                              sets["ood"], b.params, b.grids, progress=lambda _: phase.advance(1))
+        except ValueError as error:
+            if str(error).startswith("baselines."):
+                raise ConfigError(str(error)) from error
+            raise
+    if is_rank_zero():
+        print(describe_choice(choice))
+    return detectors, choice
+
+
+def describe_choice(choice: dict) -> str:
+    """One line per classifier detector: its hyperparameters, validation AUROC, seconds to fit and tune, ms per
+    image; one line per detector left out, with its reason."""
+    lines = [f"{'detector':<10} {'hyperparameters':<44} {'val AUROC':>9} {'fit+tune':>9} {'ms/image':>9}"]
+    for name, record in choice.items():
+        if name in ("left_out", "validation"):
+            continue
+        params = label(record["params"]) if record["params"] else "-"
+        value = record["val_auroc"].get(label(record["params"]))
+        ms = record["ms_per_image"]
+        lines.append(f"{name:<10} {params:<44} {'-' if value is None else f'{value:.4f}':>9} "
+                     f"{record['seconds']:>8.1f}s {'-' if ms is None else f'{ms:.4f}':>9}")
+    lines += [f"{name:<10} left out: {reason}" for name, reason in choice["left_out"].items()]
+    return "\n".join(lines)
 
 
 def folder_images(cfg: EvalConfig, benchmark: Benchmark) -> ImageSet:

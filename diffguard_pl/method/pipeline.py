@@ -43,6 +43,20 @@ from diffguard_pl.method.scores import (
 from diffguard_pl.method.walk import Walker
 
 
+def check_images(images: torch.Tensor) -> torch.Tensor:
+    """Images as every entry point takes them (the pipeline, the Python API, the pytorch-ood detectors): a tensor
+    [N, C, H, W] in [0, 1] without NaN or Inf; ValueError naming the problem and the fix. Returns ``images``."""
+    if not torch.is_tensor(images) or images.ndim != 4:
+        raise ValueError(f"images must be a tensor [N, C, H, W], got {type(images).__name__} "
+                         f"{list(getattr(images, 'shape', []))}")
+    if not torch.isfinite(images).all():
+        raise ValueError("input images contain NaN or Inf")
+    if images.numel() and (images.min() < -1e-3 or images.max() > 1 + 1e-3):
+        raise ValueError(f"images must lie in [0, 1], got [{float(images.min()):.3f}, {float(images.max()):.3f}]; "
+                         f"images in [-1, 1] map to it as (x + 1) / 2")
+    return images
+
+
 @dataclass
 class View:
     """Images in [0, 1] with what the distances read of them: the classifier's logits and penultimate features,
@@ -114,8 +128,9 @@ class DiffGuardPipeline:
     # ------------------------------------------------------------------ stages
 
     def check_inputs(self, images: torch.Tensor, ids: Sequence[str]) -> None:
+        check_images(images)
         size, channels = self.diffusion.image_size, self.diffusion.image_channels
-        if images.ndim != 4 or images.shape[1] != channels or tuple(images.shape[-2:]) != (size, size):
+        if images.shape[1] != channels or tuple(images.shape[-2:]) != (size, size):
             raise ValueError(
                 f"DiffGuard expects images of shape [N, {channels}, {size}, {size}] (the diffusion model's "
                 f"image channels and size), got {list(images.shape)}; set data.channels / data.resolution "
@@ -123,11 +138,6 @@ class DiffGuardPipeline:
             )
         if len(ids) != images.shape[0]:
             raise ValueError(f"{images.shape[0]} images but {len(ids)} ids")
-        if not torch.isfinite(images).all():
-            raise ValueError("input images contain NaN or Inf")
-        if images.min() < -1e-3 or images.max() > 1 + 1e-3:
-            raise ValueError(f"input images must lie in [0, 1], got [{images.min():.3f}, {images.max():.3f}]; "
-                             f"images in [-1, 1] map to it as (x + 1) / 2")
 
     @torch.no_grad()
     def classify(self, images01: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,7 +1,7 @@
 """DiffGuardEvaluator: the Lightning wrapper whose ``test_step`` runs DiffGuard on a batch.
 
 Each ``test_step`` runs the batched pipeline (inversion and guided synthesis)
-plus the classifier baselines, keeps per-sample records and appends them to the
+plus the classifier detectors (diffguard_pl/detectors/tuning.py), keeps per-sample records and appends them to the
 run's record files. At the end of the epoch the records of every process are
 gathered and merged with those an earlier run finished (``previous``), one per
 sample id, into ``all_records`` on rank 0 (with the derived detectors: ``diffguard``
@@ -20,8 +20,9 @@ import torch
 import torch.distributed as dist
 
 from diffguard_pl.method import oracle as oracle_lib
-from diffguard_pl.detectors.baselines import BaselineStats, baseline_scores
-from diffguard_pl.detectors.fused import add_derived_detectors, distance_column, oracle_column
+from diffguard_pl.detectors.fused import add_derived_detectors
+from diffguard_pl.detectors.registry import distance_column, oracle_column
+from diffguard_pl.detectors.tuning import ClassifierDetectors
 from diffguard_pl.errors import UserError
 from diffguard_pl.method.pipeline import DiffGuardPipeline
 from diffguard_pl.jobs.records import RecordWriter
@@ -32,7 +33,7 @@ class DiffGuardEvaluator(L.LightningModule):
     def __init__(
         self,
         pipeline: DiffGuardPipeline,
-        baselines: BaselineStats,
+        baselines: ClassifierDetectors,
         groups: Optional[Dict[str, str]] = None,
         oracle: str = "none",
         split: str = "test",
@@ -115,7 +116,7 @@ class DiffGuardEvaluator(L.LightningModule):
         for mode, scores in out.get("oracle_scores", {}).items():
             for name, value in scores.items():
                 record[oracle_column(mode, distance_column(name))] = value.double().tolist()
-        for name, value in baseline_scores(self.baselines, out["logits"], out["features"]).items():
+        for name, value in self.baselines.score(out["logits"], out["features"], batch["image"]).items():
             record[name] = value.tolist()
         depth = out["depth"].tolist()
         for name, values in out["curves"].items():  # kept with the records: the plots cover resumed samples too
