@@ -11,7 +11,7 @@ applies a rule fixed before looking at any result:
    both; far = the mean over the far sets).
 3. Among the candidates within ``--tolerance`` points (default 1.0) of the best objective, the cheapest in
    denoiser evaluations per image (``reference=input`` saves the unguided pass), then the best objective.
-4. The fusion partner X of ``diffguard+X`` (every classifier baseline): the best objective of the fused
+4. The fusion partner X of ``diffguard+X`` (every classifier detector the run recorded): the best objective of the fused
    detector, recomputed from the chosen run's scores with the chosen distance.
 
 Every grid point is one evaluate.py run kept in ``outputs/tune/<tag>/<point>/``; ``limit_per_set`` is not part
@@ -39,7 +39,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-BASELINES = ("msp", "ebo", "maxlogit", "knn", "vim")
+
+
+def baselines_of(records: dict) -> list:
+    """The classifier detectors (the registry's) whose scores a run recorded."""
+    from diffguard_pl.detectors.registry import names
+
+    return [name for name in names() if name in records]
 
 
 def run_point(preset: list, overrides: list, extra: list, out: Path) -> dict:
@@ -110,8 +116,9 @@ def fused_partners(run_dir: Path, column: str, groups: dict) -> dict:
 
     records = read_scores(run_dir / "scores.csv")
     records = {c: v for c, v in records.items() if not c.startswith("diffguard+") and c != "diffguard"}
-    add_derived_detectors(records, column.split("/", 1)[1], BASELINES)
-    keep = ["id", "set", "split", "label", "pred"] + [f"diffguard+{b}" for b in BASELINES] + list(BASELINES)
+    baselines = baselines_of(records)
+    add_derived_detectors(records, column.split("/", 1)[1], baselines)
+    keep = ["id", "set", "split", "label", "pred"] + [f"diffguard+{b}" for b in baselines] + baselines
     result = summarize({c: records[c] for c in keep}, groups, "val", replicates=0)
     return {name: {"near": e["near"]["auroc"], "far": e["far"]["auroc"], "objective": objective(e)}
             for name, e in result["detectors"].items()}
@@ -166,11 +173,12 @@ def main(argv: list) -> dict:
               f"{c['unet_evals']:6.0f} {c['images_per_second'] or float('nan'):6.2f}")
     chosen = choose(candidates, args.tolerance)
     partners = fused_partners(runs[point_name(chosen["settings"])], f"diffguard/{chosen['column']}", groups)
-    baseline = {b: partners[b] for b in BASELINES}
-    fused = {b: partners[f"diffguard+{b}"] for b in BASELINES}
+    names = [name for name in partners if not name.startswith("diffguard")]
+    baseline = {b: partners[b] for b in names}
+    fused = {b: partners[f"diffguard+{b}"] for b in names}
     partner = max(fused, key=lambda b: fused[b]["objective"])
     print(f"\nat the chosen settings, objective (near / far) of diffguard+X and X alone:")
-    for b in BASELINES:
+    for b in names:
         print(f"  {b:9s} fused {100 * fused[b]['objective']:5.1f} ({100 * fused[b]['near']:5.1f} / "
               f"{100 * fused[b]['far']:5.1f})   alone {100 * baseline[b]['objective']:5.1f} "
               f"({100 * baseline[b]['near']:5.1f} / {100 * baseline[b]['far']:5.1f})")

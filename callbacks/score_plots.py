@@ -46,7 +46,8 @@ def histogram_figure(by_set: Mapping[str, List[float]], detector: str, described
 
 
 class ScoreDistributionPlot(L.Callback):
-    """Draws ``scores/<detector>.png`` (:func:`histogram_figure`) from the evaluator's gathered records and, with
+    """Draws ``scores/<detector>.png`` (:func:`histogram_figure`) of DiffGuard's detectors and its fusion partners
+    from the evaluator's gathered records and, with
     W&B, logs them under ``scores/<detector>`` (rank 0 only)."""
 
     def __init__(self, bins: int = 40) -> None:
@@ -66,7 +67,10 @@ class ScoreDistributionPlot(L.Callback):
         score, reference = getattr(cfg, "score", None), getattr(cfg, "reference", None)
         folder = output_folder(trainer, "scores")
         sets = list(dict.fromkeys(s for s, sp in zip(records["set"], records["split"]) if sp == split))
-        for detector in detector_columns(records):
+        columns = detector_columns(records)
+        partners = {c.split("+", 1)[1] for c in columns if c.startswith("diffguard+")}
+        # DiffGuard's columns (its distances, fused, oracles) and its fusion partners alone; not every baseline
+        for detector in [c for c in columns if "diffguard" in c or c in partners]:
             by_set: Dict[str, List[float]] = {
                 s: [v for v, name, sp in zip(records[detector], records["set"], records["split"])
                     if name == s and sp == split] for s in sets}

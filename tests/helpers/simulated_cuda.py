@@ -181,6 +181,8 @@ class SimulatedCudaMode(TorchFunctionMode):
             return out
         if isinstance(out, torch.Tensor) and args and out is args[0]:
             return args[0]  # in place: the same object
+        if isinstance(out, torch.Size):
+            return out  # a shape stays a torch.Size (tree_map would make it a plain tuple)
         return tree_map(lambda t: _cuda(t) if isinstance(t, torch.Tensor) and to_cuda else t, out)
 
     def _move(self, func, name: str, args: tuple, kwargs: dict):
