@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from diffguard_pl import config as config_lib
 from diffguard_pl.config import ConfigError, CutoutConfig, DiffGuardConfig, EvalConfig, GuidanceConfig, TrainConfig
 from diffguard_pl.data.augment import random_photometric, random_resized_crop
-from diffguard_pl.jobs.eval_data import load_encoder
+from diffguard_pl.jobs.eval_data import check_model_files
 from diffguard_pl.models import ClassifierSpec, build_classifier, load_classifier
 from diffguard_pl.modules.contrastive import contrastive_loss, nearest_neighbour_accuracy
 from diffguard_pl.method.pipeline import DiffGuardPipeline
@@ -114,7 +114,7 @@ def test_a_missing_encoder_is_named_before_any_model_work():
     cfg = config_lib.load(EvalConfig, [f"--config={ROOT / 'conf' / 'digits_gdm.yaml'}",
                                        "diffguard.distances=[l2,contrastive]"], None)
     with pytest.raises(ConfigError, match="models.encoder.*train_fashion_encoder"):
-        load_encoder(cfg)
+        check_model_files(cfg)  # reads configs only: runs before any weights load
 
 
 @pytest.mark.training

@@ -10,6 +10,7 @@ import torch
 
 from diffguard_pl import config as config_lib
 from diffguard_pl.config import EvalConfig
+from diffguard_pl.errors import ConfigError
 from diffguard_pl.jobs.eval_job import evaluate
 from diffguard_pl.detectors.fused import add_derived_detectors
 from diffguard_pl.detectors.results import merge_records, summarize
@@ -86,6 +87,16 @@ def test_evaluate_writes_results_and_scores(tmp_path, small_models, benchmark):
     assert str(choice["knn"]["k"]) in choice["knn"]["val_auroc"]
     assert evaluate(cfg, benchmark)["baselines"] == choice
     assert json.loads((tmp_path / "results.json").read_text())["baselines"] == choice
+    # Fused with every classifier detector afterwards, from the records alone: the run's own fused rows unchanged.
+    from diffguard_pl.jobs.merge import merge
+
+    refused = merge([tmp_path], tmp_path / "all_fused", ["all"])["detectors"]
+    partners = [n for n in saved["baselines"] if n in saved["detectors"] and not n.startswith("diffguard")]
+    assert len(partners) > 5 and {f"diffguard+{n}" for n in partners} <= set(refused)
+    assert refused["diffguard+ebo"] == saved["detectors"]["diffguard+ebo"]
+    assert refused["diffguard+msp"] != refused["diffguard+ebo"]
+    with pytest.raises(ConfigError, match="--partners nope: not among"):
+        merge([tmp_path], tmp_path / "bad", ["nope"])
 
 
 @pytest.mark.subprocess

@@ -17,6 +17,7 @@ from diffguard_pl.models import (
     save_classifier,
     save_diffusion,
 )
+from diffguard_pl.models.diffusion import schedule_alphas_cumprod
 
 SPEC = ClassifierSpec("diffguard_resnet_tiny", num_classes=6, in_chans=1, input_size=16, mean=[0.5], std=[0.5])
 
@@ -83,7 +84,7 @@ def test_diffusion_round_trip(tmp_path, conditional):
                           layers_per_block=1)
     torch.manual_seed(0)
     unet = build_unet(cfg, channels=1, resolution=8, num_classes=6 if conditional else None).eval()
-    model = DiffusionModel(unet, build_scheduler(cfg).alphas_cumprod.double(), 6 if conditional else None,
+    model = DiffusionModel(unet, schedule_alphas_cumprod(build_scheduler(cfg)), 6 if conditional else None,
                            6 if conditional else None)
     save_diffusion(model, build_scheduler(cfg), tmp_path / "dm")
     loaded = load_diffusion(tmp_path / "dm")

@@ -63,6 +63,12 @@ class ImageSet(Dataset):
         ids = [self.ids[i] for i in idx.tolist()]
         return ImageSet(self.name, self.images[idx], self.labels[idx].tolist(), ids, split or self.split)
 
+    @classmethod
+    def pooled(cls, name: str, sets: Sequence["ImageSet"], split: str) -> "ImageSet":
+        """The sets as one (their samples in order, ids kept)."""
+        return cls(name, torch.cat([s.images for s in sets]), torch.cat([s.labels for s in sets]).tolist(),
+                   [i for s in sets for i in s.ids], split)
+
 
 @dataclass
 class OODSet:

@@ -29,6 +29,8 @@ classifier sees the whole diffusion-resolution crop, resized.
 
 from __future__ import annotations
 
+import os
+
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import replace
 from pathlib import Path
@@ -148,6 +150,28 @@ class FileImageSet(Dataset):
     @property
     def images(self) -> LazyImages:
         return LazyImages(self)
+
+    @classmethod
+    def pooled(cls, name: str, sets: Sequence[FileImageSet], split: str) -> FileImageSet:
+        """The sets as one (their entries in order); they must share the transform, channels and resolution."""
+        first = sets[0]
+        for other in sets[1:]:
+            if (other.transform, other.channels, other.resolution, other.convert_grayscale) != (
+                    first.transform, first.channels, first.resolution, first.convert_grayscale):
+                raise ValueError(f"cannot pool sets {first.name} and {other.name}: they decode images differently")
+        return cls(name, [e for s in sets for e in s.entries], first.transform, channels=first.channels,
+                   split=split, resolution=first.resolution, convert_grayscale=first.convert_grayscale,
+                   problems=[p for s in sets for p in s.problems],
+                   grayscale_converted=[i for s in sets for i in s.grayscale_converted])
+
+    def content_key(self) -> str:
+        """What the decoded images depend on, without decoding them: each file's path, size and modification
+        time, the labels and ids, and how files become tensors (the transform, channels, resolution)."""
+        parts = [repr(self.transform), str(self.channels), str(self.resolution), str(self.convert_grayscale)]
+        for entry in self.entries:
+            stat = os.stat(entry.path)
+            parts.append(f"{entry.id}\t{entry.label}\t{os.path.abspath(entry.path)}\t{stat.st_size}\t{stat.st_mtime_ns}")
+        return "\n".join(parts)
 
     def subset(self, indices: Iterable[int], split: str | None = None) -> FileImageSet:
         picked = [self.entries[i] for i in torch.as_tensor(list(indices), dtype=torch.long).tolist()]

@@ -11,6 +11,7 @@ detector's own entry point for what it reads.
 
 from __future__ import annotations
 
+import copy
 import importlib
 from dataclasses import dataclass
 from typing import Any, Iterator, Mapping, Optional, Union
@@ -36,9 +37,15 @@ class ClassifierParts:
     none = None
 
     def __init__(self, classifier: Classifier):
-        self.classifier = classifier.eval()  # images -> logits (ODIN, GradNorm, NAC, MCD)
-        self.model = classifier.model
+        # a float32 copy of its own (images -> logits: ODIN, GradNorm, NAC, MCD): the detectors are fitted on float32
+        # features, and Lightning converts the evaluator's classifier in place (trainer.precision=64-true, bf16-true)
+        self.classifier = copy.deepcopy(classifier).float().eval()
+        self.model = self.classifier.model
         self.head = self.model.get_classifier()
+
+    def to(self, device) -> "ClassifierParts":
+        self.classifier.to(device)
+        return self
 
     @property
     def device(self) -> torch.device:

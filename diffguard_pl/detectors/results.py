@@ -29,6 +29,12 @@ from diffguard_pl.detectors.registry import AGAINST_INPUT, DIFFGUARD, ORACLE_PRE
 NEAR_FAR_KEYS = ("auroc", "fpr95_classic", "fpr95_openood")
 
 
+def _mean(values) -> float:
+    """The mean, exactly rounded whatever the samples' order (a resumed or merged run orders them differently)."""
+    values = values.tolist()
+    return math.fsum(values) / len(values) if values else float("nan")
+
+
 def auroc_interval(lo_hi: Tuple[float, float]) -> dict:
     """A bootstrap interval as results.json keeps it: ``{"lo": 2.5%, "hi": 97.5%}``."""
     lo, hi = lo_hi
@@ -106,7 +112,7 @@ def summarize(records: Mapping[str, list], groups: Mapping[str, str], split: str
     if "synthesis_pred" in records:
         result["synthesis_follows_label"] = synthesis_agreement(records, [IND] + present, split)
     if "round_trip_psnr" in records:  # the unguided reference: how well each set's walk returns unguided
-        result["round_trip_psnr"] = {s: float(select(records, split, s, "round_trip_psnr").mean())
+        result["round_trip_psnr"] = {s: _mean(select(records, split, s, "round_trip_psnr"))
                                      for s in [IND] + present}
         result["reference_follows_label"] = synthesis_agreement(records, [IND] + present, split, "reference_pred")
     return result

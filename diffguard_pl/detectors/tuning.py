@@ -53,6 +53,7 @@ class ClassifierDetectors:
         return list(self.fitted)
 
     def to(self, device) -> "ClassifierDetectors":
+        self.parts.to(device)
         for item in self.fitted.values():
             item.detector.to(device)
         return self
@@ -60,8 +61,19 @@ class ClassifierDetectors:
     def score(self, logits: torch.Tensor, features: torch.Tensor,
               images: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """Every detector's scores of a batch, float64 on the CPU (higher = more OOD)."""
-        batch = Samples(logits.detach(), features.detach(), None, images, max(len(logits), 1))
-        return {name: predict(f.detector, f.entry, self.parts, batch) for name, f in self.fitted.items()}
+        # as the detectors were fitted (float32, jobs/features.py), also in a float64 or bfloat16 run
+        images = images.float() if images is not None else None
+        batch = Samples(logits.detach().float(), features.detach().float(), None, images, max(len(logits), 1))
+        return {name: self._score_one(f, batch) for name, f in self.fitted.items()}
+
+    def _score_one(self, fitted: Fitted, batch: Samples) -> torch.Tensor:
+        """One detector's scores of a batch. Those reading logits or features (cheap) score one sample at a time:
+        in float32 a matrix product's rounding depends on the batch's size, and a sample's score must not."""
+        if fitted.entry.reads not in (reg.LOGITS, reg.FEATURES) or len(batch) <= 1:
+            return predict(fitted.detector, fitted.entry, self.parts, batch)
+        rows = [predict(fitted.detector, fitted.entry, self.parts, batch.rows(torch.tensor([i])))
+                for i in range(len(batch))]
+        return torch.cat(rows)
 
 
 def sizes_for(train: Samples) -> reg.Sizes:

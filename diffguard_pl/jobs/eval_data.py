@@ -148,8 +148,7 @@ def fit_classifier_baselines(classifier: Classifier, benchmark: Benchmark,
     pooled = None
     ood_val = [s.val for s in benchmark.ood.values() if s.val is not None and len(s.val)]
     if ood_val:  # the OOD validation splits as one set (one cache entry, one line on the console)
-        pooled = ImageSet("ood_val", torch.cat([s.images for s in ood_val]),
-                          torch.cat([s.labels for s in ood_val]).tolist(), [i for s in ood_val for i in s.ids], "val")
+        pooled = type(ood_val[0]).pooled("ood_val", ood_val, "val")
     sets = {}
     for key, image_set, what in (("train", train, "InD training images"),
                                  ("ind", benchmark.val, "InD validation images"),

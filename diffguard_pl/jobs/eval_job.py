@@ -76,10 +76,11 @@ class Models:
     encoder: object = None  # the contrastive distance's encoder, when that distance is asked for
 
 
-def _report_data(benchmark) -> None:
-    """Skipped and converted images on the console (results.json counts them too)."""
+def _report_data(benchmark) -> Optional[dict]:
+    """Skipped and converted images of a file benchmark on the console; returns the counts (results.json's
+    ``data``), None for the embedded benchmarks."""
     if benchmark.name in ("digits", "fashion"):
-        return
+        return None
     from diffguard_pl.data.file_benchmark import data_report
 
     report = data_report(benchmark)
@@ -88,6 +89,7 @@ def _report_data(benchmark) -> None:
                          for name, r in report["sets"].items() if r["skipped"] or r["grayscale_converted"])
         print(f"data: {report['skipped']} images or lines skipped (data.on_error=skip), {report['grayscale_converted']} "
               f"grayscale images converted (data.allow_grayscale=true): {sets}")
+    return report
 
 
 def evaluate(cfg: EvalConfig, benchmark=None) -> Optional[dict]:
@@ -111,7 +113,7 @@ def evaluate(cfg: EvalConfig, benchmark=None) -> Optional[dict]:
     check_model_files(cfg)
     # 2. the data
     benchmark = benchmark or build_benchmark(cfg.data)
-    _report_data(benchmark)
+    data_report = _report_data(benchmark)
     if cfg.score_folder is not None:
         from diffguard_pl.jobs.folder import check_validation_count
 
@@ -131,7 +133,7 @@ def evaluate(cfg: EvalConfig, benchmark=None) -> Optional[dict]:
     prepare_output_dir(output_dir)
     with interruptible():
         try:
-            return _evaluate(cfg, benchmark, models, output_dir, part, folder_report, started)
+            return _evaluate(cfg, benchmark, models, output_dir, part, (folder_report, data_report), started)
         except RunInterrupted as stop:
             _, finished, _ = records_lib.read_records([output_dir], None, "counting")
             raise RunInterrupted(
@@ -166,8 +168,9 @@ def evaluation_work(cfg: EvalConfig, benchmark, output_dir: Path, part) -> tuple
     return sets, work
 
 
-def _evaluate(cfg: EvalConfig, benchmark, models: Models, output_dir: Path, part, folder_report: Optional[dict],
+def _evaluate(cfg: EvalConfig, benchmark, models: Models, output_dir: Path, part, reports: tuple,
               started: float) -> Optional[dict]:
+    """Stages 4-7; ``reports``: (the scored folder's, the file benchmark's data report), each None if none."""
     import lightning as L
 
     from diffguard_pl.jobs.lightning_setup import build_logger, finish_logger, quiet_lightning
@@ -181,7 +184,7 @@ def _evaluate(cfg: EvalConfig, benchmark, models: Models, output_dir: Path, part
     if not work.todo:  # everything was finished before: the outputs only
         results = results_of(work.previous, header, [output_dir])
         results["throughput"] = throughput(work.previous, 0, 0.0, time.perf_counter() - started)
-        write_outputs(results, work.previous, header, output_dir, folder_report)
+        write_outputs(results, work.previous, header, output_dir, *reports)
         print(f"no sample left to evaluate; took {_seconds(time.perf_counter() - started)} in all")
         return results
 
@@ -201,7 +204,7 @@ def _evaluate(cfg: EvalConfig, benchmark, models: Models, output_dir: Path, part
         machine = describe_machine(evaluator.pipeline.device)  # speeds differ by machine: say how fast this one is
         wall = time.perf_counter() - started
         results["throughput"] = throughput(records, evaluator.images, evaluator.loop_seconds, wall, machine)
-        write_outputs(results, records, header, output_dir, folder_report)
+        write_outputs(results, records, header, output_dir, *reports)
         _log_results(logger, results, output_dir)
         rate = results["throughput"]["images_per_second"]
         print(f"evaluated {evaluator.images:,} images at {rate:.2f} images/s (test loop), {_seconds(wall)} in all, "

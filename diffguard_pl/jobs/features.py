@@ -48,9 +48,13 @@ def classifier_digest(classifier: Classifier) -> str:
 
 
 def set_digest(image_set) -> str:
-    """A digest of a set's ids and images."""
+    """A digest of a set's ids and images (every pixel of an in-memory set; a file set's ``content_key``: the
+    files' paths, sizes and modification times, and its transform)."""
     digest = hashlib.sha256("\n".join(image_set.ids).encode())
-    _update(digest, image_set.images)
+    if hasattr(image_set, "content_key"):
+        digest.update(image_set.content_key().encode())
+    else:
+        _update(digest, image_set.images)
     return digest.hexdigest()
 
 

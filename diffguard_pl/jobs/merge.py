@@ -7,6 +7,11 @@ For runs split by hand (``evaluate.py shard=i/n`` on separate jobs):
 All records must come from the same config (their fingerprints must match; the error names the keys that
 differ);
 a sample present in several folders is counted once.
+
+``--partners`` fuses DiffGuard with other classifier detectors than the run's ``fusion_partners`` (``all``: every
+classifier detector in the records), from the records alone: a fused score needs no new model call.
+
+    python -m diffguard_pl.jobs.merge outputs/fashion_gdm --output outputs/fashion_gdm_all_fused --partners all
 """
 
 from __future__ import annotations
@@ -21,14 +26,17 @@ from diffguard_pl.jobs.outputs import results_of, throughput, write_outputs
 from diffguard_pl.jobs.records import RECORD_DIR, read_records, records_to_columns
 
 
-def merge(folders: List[Path], output: Path) -> dict:
-    """Merge the records of ``folders`` (one fingerprint; a sample counted once) into ``output``."""
+def merge(folders: List[Path], output: Path, partners: Optional[List[str]] = None) -> dict:
+    """Merge the records of ``folders`` (one fingerprint; a sample counted once) into ``output``; ``partners``
+    (names, or ``["all"]``) replaces the run's fusion partners."""
     for folder in folders:
         if not any((folder / RECORD_DIR).glob("*.jsonl")):
             raise ConfigError(f"no record files in {folder / RECORD_DIR}: is {folder} an evaluation output_dir?")
     header, finished, _ = read_records(folders, what="merging")
     rows = sorted(finished.values(), key=lambda r: (r["split"], r["set"], r["id"]))
     records = records_to_columns(rows)
+    if partners:
+        header = {**header, "partners": fusion_partners(partners, records)}
     results = results_of(records, header, folders)
     results["throughput"] = throughput(records, 0, 0.0, None)  # the shards' own results.json time them
     write_outputs(results, records, header, output)
@@ -36,13 +44,29 @@ def merge(folders: List[Path], output: Path) -> dict:
     return results
 
 
+def fusion_partners(names: List[str], records: dict) -> List[str]:
+    """The partners asked for, checked against the classifier detectors the records hold (``all``: every one)."""
+    from diffguard_pl.detectors import registry
+
+    held = [name for name in registry.names() if name in records]
+    if names == ["all"]:
+        return held
+    missing = [name for name in names if name not in held]
+    if missing:
+        raise ConfigError(f"--partners {','.join(missing)}: not among the classifier detectors in these records "
+                          f"({', '.join(held)})")
+    return list(names)
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("folders", nargs="+", type=Path)
     parser.add_argument("--output", type=Path, required=True)
+    parser.add_argument("--partners", default=None,
+                        help="comma-separated classifier detectors to fuse DiffGuard with, or 'all'")
     args = parser.parse_args(argv)
     try:
-        merge(args.folders, args.output)
+        merge(args.folders, args.output, args.partners.split(",") if args.partners else None)
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2

@@ -67,12 +67,15 @@ def throughput(records: Dict[str, list], images: int, loop_seconds: float, wall_
 
 
 def write_outputs(results: dict, records: Dict[str, list], header: dict, output_dir: Path,
-                  folder_report: Optional[dict] = None) -> None:
-    """results.json and scores.csv (or, scoring a folder, its scores and decisions too), then the table."""
+                  folder_report: Optional[dict] = None, data_report: Optional[dict] = None) -> None:
+    """results.json and scores.csv (or, scoring a folder, its scores and decisions too), then the table.
+    ``data_report``: the images a file benchmark skipped or converted (results.json's ``data``)."""
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     if folder_report is not None:
         results["folder"] = folder_report
+    if data_report is not None:
+        results["data"] = data_report
     write_json(results, output_dir / "results.json")
     reference = header.get("config", {}).get("diffguard", {}).get("reference", "input")
     write_scores_csv(records, output_dir / "scores.csv", header["score"], reference)
