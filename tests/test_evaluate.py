@@ -212,6 +212,9 @@ def test_wandb_offline_run_holds_per_set_metrics_curves_images_and_same_results(
                                                                                 monkeypatch, capfd):
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.delenv("WANDB_SILENT", raising=False)  # W&B's own console lines, as a user sees them
+    import wandb
+
+    wandb.teardown()  # W&B keeps the settings of the first run in this process (an earlier test's, silent)
     aes = ["diffguard.aes.enabled=true", "diffguard.aes.psnr=5"]  # a threshold no sample reaches at depth 2
     plain = evaluate(config_lib.load(EvalConfig, eval_argv(tmp_path / "csv", small_models, *aes), None), benchmark)
     capfd.readouterr()
