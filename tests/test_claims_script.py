@@ -65,6 +65,20 @@ def test_only_test_samples_both_runs_scored_are_paired(claims):
     assert claims.paired_runs(a, b, "diffguard", "diffguard", GROUPS)["near"] == zero
 
 
+def test_mnist_is_compared_on_its_own_beside_the_groups(claims):
+    groups = {**GROUPS, "mnist": "far"}
+    shared = sets(5, 0.0)
+    g = torch.Generator().manual_seed(6)
+    good = {**shared, "mnist": torch.randn(40, generator=g) + 3.0}
+    weak = {**shared, "mnist": torch.randn(40, generator=g)}
+    diff = claims.paired_runs(rows(good), rows(weak), "diffguard", "diffguard", groups)
+    assert set(diff) == {"near", "far", "mnist"}
+    assert diff["near"] == {"point": 0.0, "lo": 0.0, "hi": 0.0}  # the near set's scores are the same in both runs
+    expected = auroc(good["ind"], good["mnist"]) - auroc(weak["ind"], weak["mnist"])
+    assert diff["mnist"]["point"] == pytest.approx(float(expected), abs=1e-12)
+    assert 0 < diff["mnist"]["lo"] <= diff["mnist"]["point"]
+
+
 def test_mechanism_table_counts_syntheses_classified_as_their_label(claims):
     data = rows(sets(4, 1.0))
     table = {row["set"]: row for row in claims.diagnosis(data, GROUPS)}

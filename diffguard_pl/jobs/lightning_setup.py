@@ -36,7 +36,9 @@ def quiet_lightning(verbose: bool = False) -> None:
     for pattern in (".*isinstance\\(treespec, LeafSpec\\).*", ".*does not have many workers.*",
                     ".*Found .* module\\(s\\) in eval mode.*", ".*litlogger.*", ".*LeafSpec.*",
                     ".*smaller than the logging interval.*",
-                    ".*Experiment logs directory .* exists and is not empty.*"):  # a resumed run's own logs
+                    ".*Experiment logs directory .* exists and is not empty.*",  # a resumed run's own logs
+                    # joint training steps its two optimisers by hand; the state after the step is what resume needs
+                    ".*ModelCheckpoint with manual optimization and every_n_train_steps.*"):
         warnings.filterwarnings("ignore", message=pattern)
 
 
