@@ -27,7 +27,7 @@ sys.path.insert(0, str(ROOT))
 
 from diffguard_pl.api import DiffGuard, load_preset  # noqa: E402
 from diffguard_pl.data import build_benchmark  # noqa: E402
-from diffguard_pl.jobs.eval_data import subset_by_id  # noqa: E402
+from diffguard_pl.data.selection import subset_by_id  # noqa: E402
 from diffguard_pl.method.scores import psnr  # noqa: E402
 
 

@@ -15,7 +15,7 @@ from typing import Optional, TextIO
 
 import lightning as L
 
-from diffguard_pl.jobs.phases import duration
+from diffguard_pl.console import duration
 
 
 class EvalProgress(L.Callback):

@@ -80,7 +80,7 @@ class DiffGuard:
 
     @classmethod
     def from_preset(cls, name: str, *overrides: str, device: Union[str, torch.device] = "cpu") -> "DiffGuard":
-        from diffguard_pl.jobs.eval_data import load_encoder
+        from diffguard_pl.models.loading import load_encoder
         from diffguard_pl.method.pipeline import DiffGuardPipeline
 
         cfg = load_preset(name, *overrides)

@@ -52,7 +52,7 @@ def digits():
     """The committed digits classifier's logits and features on InD train / InD val / near-OOD val."""
     from diffguard_pl.config import DataConfig
     from diffguard_pl.data import build_benchmark
-    from diffguard_pl.jobs.features import compute_outputs
+    from diffguard_pl.detectors.features import compute_outputs
     from diffguard_pl.models import load_classifier
 
     bench = build_benchmark(DataConfig())
@@ -338,7 +338,7 @@ class Poisoned(torch.utils.data.Dataset):
 def test_classifier_detectors_tuned_on_validation_splits_only(benchmark):
     from diffguard_pl.config import EvalConfig
     from diffguard_pl.data.benchmark import Benchmark, OODSet
-    from diffguard_pl.jobs.eval_data import fit_classifier_baselines
+    from diffguard_pl.detectors.fitting import fit_classifier_baselines
 
     names = list(benchmark.ood)
     ood = {name: OODSet(s.group, s.val.subset(range(10)), Poisoned()) for name, s in benchmark.ood.items()}

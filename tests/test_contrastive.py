@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from diffguard_pl import config as config_lib
 from diffguard_pl.config import ConfigError, CutoutConfig, DiffGuardConfig, EvalConfig, GuidanceConfig, TrainConfig
 from diffguard_pl.data.augment import random_photometric, random_resized_crop
-from diffguard_pl.jobs.eval_data import check_model_files
+from diffguard_pl.models.loading import check_model_files
 from diffguard_pl.models import ClassifierSpec, build_classifier, load_classifier
 from diffguard_pl.modules.contrastive import contrastive_loss, nearest_neighbour_accuracy
 from diffguard_pl.method.pipeline import DiffGuardPipeline

@@ -11,9 +11,9 @@ from PIL import Image
 
 from diffguard_pl import config as config_lib
 from diffguard_pl.config import ConfigError, EvalConfig
-from diffguard_pl.jobs import eval_data
+from diffguard_pl.models import loading as model_loading
 from diffguard_pl.jobs.eval_job import evaluate
-from diffguard_pl.jobs.features import classifier_outputs, compute_outputs
+from diffguard_pl.detectors.features import classifier_outputs, compute_outputs
 from diffguard_pl.models import load_classifier
 
 from helpers.configs import eval_argv
@@ -36,7 +36,7 @@ def no_model_loading(monkeypatch):
     def refuse(cfg):
         raise AssertionError("the models were loaded before the check")
 
-    monkeypatch.setattr(eval_data, "load_models", refuse)
+    monkeypatch.setattr(model_loading, "load_models", refuse)
 
 
 def load(argv):

@@ -61,7 +61,7 @@ class ClassifierDetectors:
     def score(self, logits: torch.Tensor, features: torch.Tensor,
               images: Optional[torch.Tensor] = None) -> Dict[str, torch.Tensor]:
         """Every detector's scores of a batch, float64 on the CPU (higher = more OOD)."""
-        # as the detectors were fitted (float32, jobs/features.py), also in a float64 or bfloat16 run
+        # as the detectors were fitted (float32, detectors/features.py), also in a float64 or bfloat16 run
         images = images.float() if images is not None else None
         batch = Samples(logits.detach().float(), features.detach().float(), None, images, max(len(logits), 1))
         return {name: self._score_one(f, batch) for name, f in self.fitted.items()}

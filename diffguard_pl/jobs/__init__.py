@@ -1,3 +1,3 @@
-"""The jobs behind the entry points: evaluation (eval_job with eval_data, records, plan, folder, merge),
+"""The jobs behind the entry points: evaluation (eval_job with records, plan, folder, merge),
 training (train_job), AES calibration (calibration), the class-conditional sample check (sample_check), the
 machine's speed (profiling), and the Lightning set-up they share (lightning_setup)."""

@@ -34,7 +34,7 @@ from omegaconf import OmegaConf
 from diffguard_pl import config as config_lib
 from diffguard_pl.config import ConfigError, EvalConfig, _check_choice
 from diffguard_pl.data import Benchmark, ImageSet, build_benchmark
-from diffguard_pl.jobs.eval_data import load_encoder
+from diffguard_pl.models.loading import load_encoder
 from diffguard_pl.detectors.metrics import auroc
 from diffguard_pl.models import load_classifier, load_diffusion
 from diffguard_pl.method.pipeline import DiffGuardPipeline

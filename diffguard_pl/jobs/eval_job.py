@@ -5,7 +5,7 @@
 2. the data; ``score_folder``: enough InD validation images for its thresholds;
 3. the models' weights and the checks that need them; a dry run prints the plan and stops here;
 4. the output folder, and what an earlier run finished there (resume: diffguard_pl/jobs/records.py);
-5. the classifier baselines, fitted on InD training images (features cached: diffguard_pl/jobs/features.py);
+5. the classifier baselines, fitted on InD training images (features cached: diffguard_pl/detectors/features.py);
 6. DiffGuard on every sample left, in a Lightning test loop (records appended after every batch);
 7. the outputs (diffguard_pl/jobs/outputs.py, shared with merging shards).
 
@@ -76,6 +76,17 @@ class Models:
     encoder: object = None  # the contrastive distance's encoder, when that distance is asked for
 
 
+def check_shapes(cfg: EvalConfig, classifier, diffusion, encoder=None) -> None:
+    """What needs the loaded models (e.g. a conditional model's classes, its null class for classifier-free
+    guidance); ConfigError naming the key and the fix. ``check_model_files`` ran before the weights loaded."""
+    from diffguard_pl.method.pipeline import check_models
+
+    try:
+        check_models(diffusion, classifier, cfg.diffguard, encoder)
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+
+
 def _report_data(benchmark) -> Optional[dict]:
     """Skipped and converted images of a file benchmark on the console; returns the counts (results.json's
     ``data``), None for the embedded benchmarks."""
@@ -106,7 +117,7 @@ def evaluate(cfg: EvalConfig, benchmark=None) -> Optional[dict]:
         folder_report = inspect_folder(cfg.score_folder, cfg.data.resolution, cfg.data.channels)
         print(describe_conversions(folder_report))
     from diffguard_pl.data import build_benchmark, check_available
-    from diffguard_pl.jobs.eval_data import check_model_files
+    from diffguard_pl.models.loading import check_model_files
 
     if benchmark is None:
         check_available(cfg.data)
@@ -119,7 +130,7 @@ def evaluate(cfg: EvalConfig, benchmark=None) -> Optional[dict]:
 
         check_validation_count(len(benchmark.val), cfg.limit_per_set)
     # 3. the models
-    from diffguard_pl.jobs.eval_data import check_shapes, load_encoder, load_models
+    from diffguard_pl.models.loading import load_encoder, load_models
 
     classifier, diffusion = load_models(cfg)
     models = Models(classifier, diffusion, load_encoder(cfg))
@@ -143,7 +154,7 @@ def evaluate(cfg: EvalConfig, benchmark=None) -> Optional[dict]:
 
 def evaluation_work(cfg: EvalConfig, benchmark, output_dir: Path, part) -> tuple[list, records_lib.Work]:
     """The sets this run scores and what is left of them in ``output_dir`` (stage 4)."""
-    from diffguard_pl.jobs.eval_data import evaluation_sets, folder_images, subset_by_id
+    from diffguard_pl.data.selection import evaluation_sets, folder_images, subset_by_id
 
     if cfg.score_folder is not None:  # InD validation (for the thresholds) and the whole folder
         folder = folder_images(cfg, benchmark)
@@ -188,7 +199,7 @@ def _evaluate(cfg: EvalConfig, benchmark, models: Models, output_dir: Path, part
         print(f"no sample left to evaluate; took {_seconds(time.perf_counter() - started)} in all")
         return results
 
-    from diffguard_pl.jobs.eval_data import fit_classifier_baselines
+    from diffguard_pl.detectors.fitting import fit_classifier_baselines
 
     stats, choice = fit_classifier_baselines(models.classifier, benchmark, cfg)  # stage 5
     save_baseline_choice(output_dir, header["fingerprint"], choice)
@@ -216,7 +227,7 @@ def _evaluate(cfg: EvalConfig, benchmark, models: Models, output_dir: Path, part
 
 
 def _seconds(seconds: float) -> str:
-    from diffguard_pl.jobs.phases import duration
+    from diffguard_pl.console import duration
 
     return duration(seconds)
 

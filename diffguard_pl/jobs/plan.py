@@ -12,7 +12,7 @@ from typing import Optional
 
 from diffguard_pl.config import EvalConfig
 from diffguard_pl.data import Benchmark
-from diffguard_pl.jobs.eval_data import evaluation_sets
+from diffguard_pl.data.selection import evaluation_sets
 from diffguard_pl.method.oracle import DESCRIPTIONS, modes
 from diffguard_pl.models import Classifier, DiffusionModel
 

@@ -21,7 +21,7 @@ from typing import Optional
 import torch
 from torch.utils.data import DataLoader
 
-from diffguard_pl.jobs.phases import Phase, is_rank_zero
+from diffguard_pl.console import Phase, is_rank_zero
 from diffguard_pl.models import Classifier
 
 

@@ -1,0 +1,94 @@
+"""The models an evaluation config names: checked from their files before any weights load, then loaded.
+
+No Lightning here: the evaluation job, the dry run, the calibration and the Python API all use these.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+from diffguard_pl.config import DataConfig, EvalConfig
+from diffguard_pl.errors import ConfigError
+from diffguard_pl.models.classifier import Classifier, ClassifierSpec, build_classifier, load_classifier
+from diffguard_pl.models.diffusion import DiffusionModel, load_diffusion
+
+
+def num_classes(data: DataConfig) -> int:
+    """The benchmark's number of InD classes, known from the config alone (nothing is read)."""
+    if data.benchmark in ("digits", "fashion"):
+        return len(data.ind_classes)
+    if data.benchmark == "lists":
+        return int(dict(data.definition)["num_classes"])
+    from diffguard_pl.data.image_lists import OPENOOD_BENCHMARKS
+
+    return int(OPENOOD_BENCHMARKS[data.benchmark]["num_classes"])
+
+
+def load_models(cfg: EvalConfig) -> tuple[Classifier, DiffusionModel]:
+    """The classifier (portable folder, or weights file + ``models.classifier_*``) and the diffusion model."""
+    m, data = cfg.models, cfg.data
+    path = Path(m.classifier)
+    if path.is_file():
+        spec = ClassifierSpec(
+            arch=m.classifier_arch, num_classes=num_classes(data), in_chans=data.channels,
+            input_size=m.classifier_input_size or data.resolution,
+            mean=list(m.classifier_mean) if m.classifier_mean is not None else [0.5] * data.channels,
+            std=list(m.classifier_std) if m.classifier_std is not None else [0.5] * data.channels,
+            view=m.classifier_view,
+        )
+        classifier = build_classifier(spec, path).eval()
+    else:
+        classifier = load_classifier(path)
+    diffusion = load_diffusion(m.diffusion, m.diffusion_num_classes, m.diffusion_null_class)
+    return classifier, diffusion
+
+
+def load_encoder(cfg: EvalConfig) -> Optional[Classifier]:
+    """The contrastive encoder (``models.encoder``) when ``contrastive`` is among the distances, else None."""
+    from diffguard_pl.method.scores import CONTRASTIVE
+
+    if CONTRASTIVE not in cfg.diffguard.distances:
+        return None
+    if cfg.models.encoder is None:  # check_model_files says so before any model loads
+        raise ConfigError(f"diffguard.distances has {CONTRASTIVE!r}, which needs models.encoder")
+    return load_classifier(cfg.models.encoder)
+
+
+def check_model_files(cfg: EvalConfig) -> None:
+    """What the models' files and configs say, before any weights load: the folders exist, and the images the
+    config makes fit both models (size, channels) and the classifier's classes match the benchmark's;
+    MissingCheckpointError / ConfigError naming the key and the fix."""
+    from diffguard_pl.models.files import classifier_meta, diffusion_image_shape
+
+    data, m = cfg.data, cfg.models
+    channels, size = diffusion_image_shape(m.diffusion)
+    if data.resolution != size or data.channels != channels:
+        raise ConfigError(
+            f"data.resolution={data.resolution} / data.channels={data.channels} do not fit the diffusion model "
+            f"{m.diffusion}, which takes {channels}-channel {size}x{size} images: set data.resolution={size} "
+            f"data.channels={channels}, or use a model for these images")
+    meta = classifier_meta(m.classifier)
+    if meta is None:  # a weights file: its shape comes from the config (data.channels, the benchmark's classes)
+        if m.classifier_arch is None:
+            raise ConfigError(f"models.classifier={m.classifier} is a weights file: set models.classifier_arch "
+                              f"(a timm name, e.g. resnet50 or openood_resnet18_32x32)")
+        return
+    if meta["in_chans"] != data.channels:
+        raise ConfigError(
+            f"the classifier {m.classifier} takes {meta['in_chans']}-channel images but data.channels="
+            f"{data.channels}: use a classifier for {data.channels}-channel images (or data.channels="
+            f"{meta['in_chans']} with a diffusion model to match)")
+    expected = num_classes(data)
+    if meta["num_classes"] != expected:
+        raise ConfigError(f"the classifier {m.classifier} has {meta['num_classes']} classes but benchmark "
+                          f"{data.benchmark} has {expected}: check models.classifier / data.benchmark")
+    if "contrastive" in cfg.diffguard.distances:
+        if cfg.models.encoder is None:
+            raise ConfigError("diffguard.distances has 'contrastive', which needs models.encoder: a folder made by "
+                              "`python train.py --config conf/train_fashion_encoder.yaml` (OUT/encoder), or drop "
+                              "'contrastive' from diffguard.distances")
+        encoder = classifier_meta(cfg.models.encoder)
+        if encoder is not None and encoder["in_chans"] != data.channels:
+            raise ConfigError(f"the encoder {cfg.models.encoder} (models.encoder) takes {encoder['in_chans']}-channel "
+                              f"images but data.channels={data.channels}: use an encoder trained on these images")
