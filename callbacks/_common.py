@@ -1,5 +1,10 @@
 """What the evaluation callbacks share: gathering to rank 0, how each set is drawn, figures, and logging to W&B
-or files."""
+or files.
+
+Two kinds of callback draw an evaluation: those that watch the test loop (Lightning hooks: progress,
+reconstructions, which need the images) and those that draw from the finished records (``on_report``: score
+histograms and inversion curves), which the report (diffguard_pl/jobs/report.py) calls once with every record
+and the derived detectors, the same for a fresh run, a resumed one and a merge of shards."""
 
 from __future__ import annotations
 
@@ -62,18 +67,18 @@ def wandb_run(trainer: L.Trainer):
     return None
 
 
-def output_folder(trainer: L.Trainer, name: str) -> Path:
-    folder = Path(trainer.default_root_dir) / name
+def output_folder(root: str | Path, name: str) -> Path:
+    folder = Path(root) / name
     folder.mkdir(parents=True, exist_ok=True)
     return folder
 
 
-def save_figure(fig, path: Path, trainer: L.Trainer, key: str) -> None:
-    """Write a matplotlib figure as PNG and, with W&B, log it as an image under ``key``."""
+def save_figure(fig, path: Path, run, key: str) -> None:
+    """Write a matplotlib figure as PNG and, with a W&B ``run`` (None without W&B), log it as an image under
+    ``key``."""
     import matplotlib.pyplot as plt
 
     fig.savefig(path, dpi=110, bbox_inches="tight")
-    run = wandb_run(trainer)
     if run is not None:
         import wandb
 

@@ -10,8 +10,9 @@ from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 import lightning as L
 import torch
 
-from diffguard_pl.callbacks._common import ordered_sets, output_folder, save_figure, set_label, set_styles, wandb_run
+from diffguard_pl.callbacks._common import ordered_sets, output_folder, save_figure, set_label, set_styles
 from diffguard_pl.data.benchmark import IND
+from diffguard_pl.records.columns import SET, curve_column, curve_metric
 
 QUANTILES = (0.1, 0.5, 0.9)
 BANDS = ("q10", "q50", "q90")
@@ -27,10 +28,14 @@ def axis_label(metric: str) -> str:
 
 
 def aes_thresholds(aes) -> Dict[str, float]:
-    """The AES thresholds in force per curve metric (``diffguard.aes``; {} when AES is off or unknown)."""
-    if aes is None or not aes.enabled:
+    """The AES thresholds in force per curve metric (``diffguard.aes``, the config object or its dict in a
+    records header; {} when AES is off or unknown)."""
+    if aes is None:
         return {}
-    return {m: float(getattr(aes, m)) for m in METRICS if getattr(aes, m, None) is not None}
+    get = aes.get if isinstance(aes, Mapping) else lambda key: getattr(aes, key, None)
+    if not get("enabled"):
+        return {}
+    return {m: float(get(m)) for m in METRICS if get(m) is not None}
 
 
 def summarize_curves(curves: Dict[str, Dict[str, torch.Tensor]]) -> List[dict]:
@@ -52,10 +57,10 @@ def summarize_curves(curves: Dict[str, Dict[str, torch.Tensor]]) -> List[dict]:
 def curves_from_records(records: Dict[str, list]) -> Dict[str, Dict[str, torch.Tensor]]:
     """Per set and metric, the samples' curves [N, longest] (NaN past a sample's own depth)."""
     per_set: Dict[str, Dict[str, list]] = defaultdict(lambda: defaultdict(list))
-    metrics = [c[len("curve/"):] for c in records if c.startswith("curve/")]
-    for i, set_name in enumerate(records["set"]):
+    metrics = [curve_metric(c) for c in records if curve_metric(c)]
+    for i, set_name in enumerate(records[SET]):
         for metric in metrics:
-            values = records[f"curve/{metric}"][i]
+            values = records[curve_column(metric)][i]
             if values:
                 per_set[set_name][metric].append(values)
     out = {}
@@ -123,38 +128,33 @@ def curve_figure(rows: Sequence[dict], metric: str, groups: Mapping[str, str], t
 
 
 class InversionCurveLogger(L.Callback):
-    """Draws each set's per-step inversion quality after ``trainer.test`` of a DiffGuardEvaluator.
+    """Draws each set's per-step inversion quality from an evaluation's records, for tuning AES.
 
-    Reads the per-sample curves from the evaluator's records (``curve/<metric>``), so a resumed run's plots
-    cover the samples of earlier runs too, and the AES thresholds from ``pl_module.pipeline.cfg.aes``. Writes
-    ``curves/curves.csv`` (mean and quantiles per set, metric and step) and ``curves/<metric>.png``
-    (:func:`curve_figure`); with W&B also the table ``curves/quantiles`` (the CSV's rows), per metric a line
-    plot ``curves/<metric>`` (every set's median, InD's 10 / 50 / 90% lines, the threshold) and per OOD set
-    ``curves/<metric>/<set>`` (that set's and InD's 10 / 50 / 90% lines, the threshold), and the PNGs. Rank 0
-    only (the records are gathered).
+    The report (diffguard_pl/jobs/report.py) calls :meth:`on_report` once with every record (``curve/<metric>``
+    columns), so a resumed run's plots and a merge's cover every sample; the AES thresholds come from the
+    records' config. Writes ``curves/curves.csv`` (mean and quantiles per set, metric and step) and
+    ``curves/<metric>.png`` (:func:`curve_figure`); with W&B also the table ``curves/quantiles`` (the CSV's rows),
+    per metric a line plot ``curves/<metric>`` (every set's median, InD's 10 / 50 / 90% lines, the threshold) and
+    per OOD set ``curves/<metric>/<set>`` (that set's and InD's 10 / 50 / 90% lines, the threshold), and the PNGs.
     """
 
-    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        records = getattr(pl_module, "all_records", None)
-        if not trainer.is_global_zero or not records:
-            return
+    def on_report(self, records: Mapping[str, list], header: Mapping, output_dir, run=None) -> None:
         curves = curves_from_records(records)
         if not curves:
             return
         rows = summarize_curves(curves)
-        folder = output_folder(trainer, "curves")
+        folder = output_folder(output_dir, "curves")
         with open(folder / "curves.csv", "w", newline="") as handle:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0].keys()))
             writer.writeheader()
             writer.writerows(rows)
-        groups = dict(getattr(pl_module, "groups", {}))
-        thresholds = aes_thresholds(getattr(getattr(getattr(pl_module, "pipeline", None), "cfg", None), "aes", None))
-        run = wandb_run(trainer)
+        groups = dict(header.get("groups", {}))
+        thresholds = aes_thresholds(header.get("config", {}).get("diffguard", {}).get("aes"))
         if run is not None:
             self._log_wandb(run, rows, groups, thresholds)
         for metric in dict.fromkeys(r["metric"] for r in rows):
             fig = curve_figure(rows, metric, groups, thresholds.get(metric))
-            save_figure(fig, folder / f"{metric}.png", trainer, f"curves/{metric}_png")
+            save_figure(fig, folder / f"{metric}.png", run, f"curves/{metric}_png")
 
     @staticmethod
     def _log_wandb(run, rows: List[dict], groups: Dict[str, str], thresholds: Dict[str, float]) -> None:

@@ -3,7 +3,7 @@ the batch in progress.
 
 On a terminal one line is redrawn (at most a few times a second); elsewhere (a log file, CI) one line is
 printed per batch. Under several processes rank 0 reports its own share of the samples. images/s has the
-definition of results.json's ``throughput`` (diffguard_pl/jobs/outputs.py): images per second of the test loop,
+definition of results.json's ``throughput`` (diffguard_pl/jobs/report.py): images per second of the test loop,
 timed from the first batch's start.
 """
 

@@ -7,7 +7,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import lightning as L
 
-from diffguard_pl.callbacks._common import gather_to_rank_zero, output_folder, save_figure, set_label
+from diffguard_pl.callbacks._common import gather_to_rank_zero, output_folder, save_figure, set_label, wandb_run
 
 
 def class_name(label: int, class_names: Optional[Sequence[str]]) -> str:
@@ -17,7 +17,7 @@ def class_name(label: int, class_names: Optional[Sequence[str]]) -> str:
 
 def score_label(score: str, value: float) -> str:
     """``L2 = 0.00457``, ``-PSNR = -23.4 dB``: the DiffGuard score with its symbol and unit."""
-    from diffguard_pl.detectors.results import DISTANCES
+    from diffguard_pl.records.columns import DISTANCES
 
     distance = DISTANCES.get(score)
     return f"{distance.symbol if distance else score} = {value:.3g}{distance.suffix if distance else ''}"
@@ -77,11 +77,13 @@ class ReconstructionLogger(L.Callback):
     """
 
     def __init__(self, per_set: int = 8, select: str = "first", score: str = "l2",
-                 class_names: Optional[Sequence[str]] = None) -> None:
+                 class_names: Optional[Sequence[str]] = None, groups: Optional[Mapping[str, str]] = None,
+                 resumed: int = 0) -> None:
         if select not in ("first", "extremes"):
             raise ValueError(f"callbacks.reconstruction_select: {select!r} is not one of first, extremes")
         self.per_set, self.select, self.score = per_set, select, score
         self.class_names = list(class_names) if class_names else None
+        self.groups, self.resumed = dict(groups or {}), resumed  # OOD set -> near / far; samples of earlier runs
         self.kept: Dict[str, List[dict]] = {}
         self.reference = "input"
 
@@ -133,12 +135,9 @@ class ReconstructionLogger(L.Callback):
         for part in gathered:
             for set_name, rows in part.items():
                 merged.setdefault(set_name, []).extend(rows)
-        folder = output_folder(trainer, "reconstructions")
-        previous = getattr(pl_module, "previous", None) or {}
-        resumed = len(previous.get("id", []))
-        groups = dict(getattr(pl_module, "groups", {}))
+        folder = output_folder(trainer.default_root_dir, "reconstructions")
         for set_name, rows in merged.items():
             rows = self._keep(rows)
-            fig = reconstruction_figure(self._title(set_name, groups, len(rows), resumed), rows, self.score,
+            fig = reconstruction_figure(self._title(set_name, self.groups, len(rows), self.resumed), rows, self.score,
                                         self.reference, self.class_names)
-            save_figure(fig, folder / f"{set_name}.png", trainer, f"reconstructions/{set_name}")
+            save_figure(fig, folder / f"{set_name}.png", wandb_run(trainer), f"reconstructions/{set_name}")

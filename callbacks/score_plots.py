@@ -9,13 +9,14 @@ import lightning as L
 
 from diffguard_pl.callbacks._common import ordered_sets, output_folder, save_figure, set_styles
 from diffguard_pl.data.benchmark import IND
+from diffguard_pl.records.columns import DIFFGUARD, SET, SPLIT, describe_column, detector_columns, fused_partner
 
 
 def histogram_figure(by_set: Mapping[str, List[float]], detector: str, described: dict, groups: Mapping[str, str],
                      split: str = "test", bins: int = 40):
     """Densities of one detector's scores per set on shared bins: InD filled grey under a black outline, each
     OOD set an outline in its colour (near-OOD dashed). ``described`` is the column's entry of scores.csv's
-    dictionary (:func:`~diffguard_pl.detectors.results.describe_column`): the title says what the score
+    dictionary (:func:`~diffguard_pl.records.columns.describe_column`): the title says what the score
     measures, the x axis its unit and direction."""
     import matplotlib
 
@@ -47,37 +48,28 @@ def histogram_figure(by_set: Mapping[str, List[float]], detector: str, described
 
 class ScoreDistributionPlot(L.Callback):
     """Draws ``scores/<detector>.png`` (:func:`histogram_figure`) of DiffGuard's detectors and its fusion partners
-    from the evaluator's gathered records and, with
-    W&B, logs them under ``scores/<detector>`` (rank 0 only)."""
+    from an evaluation's records (the report calls :meth:`on_report` once with every record and the derived
+    detectors) and, with W&B, logs them under ``scores/<detector>``."""
 
     def __init__(self, bins: int = 40) -> None:
         self.bins = bins
 
-    def on_test_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        # After the evaluator's own on_test_epoch_end has gathered the records.
-        records = getattr(pl_module, "all_records", None)
-        if not trainer.is_global_zero or not records:
-            return
-        from diffguard_pl.detectors.fused import detector_columns
-        from diffguard_pl.detectors.results import describe_column
-
-        split = getattr(pl_module, "split", "test")
-        groups = dict(getattr(pl_module, "groups", {}))
-        cfg = getattr(getattr(pl_module, "pipeline", None), "cfg", None)
-        score, reference = getattr(cfg, "score", None), getattr(cfg, "reference", None)
-        folder = output_folder(trainer, "scores")
-        sets = list(dict.fromkeys(s for s, sp in zip(records["set"], records["split"]) if sp == split))
+    def on_report(self, records: Mapping[str, list], header: Mapping, output_dir, run=None) -> None:
+        split, groups = header.get("split", "test"), dict(header.get("groups", {}))
+        reference = header.get("config", {}).get("diffguard", {}).get("reference")
+        folder = output_folder(output_dir, "scores")
+        in_split = [i for i, sp in enumerate(records[SPLIT]) if sp == split]
+        sets = list(dict.fromkeys(records[SET][i] for i in in_split))
         columns = detector_columns(records)
-        partners = {c.split("+", 1)[1] for c in columns if c.startswith("diffguard+")}
+        partners = {fused_partner(c) for c in columns if fused_partner(c)}
         # DiffGuard's columns (its distances, fused, oracles) and its fusion partners alone; not every baseline
-        for detector in [c for c in columns if "diffguard" in c or c in partners]:
+        for detector in [c for c in columns if DIFFGUARD in c or c in partners]:
             by_set: Dict[str, List[float]] = {
-                s: [v for v, name, sp in zip(records[detector], records["set"], records["split"])
-                    if name == s and sp == split] for s in sets}
+                s: [records[detector][i] for i in in_split if records[SET][i] == s] for s in sets}
             by_set = {s: values for s, values in by_set.items() if values}
             if not by_set:
                 continue
-            fig = histogram_figure(by_set, detector, describe_column(detector, score, reference), groups, split,
-                                   self.bins)
+            fig = histogram_figure(by_set, detector, describe_column(detector, header.get("score"), reference), groups,
+                                   split, self.bins)
             name = detector.replace("/", "_")
-            save_figure(fig, folder / f"{name}.png", trainer, f"scores/{name}")
+            save_figure(fig, folder / f"{name}.png", run, f"scores/{name}")

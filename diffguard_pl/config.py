@@ -19,6 +19,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from diffguard_pl.detectors import registry
+from diffguard_pl.records import columns
 from diffguard_pl.errors import ConfigError  # noqa: F401  (re-exported: the schema's error)
 
 T = TypeVar("T")
@@ -45,7 +46,7 @@ def _check_positive(key: str, value: Optional[float], allow_none: bool = False, 
 
 def neutral(default: Any = MISSING, factory: Any = MISSING) -> Any:
     """A field that never changes a sample's score: where and how a run executes and logs (not fingerprinted,
-    see diffguard_pl/jobs/records.py)."""
+    see diffguard_pl/records/store.py)."""
     if factory is not MISSING:
         return field(default_factory=factory, metadata={"neutral": True})
     return field(default=default, metadata={"neutral": True})
@@ -479,7 +480,7 @@ class RuntimeConfig:
         _check_choice("diffguard.runtime.autocast", self.autocast, ["none", "bf16", "fp16"])
 
 
-DISTANCES = ["l1", "l2", "psnr", "ssim", "logit_l1", "feature_cos", "contrastive", "dists", "lpips"]
+DISTANCES = list(columns.DISTANCES)  # declared with their meanings in diffguard_pl/records/columns.py
 
 
 CLIP_X0 = ["none", "synthesis", "both"]

@@ -24,6 +24,10 @@ class MissingCheckpointError(UserError, FileNotFoundError):
     """A checkpoint path that does not exist; the message says how to make it."""
 
 
+class DamagedCheckpointError(UserError):
+    """A model's weights file that exists but cannot be read (truncated, corrupt); the message names the file."""
+
+
 class MissingDataError(UserError, FileNotFoundError):
     """A data file that the benchmark needs is not on this machine; the message says how to install it."""
 

@@ -11,7 +11,8 @@ from pytorch_ood.detector import KNN as PoodKNN, EnergyBased, MaxLogit, MaxSoftm
 
 from diffguard_pl.config import BaselineConfig, ConfigError
 from diffguard_pl.detectors import registry
-from diffguard_pl.detectors.baselines import KNN, ViM, default_vim_dim, default_vim_grid
+from diffguard_pl.detectors.baselines import KNN, ViM
+from diffguard_pl.detectors.registry import default_vim_dim, default_vim_grid
 from diffguard_pl.detectors.classifier_parts import ClassifierParts, Samples, predict
 from diffguard_pl.detectors.metrics import auroc
 from diffguard_pl.detectors.tuning import TUNED, choose, fit_detectors, resolve_grid

@@ -14,7 +14,7 @@ from diffguard_pl.callbacks.curves import aes_thresholds, band_series, curve_fig
 from diffguard_pl.callbacks.reconstructions import reconstruction_figure  # noqa: E402
 from diffguard_pl.callbacks.score_plots import histogram_figure  # noqa: E402
 from diffguard_pl.config import AESConfig, DataConfig  # noqa: E402
-from diffguard_pl.detectors.results import describe_column  # noqa: E402
+from diffguard_pl.records.columns import describe_column  # noqa: E402
 
 GROUPS = {"near_set": "near", "far_set": "far"}
 

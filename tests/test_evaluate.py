@@ -12,8 +12,9 @@ from diffguard_pl import config as config_lib
 from diffguard_pl.config import EvalConfig
 from diffguard_pl.errors import ConfigError
 from diffguard_pl.jobs.eval_job import evaluate
-from diffguard_pl.detectors.fused import add_derived_detectors
-from diffguard_pl.detectors.results import merge_records, summarize
+from diffguard_pl.detectors.fused import with_derived_detectors
+from diffguard_pl.detectors.results import summarize
+from diffguard_pl.records.store import RecordWriter, read_records
 
 from helpers.configs import eval_argv
 from helpers.paths import ROOT
@@ -123,20 +124,18 @@ def _records():
 
 
 def test_fusion_is_normalised_on_ind_validation_only():
-    records = _records()
-    add_derived_detectors(records, "l2")
+    records, _ = with_derived_detectors(_records(), "l2")
     # val InD: dg mean 2 std 1, ebo mean -2 std 1  ->  fused = (dg - 2) + (ebo + 2)
     want = [(dg - 2.0) + (e + 2.0) for dg, e in zip(records["diffguard/l2"], records["ebo"])]
     assert records["diffguard+ebo"] == pytest.approx(want)
     changed = _records()
     changed["diffguard/l2"][3] = 100.0  # a test score moves: the normalisation must not
-    add_derived_detectors(changed, "l2")
+    changed, _ = with_derived_detectors(changed, "l2")
     assert changed["diffguard+ebo"][5] == pytest.approx(records["diffguard+ebo"][5])
 
 
 def test_summary_counts_test_split_and_accuracy():
-    records = _records()
-    add_derived_detectors(records, "l2")
+    records, _ = with_derived_detectors(_records(), "l2")
     result = summarize(records, {"far1": "far"})
     assert result["id_accuracy"] == 0.5 and result["num_samples"] == {"ind": 2, "far1": 2}
     assert result["synthesis_follows_label"] == {"ind": 0.5, "far1": 0.0}  # test split only
@@ -146,7 +145,7 @@ def test_summary_counts_test_split_and_accuracy():
 
 
 def test_column_dictionary_says_sign_and_unit_of_the_unguided_reference_columns():
-    from diffguard_pl.detectors.results import column_dictionary
+    from diffguard_pl.records.columns import column_dictionary
 
     columns = ["reference_pred", "round_trip_psnr", "diffguard/l2", "diffguard/l2@input", "diffguard/contrastive",
                "diffguard/psnr@input", "diffguard", "diffguard+knn", "vim", "oracle-paper/diffguard+ebo"]
@@ -164,11 +163,22 @@ def test_column_dictionary_says_sign_and_unit_of_the_unguided_reference_columns(
     assert column_dictionary(["diffguard/made_up"])["diffguard/made_up"]["meaning"] is None  # no guessing
 
 
-def test_merge_drops_duplicate_ids():
+def test_the_store_keeps_one_record_per_sample(tmp_path):
     a = {k: v[:4] for k, v in _records().items()}
-    b = {k: v[3:] for k, v in _records().items()}  # t0 appears twice (sampler padding)
-    merged = merge_records([a, b])
-    assert sorted(merged["id"]) == sorted(_records()["id"])
+    b = {k: v[3:] for k, v in _records().items()}  # the fourth sample written twice (two shards' folders merged)
+    header = {"fingerprint": "f"}
+    for rank, part in enumerate((a, b)):
+        writer = RecordWriter(tmp_path, rank, header)
+        writer.append(part)
+        writer.close()
+    _, finished, torn = read_records([tmp_path])
+    assert sorted(finished) == sorted(_records()["id"]) and torn == 0
+
+
+def test_derived_detectors_leave_the_records_alone():
+    records = _records()
+    derived, _ = with_derived_detectors(records, "l2")
+    assert records == _records() and {"diffguard", "diffguard+ebo"} <= set(derived) - set(records)
 
 
 def offline_summary(run_dir):
@@ -274,8 +284,7 @@ def test_wandb_offline_run_holds_per_set_metrics_curves_images_and_same_results(
 def test_flat_metrics_and_tables_hold_every_number_of_results_json():
     from diffguard_pl.jobs.wandb_report import flat_metrics, result_tables
 
-    records = _records()
-    add_derived_detectors(records, "l2")
+    records, _ = with_derived_detectors(_records(), "l2")
     results = summarize(records, {"far1": "far"}, replicates=50)
     results["throughput"] = {"images_per_second": 2.0, "machine": {"device": "cpu"}}
     flat = flat_metrics(results)
@@ -297,7 +306,7 @@ def test_flat_metrics_and_tables_hold_every_number_of_results_json():
 
 def test_out_of_memory_names_the_batch_and_keeps_finished_samples(tmp_path, small_models, benchmark, monkeypatch):
     from diffguard_pl.method.pipeline import DiffGuardPipeline
-    from diffguard_pl.jobs.records import read_file
+    from diffguard_pl.records.store import read_file
 
     original, calls = DiffGuardPipeline.__call__, []
 

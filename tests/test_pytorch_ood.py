@@ -9,10 +9,9 @@ from pytorch_ood.utils import GridSearch
 from torch.utils.data import DataLoader, TensorDataset
 
 from diffguard_pl.api import Baseline
-from diffguard_pl.data.benchmark import ImageSet
 from diffguard_pl.detectors.metrics import auroc
 from diffguard_pl.integrations.pytorch_ood import DiffGuardDetector, sample_ids
-from diffguard_pl.jobs.calibration import lowest_quality
+from diffguard_pl.method.aes import lowest_quality
 
 SHORT = ("diffguard.num_steps=6", "diffguard.depth=3")
 
@@ -96,8 +95,8 @@ def test_fit_calibrates_the_early_stop_on_ind_samples(loaders, benchmark):
     assert detector.requires_fit and not detector.pipeline.cfg.aes.enabled
     detector.fit(fit)
     ind = benchmark.val.images[:24]
-    lows = lowest_quality(DiffGuardDetector.from_preset("digits_gdm", *SHORT).pipeline,
-                          ImageSet("fit", ind, [0] * 24, sample_ids(ind), "val"), "psnr", 64)
+    lows = lowest_quality(DiffGuardDetector.from_preset("digits_gdm", *SHORT).pipeline, ind, sample_ids(ind), "psnr",
+                          64)
     aes = detector.pipeline.cfg.aes
     assert aes.enabled and aes.psnr == pytest.approx(float(torch.quantile(lows.double(), 0.5)), abs=1e-9)
     with pytest.raises(ValueError, match=r"aes_target=1.5 must lie in \(0, 1\)"):

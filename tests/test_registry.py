@@ -9,8 +9,9 @@ import torch
 from diffguard_pl.config import EvalConfig
 from diffguard_pl.detectors import registry
 from diffguard_pl.detectors.classifier_parts import ClassifierParts, Samples
-from diffguard_pl.detectors.fused import add_derived_detectors
-from diffguard_pl.detectors.results import describe_column
+from diffguard_pl.detectors.fused import with_derived_detectors
+from diffguard_pl.records import columns
+from diffguard_pl.records.columns import describe_column
 from diffguard_pl.detectors.tuning import fit_detectors
 from diffguard_pl.models import Classifier, load_classifier
 from diffguard_pl.models.tiny_resnet import TinyResNet
@@ -63,7 +64,7 @@ def test_every_column_is_described():
     for name in registry.names():
         described = describe_column(name)
         assert described["meaning"].startswith("classifier detector: ") and described["direction"]
-        assert describe_column(registry.fused_column(name))["unit"] == "z-score sum, unitless"
+        assert describe_column(columns.fused_column(name))["unit"] == "z-score sum, unitless"
     assert describe_column("no-such-detector")["meaning"] is None
 
 
@@ -126,7 +127,7 @@ def test_a_detector_that_cannot_run_says_why_in_one_line(sets):
 def test_fused_detectors_say_when_a_partner_did_not_run():
     records = {"id": ["a", "b", "c"], "set": ["ind"] * 3, "split": ["val"] * 3, "diffguard/l2": [1.0, 2.0, 4.0],
                "ebo": [0.0, 1.0, 1.0]}
-    notes = add_derived_detectors(records, "l2", ["ebo", "vim"])
-    assert registry.fused_column("ebo") in records and registry.fused_column("vim") not in records
+    records, notes = with_derived_detectors(records, "l2", ["ebo", "vim"])
+    assert columns.fused_column("ebo") in records and columns.fused_column("vim") not in records
     assert notes == ["diffguard+vim left out: vim has no scores in this run (results.json baselines.left_out says "
                      "why)"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from diffguard_pl import config as config_lib
-from diffguard_pl.jobs import records as records_lib
+from diffguard_pl.records import store as records_lib
 from diffguard_pl.config import ConfigError, EvalConfig, RuntimeConfig, compose, to_object
 from diffguard_pl.jobs.eval_job import evaluate
 from diffguard_pl.models import load_classifier, load_diffusion

@@ -35,32 +35,8 @@ import torch
 import torch.nn.functional as F
 from pytorch_ood.api import FeaturesDetector, ModelNotSetException, RequiresFittingException
 
-OPENOOD_VIM_GRID = (256, 1000)  # OpenOOD v1.5 vim.yml dim_list, for ResNet-50's 2048-d features
-OPENOOD_FEATURE_DIM = 2048
+
 KNN_CHUNK_ELEMENTS = 2**25  # at most 256 MiB of float64 candidates per chunk
-
-
-def default_vim_dim(feature_dim: int) -> int:
-    """Principal-space size used by the ViM paper: 1000 for D >= 2048, 512 for D >= 768, else D // 2."""
-    if feature_dim >= 2048:
-        return 1000
-    if feature_dim >= 768:
-        return 512
-    return max(1, feature_dim // 2)
-
-
-def default_vim_grid(feature_dim: int) -> list[int]:
-    """ViM's ``dim`` grid for feature width D: OpenOOD's ``{256, 1000}`` where below D.
-
-    When neither is (D <= 256), the same ratios to OpenOOD's width 2048:
-    ``{round(D * 256 / 2048), round(D * 1000 / 2048)}`` clipped to ``[1, D - 1]``, deduplicated, ascending.
-    """
-    if feature_dim < 2:
-        raise ValueError(f"ViM needs a feature dimension >= 2, got {feature_dim}")
-    grid = [v for v in OPENOOD_VIM_GRID if v < feature_dim]
-    if not grid:
-        grid = [min(max(round(feature_dim * v / OPENOOD_FEATURE_DIM), 1), feature_dim - 1) for v in OPENOOD_VIM_GRID]
-    return sorted(set(grid))
 
 
 class _FromFeatures(FeaturesDetector):

@@ -1,10 +1,9 @@
 """The detectors derived from the recorded scores: ``diffguard`` (the configured distance) and ``diffguard+X``.
 
-Higher scores mean more OOD. Columns of the per-sample records (``scores.csv``), named by
-diffguard_pl/detectors/registry.py: ``diffguard/<distance>`` (and ``diffguard/<distance>@input``), ``diffguard``,
-one column per classifier detector (``baselines.detectors``), ``diffguard+<X>`` (DiffGuard fused with classifier
-detector X: the sum of both z-scores, normalised on the InD validation split only; X in ``fusion_partners``) and
-``oracle-<mode>/<detector>`` (the same under oracle labels, diffguard_pl/method/oracle.py).
+Higher scores mean more OOD. The columns (declared in diffguard_pl/records/columns.py): ``diffguard`` copies
+``diffguard/<diffguard.score>``; ``diffguard+<X>`` is DiffGuard fused with detector X (the sum of both z-scores,
+normalised on the InD validation split only; X in ``fusion_partners``); both also under each oracle's labels
+(``oracle-<mode>/...``, diffguard_pl/method/oracle.py). The report adds them once, from the records alone.
 """
 
 from __future__ import annotations
@@ -14,10 +13,8 @@ from typing import Dict, List, Mapping, Sequence, Tuple
 import torch
 
 from diffguard_pl.data.benchmark import IND
-from diffguard_pl.detectors.registry import DIFFGUARD, FUSION_DEFAULT, ORACLE_PREFIX, distance_column, fused_column
-
-META_COLUMNS = ("id", "set", "split", "label", "pred", "synthesis_pred", "reference_pred", "round_trip_psnr", "depth",
-                "unet_evals")
+from diffguard_pl.detectors.registry import FUSION_DEFAULT
+from diffguard_pl.records.columns import DIFFGUARD, SET, SPLIT, distance_column, fused_column, oracle_prefixes
 
 
 def zscore(values: torch.Tensor) -> Tuple[float, float]:
@@ -33,41 +30,35 @@ def fuse(diffguard: torch.Tensor, partner: torch.Tensor, norm_diffguard: Tuple[f
     return (diffguard - mu_d) / sd_d + (partner - mu_p) / sd_p
 
 
-def is_detector(column: str) -> bool:
-    return column not in META_COLUMNS and not column.startswith("curve/")
-
-
-def detector_columns(records: Mapping[str, list]) -> List[str]:
-    return [c for c in records if is_detector(c)]
-
-
 def select(records: Mapping[str, list], split: str, set_name: str, column: str) -> torch.Tensor:
     """The values of ``column`` for the samples of one set and split, as float64."""
-    values = [v for v, sp, s in zip(records[column], records["split"], records["set"]) if sp == split and s == set_name]
+    values = [v for v, sp, s in zip(records[column], records[SPLIT], records[SET]) if sp == split and s == set_name]
     return torch.tensor(values, dtype=torch.float64)
 
 
-def add_derived_detectors(records: Dict[str, list], score: str,
-                          partners: Sequence[str] = FUSION_DEFAULT) -> List[str]:
-    """Add ``diffguard`` (the configured distance) and ``diffguard+X`` for each partner X (z-scores summed).
+def with_derived_detectors(records: Mapping[str, list], score: str,
+                           partners: Sequence[str] = FUSION_DEFAULT) -> Tuple[Dict[str, list], List[str]]:
+    """``records`` with ``diffguard`` (the configured distance) and ``diffguard+X`` for each partner X (z-scores
+    summed) added, and notes on what was left out; ``records`` itself is not changed.
 
     The z-score normalisation of every detector is fitted on the InD validation split only; oracle variants
     (``oracle-<mode>/...``) get the same normalisation. A partner without a column (left out: it cannot run on
     the classifier) and, with fewer than two InD validation samples (a small ``shard=i/n`` slice), every fused
-    detector are left out; the returned notes say so.
+    detector are left out; the notes say so.
     """
+    records = dict(records)
     notes = [f"{fused_column(p)} left out: {p} has no scores in this run (results.json baselines.left_out says why)"
              for p in partners if p not in records]
     partners = [p for p in partners if p in records]
-    prefixes = [""] + sorted({c.split("/")[0] + "/" for c in records if c.startswith(ORACLE_PREFIX)})
+    prefixes = oracle_prefixes(records)
     for prefix in prefixes:
         source = prefix + distance_column(score)
         if source in records:
             records[f"{prefix}{DIFFGUARD}"] = list(records[source])
     val_dg = select(records, "val", IND, distance_column(score))
     if len(val_dg) < 2:
-        return notes + [f"fused detectors left out: their normalisation needs at least 2 InD validation samples, "
-                        f"got {len(val_dg)}"]
+        return records, notes + [f"fused detectors left out: their normalisation needs at least 2 InD validation "
+                                 f"samples, got {len(val_dg)}"]
     norm = {DIFFGUARD: zscore(val_dg)}
     for partner in partners:
         norm[partner] = zscore(select(records, "val", IND, partner))
@@ -78,4 +69,4 @@ def add_derived_detectors(records: Dict[str, list], score: str,
             fused = fuse(torch.tensor(records[f"{prefix}{DIFFGUARD}"], dtype=torch.float64),
                          torch.tensor(records[partner], dtype=torch.float64), norm[DIFFGUARD], norm[partner])
             records[prefix + fused_column(partner)] = fused.tolist()
-    return notes
+    return records, notes

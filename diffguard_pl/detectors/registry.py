@@ -1,5 +1,6 @@
-"""Every detector's name, in one table: DiffGuard's score columns, the detectors derived from them, and the
-classifier detectors (ours and pytorch-ood's) with what each reads and needs, its hyperparameter grid and its paper.
+"""Every detector's name, in one table: the classifier detectors (ours and pytorch-ood's) with what each reads and
+needs, its hyperparameter grid and its paper. The columns DiffGuard's detectors write are named in
+diffguard_pl/records/columns.py.
 
 Config validation (``baselines.detectors``, ``fusion_partners``), ``--help`` (their defaults), the Python API
 (``Baseline(name, ...)``), the evaluator, results.json / columns.json and the fused detectors read this table; no
@@ -19,55 +20,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, FrozenSet, List, Mapping, NamedTuple, Optional, Sequence
-
-# ------------------------------------------------------------------------------------------------ DiffGuard columns
-
-DIFFGUARD = "diffguard"  # the configured distance (diffguard.score)
-ORACLE_PREFIX = "oracle-"  # oracle-<mode>/<detector>
-AGAINST_INPUT = "@input"  # diffguard/<distance>@input: the synthesis against the input, with reference=unguided
-FUSED_SEPARATOR = "+"  # diffguard+<classifier detector>
-DIFFGUARD_PAPER = ("DiffGuard: Semantic Mismatch-Guided Out-of-Distribution Detection using Pre-trained Diffusion "
-                   "Models", "ICCV", 2023, "https://arxiv.org/abs/2308.07687")
-
-
-def distance_column(distance: str, against_input: bool = False) -> str:
-    """The column of DiffGuard with one distance (``against_input``: the synthesis against the input in a run
-    whose reference is the unguided reconstruction)."""
-    return f"{DIFFGUARD}/{distance}{AGAINST_INPUT if against_input else ''}"
-
-
-def fused_column(partner: str) -> str:
-    """The column of DiffGuard fused with a classifier detector."""
-    return f"{DIFFGUARD}{FUSED_SEPARATOR}{partner}"
-
-
-def fused_partner(column: str) -> Optional[str]:
-    """The classifier detector a fused column combines with DiffGuard; None for any other column."""
-    prefix = DIFFGUARD + FUSED_SEPARATOR
-    return column[len(prefix):] if column.startswith(prefix) else None
-
-
-def oracle_column(mode: str, detector: str) -> str:
-    """The column of a detector's oracle variant."""
-    return f"{ORACLE_PREFIX}{mode}/{detector}"
-
-
-class Family(NamedTuple):
-    pattern: str
-    meaning: str
-
-
-DIFFGUARD_FAMILIES = (
-    Family(distance_column("<distance>"), "DiffGuard with one distance of diffguard.distances between the guided "
-           "synthesis and the reference (reads the images; the diffusion model and the classifier)"),
-    Family(distance_column("<distance>", True), "the same synthesis against the input, in a run whose reference is "
-           "the unguided reconstruction (diffguard.reference=unguided)"),
-    Family(DIFFGUARD, "the configured distance, diffguard.score"),
-    Family(fused_column("<X>"), "DiffGuard fused with classifier detector X (fusion_partners): the sum of both "
-           "z-scores, each normalised on the InD validation split only"),
-    Family(oracle_column("<mode>", "<detector>"), "a DiffGuard detector with the synthesis guided by an oracle's "
-           "label (oracle=ind | paper | both), not the prediction"),
-)
 
 # --------------------------------------------------------------------------------------- classifier detectors
 
@@ -139,15 +91,38 @@ IMAGE_PASS = "not run by default: it reads the images (see docs/detectors.md, Co
 HEAD = {"encoder": None, "head": "head"}
 
 
-def _vim_grid(sizes: Sizes) -> List[int]:
-    from diffguard_pl.detectors.baselines import default_vim_grid
+OPENOOD_VIM_GRID = (256, 1000)  # OpenOOD v1.5 vim.yml dim_list, for ResNet-50's 2048-d features
+OPENOOD_FEATURE_DIM = 2048
 
+
+def default_vim_dim(feature_dim: int) -> int:
+    """Principal-space size used by the ViM paper: 1000 for D >= 2048, 512 for D >= 768, else D // 2."""
+    if feature_dim >= 2048:
+        return 1000
+    if feature_dim >= 768:
+        return 512
+    return max(1, feature_dim // 2)
+
+
+def default_vim_grid(feature_dim: int) -> list[int]:
+    """ViM's ``dim`` grid for feature width D: OpenOOD's ``{256, 1000}`` where below D.
+
+    When neither is (D <= 256), the same ratios to OpenOOD's width 2048:
+    ``{round(D * 256 / 2048), round(D * 1000 / 2048)}`` clipped to ``[1, D - 1]``, deduplicated, ascending.
+    """
+    if feature_dim < 2:
+        raise ValueError(f"ViM needs a feature dimension >= 2, got {feature_dim}")
+    grid = [v for v in OPENOOD_VIM_GRID if v < feature_dim]
+    if not grid:
+        grid = [min(max(round(feature_dim * v / OPENOOD_FEATURE_DIM), 1), feature_dim - 1) for v in OPENOOD_VIM_GRID]
+    return sorted(set(grid))
+
+
+def _vim_grid(sizes: Sizes) -> List[int]:
     return default_vim_grid(sizes.features)
 
 
 def _vim_default(sizes: Sizes) -> int:
-    from diffguard_pl.detectors.baselines import default_vim_dim
-
     return default_vim_dim(sizes.features)
 
 

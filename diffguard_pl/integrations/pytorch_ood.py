@@ -12,7 +12,7 @@ are (either guidance path, any preset).
 
 ``fit(loader)`` does what evaluate.py does before scoring, on the loader's InD samples (labels >= 0): with
 ``aes_target`` the adaptive early stop's PSNR threshold is calibrated on them (``python -m
-diffguard_pl.jobs.calibration method=quantile``'s rule: the quantile ``aes_target`` of each sample's lowest PSNR
+diffguard_pl.jobs.calibration``'s quantile rule: the quantile ``aes_target`` of each sample's lowest PSNR
 along a full-depth inversion); with a ``partner`` (a classifier detector: ``diffguard+X``) the partner is fitted on
 them unless ``fit_partner=False`` (pass a partner fitted on InD training data to keep the two apart, as evaluate.py
 does: it normalises on InD validation data), and the z-score normalisation of both scores is fitted on them.
@@ -157,15 +157,13 @@ class DiffGuardDetector(Detector):
         return images, labels
 
     def _calibrate_aes(self, images: torch.Tensor) -> None:
-        from diffguard_pl.data.benchmark import ImageSet
-        from diffguard_pl.jobs.calibration import lowest_quality
+        from diffguard_pl.method.aes import lowest_quality
 
         probe = copy.deepcopy(self.pipeline.cfg)
         probe.aes.enabled, probe.aes.record_curves = False, True
         p = self.pipeline
         pipe = DiffGuardPipeline(p.diffusion, p.classifier, probe, encoder=p.encoder)
-        fit_set = ImageSet("fit", images.cpu(), [0] * len(images), sample_ids(images), "val")
-        lows = lowest_quality(pipe, fit_set, "psnr", self.batch_size)
+        lows = lowest_quality(pipe, images.cpu(), sample_ids(images), "psnr", self.batch_size)
         cfg = copy.deepcopy(self.pipeline.cfg)
         cfg.aes.enabled, cfg.aes.psnr = True, float(torch.quantile(lows[torch.isfinite(lows)].double(),
                                                                    self.aes_target))

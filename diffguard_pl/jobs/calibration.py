@@ -37,6 +37,7 @@ from diffguard_pl.data import Benchmark, ImageSet, build_benchmark
 from diffguard_pl.models.loading import load_encoder
 from diffguard_pl.detectors.metrics import auroc
 from diffguard_pl.models import load_classifier, load_diffusion
+from diffguard_pl.method.aes import lowest_quality
 from diffguard_pl.method.pipeline import DiffGuardPipeline
 
 
@@ -71,15 +72,6 @@ def _batches(images: ImageSet, size: int):
         yield images.images[start : start + size], images.ids[start : start + size]
 
 
-def lowest_quality(pipe: DiffGuardPipeline, images: ImageSet, metric: str, batch_size: int) -> torch.Tensor:
-    """Per sample, the lowest ``metric`` along a full-depth inversion (no AES)."""
-    lows = []
-    for x, ids in _batches(images, batch_size):
-        curve = pipe.invert(x.to(pipe.device), ids)["curves"][metric]
-        lows.append(torch.nan_to_num(curve, nan=float("inf")).amin(dim=1).cpu())
-    return torch.cat(lows)
-
-
 def score_sets(pipe: DiffGuardPipeline, sets: List[ImageSet], batch_size: int) -> List[dict]:
     out = []
     for images in sets:
@@ -108,7 +100,8 @@ def calibrate(cfg: CalibrationConfig, benchmark: Optional[Benchmark] = None) -> 
     base = copy.deepcopy(cfg.diffguard)
     base.aes.enabled, base.aes.record_curves = False, True
     pipe = DiffGuardPipeline(diffusion, classifier, base, encoder=encoder)
-    lows = lowest_quality(pipe, val(benchmark.val), settings.metric, cfg.data.eval_batch_size)
+    ind_val = val(benchmark.val)
+    lows = lowest_quality(pipe, ind_val.images, ind_val.ids, settings.metric, cfg.data.eval_batch_size)
     finite = lows[torch.isfinite(lows)].double()
 
     if settings.method == "quantile":

@@ -4,10 +4,13 @@
    (listed, their headers read), the data's files, the models' files and the shapes their configs declare;
 2. the data; ``score_folder``: enough InD validation images for its thresholds;
 3. the models' weights and the checks that need them; a dry run prints the plan and stops here;
-4. the output folder, and what an earlier run finished there (resume: diffguard_pl/jobs/records.py);
+4. the output folder (one run at a time), and what an earlier run finished there (resume: the record store,
+   diffguard_pl/records/store.py);
 5. the classifier baselines, fitted on InD training images (features cached: diffguard_pl/detectors/features.py);
-6. DiffGuard on every sample left, in a Lightning test loop (records appended after every batch);
-7. the outputs (diffguard_pl/jobs/outputs.py, shared with merging shards).
+6. the loop detectors (DiffGuard, then the classifier detectors: diffguard_pl/detectors/loop.py) on every
+   sample left, in a Lightning test loop (records appended after every batch);
+7. the report: every record (this run's and earlier runs') to every output (diffguard_pl/jobs/report.py, also
+   what a resumed run with nothing left and a merge of shards call).
 
 Outputs in ``output_dir``: ``config.yaml``; ``results.json``; ``scores.csv``; ``records/`` (what resuming and
 merging read); the callbacks' plots; the logger's files. Ctrl-C or SIGTERM stops the run after the current model
@@ -29,7 +32,7 @@ from typing import Optional
 from diffguard_pl import config as config_lib
 from diffguard_pl.config import EvalConfig, parse_shard
 from diffguard_pl.errors import ConfigError, RunInterrupted
-from diffguard_pl.jobs import records as records_lib
+from diffguard_pl.records import store as records_lib
 
 
 def prepare_output_dir(path: Path) -> None:
@@ -181,49 +184,62 @@ def evaluation_work(cfg: EvalConfig, benchmark, output_dir: Path, part) -> tuple
 
 def _evaluate(cfg: EvalConfig, benchmark, models: Models, output_dir: Path, part, reports: tuple,
               started: float) -> Optional[dict]:
-    """Stages 4-7; ``reports``: (the scored folder's, the file benchmark's data report), each None if none."""
+    """Stages 4-7, one run at a time on ``output_dir`` (the record store's lock, held by rank 0 only: the other
+    processes of a multi-process run are its own); ``reports``: (the scored folder's, the file benchmark's data
+    report), each None if none."""
+    from diffguard_pl.console import is_rank_zero
+
+    lock = records_lib.RunLock(output_dir) if is_rank_zero() else contextlib.nullcontext()
+    with lock:
+        return _evaluate_locked(cfg, benchmark, models, output_dir, part, reports, started)
+
+
+def _evaluate_locked(cfg: EvalConfig, benchmark, models: Models, output_dir: Path, part, reports: tuple,
+                     started: float) -> Optional[dict]:
     import lightning as L
 
     from diffguard_pl.jobs.lightning_setup import build_logger, finish_logger, quiet_lightning
-    from diffguard_pl.jobs.outputs import results_of, save_baseline_choice, throughput, write_outputs
+    from diffguard_pl.jobs.report import report, save_baseline_choice
 
     quiet_lightning(cfg.verbose)
     L.seed_everything(cfg.seed, workers=True, verbose=cfg.verbose)
     config_lib.save(cfg, output_dir / "config.yaml")
     sets, work = evaluation_work(cfg, benchmark, output_dir, part)
-    header = work.header
-    if not work.todo:  # everything was finished before: the outputs only
-        results = results_of(work.previous, header, [output_dir])
-        results["throughput"] = throughput(work.previous, 0, 0.0, time.perf_counter() - started)
-        write_outputs(results, work.previous, header, output_dir, *reports)
-        print(f"no sample left to evaluate; took {_seconds(time.perf_counter() - started)} in all")
-        return results
-
-    from diffguard_pl.detectors.fitting import fit_classifier_baselines
-
-    stats, choice = fit_classifier_baselines(models.classifier, benchmark, cfg)  # stage 5
-    save_baseline_choice(output_dir, header["fingerprint"], choice)
-    logger = build_logger(cfg, output_dir, metrics_footer=False)
+    timing = {"images": 0, "loop_seconds": 0.0, "machine": None}
+    logger, this_run = None, ()
     try:
-        evaluator, trainer = _run_loop(cfg, models, sets, work, stats, logger, benchmark)  # stage 6
-        if not trainer.is_global_zero:
-            return None
-        from diffguard_pl.jobs.profiling import describe_machine
+        if work.todo:
+            from diffguard_pl.detectors.fitting import fit_classifier_baselines
 
-        records = evaluator.all_records  # stage 7
-        results = results_of(records, header, [output_dir])
-        machine = describe_machine(evaluator.pipeline.device)  # speeds differ by machine: say how fast this one is
-        wall = time.perf_counter() - started
-        results["throughput"] = throughput(records, evaluator.images, evaluator.loop_seconds, wall, machine)
-        write_outputs(results, records, header, output_dir, *reports)
-        _log_results(logger, results, output_dir)
-        rate = results["throughput"]["images_per_second"]
-        print(f"evaluated {evaluator.images:,} images at {rate:.2f} images/s (test loop), {_seconds(wall)} in all, "
-              f"on {machine['device']} with {machine['threads']} threads, whose fp32 matrix products run at "
-              f"{machine['fp32_matmul_gflops']:.0f} GFLOP/s (measured after the run)")
+            classifier_detectors, choice = fit_classifier_baselines(models.classifier, benchmark, cfg)  # stage 5
+            save_baseline_choice(output_dir, work.header["fingerprint"], choice)
+            logger = build_logger(cfg, output_dir, metrics_footer=False)
+            evaluator, trainer = _run_loop(cfg, models, sets, work, classifier_detectors, logger, benchmark)  # 6
+            if not trainer.is_global_zero:
+                return None
+            from diffguard_pl.jobs.profiling import describe_machine
+
+            timing = {"images": evaluator.images, "loop_seconds": evaluator.loop_seconds,
+                      "machine": describe_machine(evaluator.pipeline.device)}  # speeds differ by machine
+            this_run = evaluator.gathered
+        records = records_lib.collect(output_dir, work, this_run)  # stage 7
+        timing["wall_seconds"] = time.perf_counter() - started
+        results = report(records, work.header, output_dir, timing, listeners=_report_listeners(cfg), logger=logger,
+                         folder_report=reports[0], data_report=reports[1])
+        _say_done(results["throughput"])
         return results
     finally:
         finish_logger(logger)
+
+
+def _say_done(throughput: dict) -> None:
+    wall, machine = throughput["wall_seconds"], throughput.get("machine")
+    if machine is None:
+        print(f"no sample left to evaluate; took {_seconds(wall)} in all")
+        return
+    print(f"evaluated {throughput['images']:,} images at {throughput['images_per_second'] or 0:.2f} images/s (test "
+          f"loop), {_seconds(wall)} in all, on {machine['device']} with {machine['threads']} threads, whose fp32 "
+          f"matrix products run at {machine['fp32_matmul_gflops']:.0f} GFLOP/s (measured after the run)")
 
 
 def _seconds(seconds: float) -> str:
@@ -232,13 +248,23 @@ def _seconds(seconds: float) -> str:
     return duration(seconds)
 
 
-def _run_loop(cfg: EvalConfig, models: Models, sets: list, work: records_lib.Work, stats, logger, benchmark):
+def _report_listeners(cfg: EvalConfig) -> list:
+    """The callbacks that draw from the finished records (the report calls them)."""
+    from diffguard_pl.callbacks import InversionCurveLogger, ScoreDistributionPlot
+
+    listeners = [InversionCurveLogger()] if cfg.callbacks.curves else []
+    return listeners + ([ScoreDistributionPlot()] if cfg.callbacks.score_plots else [])
+
+
+def _run_loop(cfg: EvalConfig, models: Models, sets: list, work: records_lib.Work, classifier_detectors, logger,
+              benchmark):
     """Stage 6: the Lightning test loop over the samples left (each on exactly one process)."""
     import lightning as L
     from torch.utils.data import ConcatDataset, DataLoader, Subset
 
-    from diffguard_pl.callbacks import EvalProgress, InversionCurveLogger, ReconstructionLogger, ScoreDistributionPlot
+    from diffguard_pl.callbacks import EvalProgress, ReconstructionLogger
     from diffguard_pl.data.sampler import DistributedEvalSampler
+    from diffguard_pl.detectors.loop import ClassifierDetectorsInLoop, DiffGuardInLoop
     from diffguard_pl.jobs.lightning_setup import trainer_kwargs
     from diffguard_pl.method.pipeline import DiffGuardPipeline
     from diffguard_pl.modules.evaluator import DiffGuardEvaluator
@@ -247,15 +273,14 @@ def _run_loop(cfg: EvalConfig, models: Models, sets: list, work: records_lib.Wor
     dataset = Subset(ConcatDataset(sets), work.todo)
     loader = DataLoader(dataset, batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers,
                         sampler=DistributedEvalSampler(len(dataset)))  # each sample on exactly one process
-    evaluator = DiffGuardEvaluator(pipeline, stats, work.header["groups"], oracle=cfg.oracle, split=cfg.split,
-                                   previous=work.previous,
-                                   record_header=work.header, output_dir=str(cfg.output_dir))
+    detectors = [DiffGuardInLoop(pipeline, cfg.oracle), ClassifierDetectorsInLoop(classifier_detectors)]
+    evaluator = DiffGuardEvaluator(detectors, records_lib.RecordSink(cfg.output_dir, work.header))
     c = cfg.callbacks
     callbacks = [EvalProgress()] if cfg.trainer.enable_progress_bar else []
-    callbacks += [InversionCurveLogger()] if c.curves else []
     callbacks += ([ReconstructionLogger(c.reconstructions, c.reconstruction_select, cfg.diffguard.score,
-                                        benchmark.class_names)] if c.reconstructions > 0 else [])
-    callbacks += [ScoreDistributionPlot()] if c.score_plots else []
+                                        benchmark.class_names, work.header["groups"],
+                                        resumed=len(work.wanted) - len(work.todo))]
+                  if c.reconstructions > 0 else [])
     if cfg.logger == "wandb":  # the run's config: the resolved config, as config.yaml holds it
         from omegaconf import OmegaConf
 
@@ -266,20 +291,3 @@ def _run_loop(cfg: EvalConfig, models: Models, sets: list, work: records_lib.Wor
                         default_root_dir=cfg.output_dir, enable_checkpointing=False, enable_model_summary=False)
     trainer.test(evaluator, dataloaders=loader, verbose=False)
     return evaluator, trainer
-
-
-def _log_results(logger, results: dict, output_dir: Path) -> None:
-    """The results to the logger (diffguard_pl/jobs/wandb_report.py); with W&B also the output files as an
-    artifact."""
-    from diffguard_pl.jobs.wandb_report import log_results
-
-    log_results(logger, results)
-    logger.save()
-    if type(logger).__name__ == "WandbLogger":
-        import wandb
-
-        artifact = wandb.Artifact(f"evaluation-{logger.experiment.id}", type="evaluation")
-        for name in ("results.json", "scores.csv", "columns.json", "config.yaml"):
-            if (output_dir / name).is_file():
-                artifact.add_file(str(output_dir / name))
-        logger.experiment.log_artifact(artifact)

@@ -24,7 +24,7 @@ from typing import Dict, Mapping
 import torch
 
 from diffguard_pl.data.benchmark import IND
-from diffguard_pl.detectors.fused import detector_columns
+from diffguard_pl.records.columns import detector_columns
 
 KEEP = 0.95
 FOLDER = "folder"

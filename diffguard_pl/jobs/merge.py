@@ -22,26 +22,31 @@ from pathlib import Path
 from typing import List, Optional
 
 from diffguard_pl.errors import ConfigError
-from diffguard_pl.jobs.outputs import results_of, throughput, write_outputs
-from diffguard_pl.jobs.records import RECORD_DIR, read_records, records_to_columns
+from diffguard_pl.jobs.report import report
+from diffguard_pl.records.store import RECORD_DIR, has_records, read_records, records_to_columns, sort_rows
 
 
 def merge(folders: List[Path], output: Path, partners: Optional[List[str]] = None) -> dict:
     """Merge the records of ``folders`` (one fingerprint; a sample counted once) into ``output``; ``partners``
     (names, or ``["all"]``) replaces the run's fusion partners."""
     for folder in folders:
-        if not any((folder / RECORD_DIR).glob("*.jsonl")):
+        if not has_records(folder):
             raise ConfigError(f"no record files in {folder / RECORD_DIR}: is {folder} an evaluation output_dir?")
     header, finished, _ = read_records(folders, what="merging")
-    rows = sorted(finished.values(), key=lambda r: (r["split"], r["set"], r["id"]))
-    records = records_to_columns(rows)
+    records = records_to_columns(sort_rows(finished.values()))
     if partners:
         header = {**header, "partners": fusion_partners(partners, records)}
-    results = results_of(records, header, folders)
-    results["throughput"] = throughput(records, 0, 0.0, None)  # the shards' own results.json time them
-    write_outputs(results, records, header, output)
-    print(f"merged {len(rows)} samples from {len(folders)} folder(s) into {output}")
+    timing = {"images": 0, "loop_seconds": 0.0, "wall_seconds": None}  # the shards' own results.json time them
+    results = report(records, header, output, timing, folders=folders, listeners=report_listeners())
+    print(f"merged {len(finished)} samples from {len(folders)} folder(s) into {output}")
     return results
+
+
+def report_listeners() -> list:
+    """The record-drawing callbacks: the merge's plots cover every shard's samples."""
+    from diffguard_pl.callbacks import InversionCurveLogger, ScoreDistributionPlot
+
+    return [InversionCurveLogger(), ScoreDistributionPlot()]
 
 
 def fusion_partners(names: List[str], records: dict) -> List[str]:

@@ -26,11 +26,12 @@ import math
 from typing import Dict, Iterator, List, Mapping, Tuple
 
 from diffguard_pl.data.benchmark import IND
+from diffguard_pl.records.columns import ROUND_TRIP_PSNR
 
 PER_SET = ("auroc", "auroc_lo", "auroc_hi", "fpr95_classic", "fpr95_openood", "aupr_in", "aupr_out",
            "aupr_in_openood", "aupr_out_openood")
 NEAR_FAR = ("auroc", "auroc_lo", "auroc_hi", "fpr95_classic", "fpr95_openood")
-PER_SET_DIAGNOSTICS = ("synthesis_follows_label", "reference_follows_label", "round_trip_psnr")
+PER_SET_DIAGNOSTICS = ("synthesis_follows_label", "reference_follows_label", ROUND_TRIP_PSNR)
 
 
 def _number(value) -> bool:

@@ -54,3 +54,15 @@ class AdaptiveEarlyStop:
         below = [quality[name] < value for name, value in self.thresholds.items()]
         fired = torch.stack(below).any(0) if self.cfg.mode == "any" else torch.stack(below).all(0)
         return at_max | (fired & (depth >= self.cfg.min_depth))
+
+
+def lowest_quality(pipeline, images: torch.Tensor, ids: List[str], metric: str, batch_size: int) -> torch.Tensor:
+    """Per sample, the lowest ``metric`` along a full-depth inversion by ``pipeline`` (a DiffGuardPipeline; AES
+    off): what AES calibration chooses its threshold from (diffguard_pl/jobs/calibration.py, the pytorch-ood
+    wrapper's ``fit``)."""
+    lows = []
+    for start in range(0, len(images), batch_size):
+        x, batch_ids = images[start : start + batch_size], ids[start : start + batch_size]
+        curve = pipeline.invert(x.to(pipeline.device), batch_ids)["curves"][metric]
+        lows.append(torch.nan_to_num(curve, nan=float("inf")).amin(dim=1).cpu())
+    return torch.cat(lows)

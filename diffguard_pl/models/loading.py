@@ -5,11 +5,13 @@ No Lightning here: the evaluation job, the dry run, the calibration and the Pyth
 
 from __future__ import annotations
 
+import contextlib
+import zipfile
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 from diffguard_pl.config import DataConfig, EvalConfig
-from diffguard_pl.errors import ConfigError
+from diffguard_pl.errors import ConfigError, DamagedCheckpointError, UserError
 from diffguard_pl.models.classifier import Classifier, ClassifierSpec, build_classifier, load_classifier
 from diffguard_pl.models.diffusion import DiffusionModel, load_diffusion
 
@@ -37,10 +39,13 @@ def load_models(cfg: EvalConfig) -> tuple[Classifier, DiffusionModel]:
             std=list(m.classifier_std) if m.classifier_std is not None else [0.5] * data.channels,
             view=m.classifier_view,
         )
-        classifier = build_classifier(spec, path).eval()
+        with weights_of("models.classifier", path):
+            classifier = build_classifier(spec, path).eval()
     else:
-        classifier = load_classifier(path)
-    diffusion = load_diffusion(m.diffusion, m.diffusion_num_classes, m.diffusion_null_class)
+        with weights_of("models.classifier", path):
+            classifier = load_classifier(path)
+    with weights_of("models.diffusion", m.diffusion):
+        diffusion = load_diffusion(m.diffusion, m.diffusion_num_classes, m.diffusion_null_class)
     return classifier, diffusion
 
 
@@ -52,7 +57,67 @@ def load_encoder(cfg: EvalConfig) -> Optional[Classifier]:
         return None
     if cfg.models.encoder is None:  # check_model_files says so before any model loads
         raise ConfigError(f"diffguard.distances has {CONTRASTIVE!r}, which needs models.encoder")
-    return load_classifier(cfg.models.encoder)
+    with weights_of("models.encoder", cfg.models.encoder):
+        return load_classifier(cfg.models.encoder)
+
+
+WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt")
+
+
+@contextlib.contextmanager
+def weights_of(key: str, path) -> Iterator[None]:
+    """Loading a model's weights: a failure caused by a damaged weights file under ``path`` (truncated, corrupt)
+    becomes DamagedCheckpointError naming the file and the fix; any other failure goes on as it is."""
+    try:
+        yield
+    except UserError:
+        raise
+    except Exception:
+        damaged = find_damaged(Path(path))
+        if damaged is None:
+            raise
+        file, why = damaged
+        from diffguard_pl.config import PROJECT_ROOT
+
+        committed = file.resolve().is_relative_to(Path(PROJECT_ROOT).resolve() / "checkpoints")
+        fix = (f"git checkout -- {file.resolve().relative_to(Path(PROJECT_ROOT).resolve())} restores the committed "
+               f"copy" if committed else "restore an intact copy, or re-create the model with train.py "
+               "(docs/training.md)")
+        raise DamagedCheckpointError(f"{key}={path}: its weights file {file} is damaged ({why}): {fix}") from None
+
+
+def find_damaged(path: Path) -> Optional[tuple[Path, str]]:
+    """(file, why) for the first weights file under ``path`` that cannot be read whole: safetensors files are read
+    tensor by tensor, zip-format torch files (.pt / .pth / .bin / .ckpt) checked member by member; None if every
+    file reads (or none is of these formats)."""
+    files = [path] if path.is_file() else sorted(p for p in path.rglob("*") if p.suffix in WEIGHT_SUFFIXES)
+    for file in files:
+        why = _unreadable(file)
+        if why:
+            return file, why
+    return None
+
+
+def _unreadable(file: Path) -> Optional[str]:
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(file), "pt") as handle:
+                for name in handle.keys():
+                    handle.get_tensor(name)
+        except Exception as error:  # safetensors raises its own SafetensorError, or OSError
+            return f"{type(error).__name__}: {error}"
+        return None
+    with open(file, "rb") as handle:
+        zipped = handle.read(2) == b"PK"  # torch.save's format since 1.6 is a zip archive
+    if not zipped:
+        return None
+    if not zipfile.is_zipfile(file):
+        return "a torch zip archive without its end: truncated"
+    with zipfile.ZipFile(file) as archive:
+        bad = archive.testzip()
+    return f"member {bad} is corrupt" if bad else None
 
 
 def check_model_files(cfg: EvalConfig) -> None:

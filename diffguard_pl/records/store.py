@@ -1,19 +1,26 @@
-"""Per-sample records on disk: incremental, resumable, mergeable.
+"""The record store: per-sample records on disk, written incrementally, resumed, collected and merged.
 
-Each process appends the records of every finished batch to its own JSON-lines file in
-``OUTPUT/records/`` and flushes and fsyncs it, so a run killed at any point keeps what it finished. The
-first line of each file is a header with the fingerprint of everything that can change a score (the
-config without its neutral keys, see :func:`result_config`, and the model files); a resumed run, and a
-merge, read only files of one fingerprint and refuse others, naming the keys that differ. A torn last line
-(a crash in the middle of a write) is dropped. :func:`read_records` is the one reader: resume and merge
-both use it, and both keep one record per sample id.
+Each process appends the records of every finished batch to its own JSON-lines file in ``OUTPUT/records/``
+and flushes and fsyncs it, so a run killed at any point keeps what it finished. The first line of each file is
+a header with the fingerprint of everything that can change a score (the config without its neutral keys, see
+:func:`result_config`, and the model files); a resumed run, and a merge, read only files of one fingerprint and
+refuse others, naming the keys that differ. A torn last line (a crash in the middle of a write) is dropped.
+:func:`read_records` is the one reader: resume, the end of a run (every process's records, read back from
+disk) and merge all use it, and all keep one record per sample id, in one order (:func:`sort_rows`).
+
+One writer at a time: a run holds ``OUTPUT/records/.lock`` (an advisory lock the system drops when the process
+ends) from planning its work to writing its outputs; a second run on the same folder is refused, naming the
+first. A full disk or another write failure ends the run with one line naming the file and the fix; what was
+written before stays valid, and the same command resumes.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
+import socket
 import time
 from dataclasses import dataclass, fields, is_dataclass
 from pathlib import Path
@@ -21,9 +28,11 @@ from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
 from omegaconf import OmegaConf
 
-from diffguard_pl.errors import ConfigError
+from diffguard_pl.errors import ConfigError, UserError
+from diffguard_pl.records.columns import ID, SET, SPLIT, check_columns
 
 RECORD_DIR = "records"
+LOCK = ".lock"
 
 
 def neutral_keys(schema, prefix: str = "") -> List[str]:
@@ -87,22 +96,38 @@ class RecordWriter:
 
     def __init__(self, output_dir: str | Path, rank: int, header: dict):
         folder = Path(output_dir) / RECORD_DIR
-        folder.mkdir(parents=True, exist_ok=True)
         self.path = folder / f"part-r{rank}-{time.time_ns()}.jsonl"
-        self._handle = open(self.path, "a", encoding="utf-8")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            self._handle = open(self.path, "a", encoding="utf-8")
+        except OSError as error:
+            raise write_failure(self.path, error) from None
         self._write([header])
 
     def _write(self, lines: Iterable[dict]) -> None:
-        self._handle.write("".join(json.dumps(line) + "\n" for line in lines))
-        self._handle.flush()
-        os.fsync(self._handle.fileno())
+        try:
+            self._handle.write("".join(json.dumps(line) + "\n" for line in lines))
+            self._handle.flush()
+            os.fsync(self._handle.fileno())
+        except OSError as error:
+            raise write_failure(self.path, error) from None
 
     def append(self, records: Dict[str, list]) -> None:
+        """Append a batch's records (columns); every column must be declared (diffguard_pl/records/columns.py)."""
         columns = list(records)
+        check_columns(columns)
         self._write({c: records[c][i] for c in columns} for i in range(len(records[columns[0]])))
 
     def close(self) -> None:
         self._handle.close()
+
+
+def write_failure(path: Path, error: OSError) -> UserError:
+    """One line for a failed write of the records: what failed, that finished samples are kept, the fix."""
+    cause = "the disk is full" if error.errno == errno.ENOSPC else (error.strerror or str(error))
+    fix = "free some space" if error.errno == errno.ENOSPC else "fix the folder's permissions or choose another output_dir"
+    return UserError(f"cannot write {path}: {cause}. Samples finished before are kept; {fix}, then run the same "
+                     f"command again to resume")
 
 
 def read_file(path: Path) -> Tuple[dict, List[dict], bool]:
@@ -152,7 +177,7 @@ def read_records(folders: Sequence[str | Path], header: Optional[dict] = None,
                     f"over."
                 )
             for record in records:
-                finished.setdefault(record["id"], record)
+                finished.setdefault(record[ID], record)
     return header, finished, torn
 
 
@@ -160,11 +185,57 @@ def has_records(output_dir: str | Path) -> bool:
     return any((Path(output_dir) / RECORD_DIR).glob("*.jsonl"))
 
 
+def sort_rows(rows: Iterable[dict]) -> List[dict]:
+    """The one order of records in every output: by split, set and id (whatever the processes or shards)."""
+    return sorted(rows, key=lambda r: (r[SPLIT], r[SET], r[ID]))
+
+
 def records_to_columns(rows: List[dict]) -> Dict[str, list]:
     if not rows:
         return {}
     columns = list(rows[0])
     return {c: [r.get(c) for r in rows] for c in columns}
+
+
+class RunLock:
+    """``with RunLock(output_dir):`` one run at a time writes a folder's records and outputs.
+
+    An advisory lock (``fcntl.flock``) on ``OUTPUT/records/.lock``, which names its holder (process id, host,
+    start time); the system drops it when the holder ends, however it ends. A second holder is refused with
+    ConfigError naming the first.
+    """
+
+    def __init__(self, output_dir: str | Path):
+        self.path = Path(output_dir) / RECORD_DIR / LOCK
+        self._handle = None
+
+    def __enter__(self) -> "RunLock":
+        import fcntl
+
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            handle = open(self.path, "a+", encoding="utf-8")
+        except OSError as error:
+            raise write_failure(self.path, error) from None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            handle.seek(0)
+            holder = handle.read().strip() or "another process"
+            handle.close()
+            raise ConfigError(f"{self.path.parent.parent} is in use by another evaluation ({holder}): wait for it to "
+                              f"end (then the same command resumes), or choose another output_dir") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"process {os.getpid()} on {socket.gethostname()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        handle.flush()
+        self._handle = handle
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.close()  # closing drops the lock
+            self._handle = None
 
 
 @dataclass
@@ -176,7 +247,6 @@ class Work:
     ids: List[str]  # every sample of the evaluated sets, in their order
     wanted: List[int]  # indices into ids: this run's samples (a shard=i/n run: every n-th)
     todo: List[int]  # of wanted, those not finished yet
-    previous: Dict[str, list]  # the finished records of wanted samples, as columns
     torn: int  # torn last lines dropped from record files (an earlier run was killed mid-write)
 
 
@@ -193,5 +263,47 @@ def plan_work(header: dict, ids: List[str], output_dir: Path, resume: bool,
         finished, torn = {}, 0
     wanted = [i for i in range(len(ids)) if part is None or i % part[1] == part[0]]
     todo = [i for i in wanted if ids[i] not in finished]
-    previous = records_to_columns([finished[ids[i]] for i in wanted if ids[i] in finished])
-    return Work(header, ids, wanted, todo, previous, torn)
+    return Work(header, ids, wanted, todo, torn)
+
+
+class RecordSink:
+    """Where one process's records go during the test loop: its record file (:class:`RecordWriter`) and memory.
+
+    :meth:`gather` (every process calls it once the loop is done) brings every process's records of this run to
+    rank 0, without a shared file system; :func:`collect` adds those an earlier run finished.
+    """
+
+    def __init__(self, output_dir: str | Path, header: dict):
+        self.output_dir, self.header = Path(output_dir), header
+        self.writer: Optional[RecordWriter] = None
+        self.rows: List[dict] = []
+
+    def open(self, rank: int) -> None:
+        self.writer, self.rows = RecordWriter(self.output_dir, rank, self.header), []
+
+    def append(self, records: Dict[str, list]) -> None:
+        self.writer.append(records)
+        columns = list(records)
+        self.rows += [{c: records[c][i] for c in columns} for i in range(len(records[columns[0]]))]
+
+    def gather(self) -> Optional[List[dict]]:
+        """Close the file; every process's rows of this run on rank 0 (a list), None on the other ranks."""
+        import torch.distributed as dist
+
+        if self.writer is not None:
+            self.writer.close()
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return self.rows
+        gathered: List[Optional[List[dict]]] = [None] * dist.get_world_size()
+        dist.all_gather_object(gathered, self.rows)
+        return [row for rank_rows in gathered for row in rank_rows] if dist.get_rank() == 0 else None
+
+
+def collect(output_dir: Path, work: Work, this_run: Sequence[dict] = ()) -> Dict[str, list]:
+    """Every finished record of ``work``'s samples, as columns in :func:`sort_rows`'s order: what ``output_dir``
+    holds under the run's fingerprint (earlier runs') and ``this_run`` (the rows :meth:`RecordSink.gather`
+    brought to rank 0), one per sample id."""
+    _, finished, _ = read_records([output_dir], work.header)
+    for row in this_run:
+        finished.setdefault(row[ID], row)
+    return records_to_columns(sort_rows(finished[work.ids[i]] for i in work.wanted if work.ids[i] in finished))

@@ -1,0 +1,165 @@
+"""The report: from an evaluation's finished records to every output, one way for every kind of run.
+
+:func:`report` is the one path from records to outputs: a fresh run, a resumed run with nothing left to do and
+a merge of shards all call it with the records (diffguard_pl/records/store.py) and their header. It adds the
+derived detectors once (``diffguard``, ``diffguard+X``: diffguard_pl/detectors/fused.py), computes every metric
+(diffguard_pl/detectors/results.py) and writes ``results.json`` (every detector's metrics with intervals,
+comparisons, InD accuracy, the classifier detectors' choice, the oracle's description, throughput),
+``scores.csv`` with ``columns.json`` (one row per sample; what each column means, from
+diffguard_pl/records/columns.py), with ``score_folder`` the folder's scores and decisions, the figures of the
+record-drawing callbacks (score histograms, inversion curves) and, with W&B, the run's summary; then it prints
+the table. The classifier detectors' choice is saved beside the records by the run that fitted them
+(``baselines.json``, under the run's fingerprint), so a resumed run that fits nothing and a merge of several
+folders report it too.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Sequence
+
+from diffguard_pl.detectors.fused import with_derived_detectors
+from diffguard_pl.detectors.results import format_table, summarize
+from diffguard_pl.records.columns import UNET_EVALS, column_dictionary, curve_metric
+
+BASELINE_CHOICE = "baselines.json"
+
+
+def save_baseline_choice(output_dir: Path, fingerprint: str, choice: dict) -> None:
+    (Path(output_dir) / BASELINE_CHOICE).write_text(
+        json.dumps({"fingerprint": fingerprint, "baselines": choice}, indent=2))
+
+
+def load_baseline_choice(folders: Sequence[Path], fingerprint: str) -> Optional[dict]:
+    """The baselines' choice saved under ``fingerprint`` in the first of ``folders`` that has one."""
+    for folder in folders:
+        try:
+            saved = json.loads((Path(folder) / BASELINE_CHOICE).read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(saved, dict) and saved.get("fingerprint") == fingerprint:
+            return saved.get("baselines")
+    return None
+
+
+THROUGHPUT = ("images_per_second: the images DiffGuard evaluated in this run (every process) per second of its test "
+              "loop, from the first batch's start to the last batch's end (set-up, baseline fitting and metrics "
+              "excluded); wall_seconds: the whole run, from start to finish")
+
+
+def throughput(records: Mapping[str, list], images: int, loop_seconds: float, wall_seconds: Optional[float],
+               machine: Optional[dict] = None) -> dict:
+    """results.json's ``throughput``: one definition of images/s (:data:`THROUGHPUT`), the same on the console."""
+    evals = records.get(UNET_EVALS) or []
+    out = {"definition": THROUGHPUT, "images": images, "loop_seconds": loop_seconds,
+           "images_per_second": images / loop_seconds if images and loop_seconds > 0 else None,
+           "wall_seconds": wall_seconds, "unet_evals_per_image": sum(evals) / max(len(evals), 1)}
+    if machine is not None:
+        out["machine"] = machine
+    return out
+
+
+def results_of(records: Mapping[str, list], header: dict, folders: Sequence[Path]) -> tuple[dict, Dict[str, list]]:
+    """(results.json's content without throughput, the records with the derived detectors) from every finished
+    record and the records' header."""
+    records, notes = with_derived_detectors(records, header["score"], header["partners"])
+    results = summarize(records, header["groups"], header["split"])
+    if notes:
+        results["notes"] = notes
+    choice = load_baseline_choice(folders, header["fingerprint"])
+    if choice is not None:
+        results["baselines"] = choice
+    oracle = header.get("config", {}).get("oracle", "none")
+    if oracle != "none":
+        from diffguard_pl.method.oracle import describe
+
+        results["oracle"] = describe(oracle)
+    return results, records
+
+
+def report(records: Mapping[str, list], header: dict, output_dir: Path, timing: dict, *,
+           folders: Sequence[Path] = (), listeners: Sequence = (), logger=None, folder_report: Optional[dict] = None,
+           data_report: Optional[dict] = None) -> dict:
+    """Every output of an evaluation from its records (see the module docstring); returns results.json's content.
+
+    ``timing``: :func:`throughput`'s arguments but the records (``images``, ``loop_seconds``, ``wall_seconds``,
+    ``machine``); ``folders``: where the classifier detectors' choice may be saved (``output_dir`` and, for a
+    merge, the shards); ``listeners``: callbacks with ``on_report(records, header, output_dir, run)``;
+    ``logger``: the run's Lightning logger (W&B or CSV), None for none; ``folder_report`` / ``data_report``: a
+    scored folder's and a file benchmark's reports (results.json's ``folder`` / ``data``).
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    results, records = results_of(records, header, [output_dir, *folders])
+    results["throughput"] = throughput(records, **timing)
+    if folder_report is not None:
+        results["folder"] = folder_report
+    if data_report is not None:
+        results["data"] = data_report
+    write_json(results, output_dir / "results.json")
+    reference = header.get("config", {}).get("diffguard", {}).get("reference", "input")
+    write_scores_csv(records, output_dir / "scores.csv", header["score"], reference)
+    run = wandb_run(logger)
+    for listener in listeners:
+        listener.on_report(records, header, output_dir, run)
+    if logger is not None:
+        log_results(logger, results, output_dir)
+    if folder_report is not None:
+        from diffguard_pl.jobs.folder import write_folder_scores
+
+        write_folder_scores(records, output_dir)
+        return results
+    print(format_table(results, header["groups"]))
+    print(f"wrote {output_dir / 'results.json'} and {output_dir / 'scores.csv'}")
+    return results
+
+
+def write_scores_csv(records: Mapping[str, list], path: str | Path, score: Optional[str] = None,
+                     reference: Optional[str] = None) -> None:
+    """One row per sample: the meta columns and every detector's score (the per-step curves stay in records/);
+    beside it ``columns.json``, what each column means (diffguard_pl/records/columns.py)."""
+    columns = [c for c in records if not curve_metric(c)]
+    with open(path, "w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(columns)
+        for row in zip(*(records[c] for c in columns)):
+            writer.writerow(row)
+    dictionary = {"file": Path(path).name, "columns": column_dictionary(columns, score, reference)}
+    (Path(path).parent / "columns.json").write_text(json.dumps(dictionary, indent=2))
+
+
+def write_json(result: dict, path: str | Path) -> None:
+    def clean(value):
+        if isinstance(value, float) and math.isnan(value):
+            return None
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items()}
+        return value
+
+    Path(path).write_text(json.dumps(clean(result), indent=2))
+
+
+def wandb_run(logger):
+    """The W&B run behind a Lightning logger, None for any other logger (or none)."""
+    return logger.experiment if type(logger).__name__ == "WandbLogger" else None
+
+
+def log_results(logger, results: dict, output_dir: Path) -> None:
+    """The results to the logger (diffguard_pl/jobs/wandb_report.py); with W&B also the output files as an
+    artifact."""
+    from diffguard_pl.jobs.wandb_report import log_results as log_to
+
+    log_to(logger, results)
+    logger.save()
+    run = wandb_run(logger)
+    if run is not None:
+        import wandb
+
+        artifact = wandb.Artifact(f"evaluation-{run.id}", type="evaluation")
+        for name in ("results.json", "scores.csv", "columns.json", "config.yaml"):
+            if (output_dir / name).is_file():
+                artifact.add_file(str(output_dir / name))
+        run.log_artifact(artifact)
