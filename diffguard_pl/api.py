@@ -24,7 +24,8 @@ from typing import Any, Iterable, Iterator, Optional, Sequence, Tuple, Union
 import torch
 from pytorch_ood.api import Detector, RequiresFittingException
 
-from diffguard_pl.config import EvalConfig, compose, to_object
+from diffguard_pl.config import EvalConfig
+from diffguard_pl.config_loading import compose, to_object
 from diffguard_pl.detectors import registry
 from diffguard_pl.detectors.classifier_parts import (
     ClassifierParts, DetectorUnavailable, Samples, detector_class, fit, predict, why_not,

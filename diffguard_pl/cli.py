@@ -29,7 +29,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Type
 from omegaconf import MISSING as REQUIRED
 from omegaconf import OmegaConf
 
-from diffguard_pl import config as config_lib
+from diffguard_pl import config_loading
 from diffguard_pl.errors import RunInterrupted, UserError
 
 
@@ -153,8 +153,8 @@ def _wrap(entry: str, width: int) -> str:
 def help_text(schema: Type, program: str, argv: Sequence[str], default_config: Optional[str]) -> str:
     """The ``--help`` answer; the defaults shown are those of the given ``--config`` files and overrides (or of
     the entry point's default config file), so a preset's help shows the preset's values."""
-    files, overrides = config_lib.parse_argv(argv, default_config)
-    values = config_lib.merge(schema, files, overrides)
+    files, overrides = config_loading.parse_argv(argv, default_config)
+    values = config_loading.merge(schema, files, overrides)
     width = max(60, min(shutil.get_terminal_size((100, 24)).columns, 120))
     default_name = Path(default_config).stem if default_config else "none"
     source = " + ".join(Path(f).name for f in files) or "no config file"
@@ -196,7 +196,7 @@ def run(schema: Type, job: Callable[[Any], Any], argv: Sequence[str], default_co
             rest = [a for a in argv if a not in ("-h", "--help")]
             _print_to_reader(help_text(schema, program or sys.argv[0], rest, default_config))
             return 0
-        cfg = config_lib.load(schema, argv, default_config)
+        cfg = config_loading.load(schema, argv, default_config)
         if getattr(cfg, "print_config", False):
             print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
             return 0

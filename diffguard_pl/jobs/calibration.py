@@ -31,8 +31,9 @@ from typing import List, Optional
 import torch
 from omegaconf import OmegaConf
 
-from diffguard_pl import config as config_lib
-from diffguard_pl.config import ConfigError, EvalConfig, _check_choice
+from diffguard_pl import config_loading
+from diffguard_pl.config import ConfigError, EvalConfig
+from diffguard_pl.config_checks import check_choice
 from diffguard_pl.data import Benchmark, ImageSet, build_benchmark
 from diffguard_pl.models.loading import load_encoder
 from diffguard_pl.detectors.metrics import auroc
@@ -53,8 +54,8 @@ class CalibrationSettings:
     ood_sets: List[str] = field(default_factory=list)  # auroc: OOD validation sets; empty = the near-OOD sets
 
     def __post_init__(self) -> None:
-        _check_choice("calibration.method", self.method, ["quantile", "auroc"])
-        _check_choice("calibration.metric", self.metric, ["psnr", "ssim"])
+        check_choice("calibration.method", self.method, ["quantile", "auroc"])
+        check_choice("calibration.metric", self.metric, ["psnr", "ssim"])
         if not 0.0 < self.target < 1.0:
             raise ConfigError(f"calibration.target={self.target} must lie in (0, 1)")
 
@@ -88,7 +89,7 @@ def calibrate(cfg: CalibrationConfig, benchmark: Optional[Benchmark] = None) -> 
     settings = cfg.calibration
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    config_lib.save(cfg, output_dir / "config.yaml")
+    config_loading.save(cfg, output_dir / "config.yaml")
     benchmark = benchmark or build_benchmark(cfg.data)
     classifier, diffusion = load_classifier(cfg.models.classifier), load_diffusion(cfg.models.diffusion)
     encoder = load_encoder(cfg)
@@ -149,7 +150,7 @@ def calibrate(cfg: CalibrationConfig, benchmark: Optional[Benchmark] = None) -> 
 def main(argv: Optional[list[str]] = None) -> int:
     from diffguard_pl.cli import run
 
-    default = config_lib.PRESETS / "digits_gdm.yaml"
+    default = config_loading.PRESETS / "digits_gdm.yaml"
     return run(CalibrationConfig, calibrate, sys.argv[1:] if argv is None else argv, str(default),
                "python -m diffguard_pl.jobs.calibration")
 

@@ -18,7 +18,7 @@ import lightning as L
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 
 from diffguard_pl.callbacks import ExportPortableCheckpoint
-from diffguard_pl import config as config_lib
+from diffguard_pl import config_loading
 from diffguard_pl.config import TrainConfig
 from diffguard_pl.jobs.lightning_setup import build_logger, finish_logger, quiet_lightning, trainer_kwargs
 from diffguard_pl.data import Benchmark
@@ -151,7 +151,7 @@ def train(cfg: TrainConfig, benchmark: Optional[Benchmark] = None) -> dict:
     quiet_lightning(cfg.verbose)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    config_lib.save(cfg, output_dir / "config.yaml")
+    config_loading.save(cfg, output_dir / "config.yaml")
     L.seed_everything(cfg.seed, workers=True, verbose=cfg.verbose)
 
     datamodule = BenchmarkDataModule(cfg.data, benchmark=benchmark)

@@ -1,0 +1,43 @@
+"""The value checks the schema's ``__post_init__`` methods run (and the ``shard`` parser ``evaluate.py`` shares).
+
+Each raises :class:`ConfigError` naming the key and what is allowed, so a bad value stops a run before any work
+starts with one line the user can act on.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional, Sequence
+
+from diffguard_pl.errors import ConfigError
+
+
+def check_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
+    """A value that must be one of a fixed set (the error lists the set)."""
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not allowed; choose one of {list(choices)}")
+
+
+def check_positive(key: str, value: Optional[float], allow_none: bool = False, allow_zero: bool = False) -> None:
+    """A count or scale that must be a finite number above zero (or at least zero)."""
+    if value is None and allow_none:
+        return
+    bad = value is None or not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero)
+    if bad:
+        kind = "a whole number" if isinstance(value, int) else "a finite number"
+        rule = f"{kind} >= 0" if allow_zero else f"{kind} > 0"
+        raise ConfigError(f"{key}={value} is not allowed: use {rule}")
+
+
+def parse_shard(spec: Optional[str]) -> Optional[tuple]:
+    """``"i/n"`` -> (i, n): the samples whose index modulo n is i; ConfigError naming the key otherwise."""
+    if spec is None:
+        return None
+    try:
+        index, count = (int(part) for part in str(spec).split("/"))
+    except ValueError:
+        raise ConfigError(f"shard={spec!r} must look like i/n, e.g. shard=0/4") from None
+    if not 0 <= index < count:
+        raise ConfigError(f"shard={spec!r}: need 0 <= i < n (e.g. shard=1/2 is the second of two halves)")
+    return index, count
+

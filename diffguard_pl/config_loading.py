@@ -1,0 +1,140 @@
+"""Reading a config into the schema, and writing it next to a run's outputs.
+
+``[--config FILE]... [key=value]...``: each file (a YAML path, or the name of a preset in ``conf/``) and then each
+override is merged onto the schema's defaults with OmegaConf, which rejects an unknown key or a value of the wrong
+type; relative input paths are made absolute; instantiating the dataclasses runs their value checks. Every
+mistake raises :class:`ConfigError` naming the key (and, for a misspelt key or preset, the closest names).
+"""
+
+from __future__ import annotations
+
+import argparse
+import difflib
+import re
+from pathlib import Path
+from typing import Any, List, Optional, Sequence, Tuple, Type, TypeVar
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from diffguard_pl.config_shared import PROJECT_ROOT
+from diffguard_pl.errors import ConfigError
+
+T = TypeVar("T")
+PRESETS = PROJECT_ROOT / "conf"  # --config NAME finds conf/NAME.yaml here
+
+
+def _describe(error: OmegaConfBaseException) -> str:
+    """OmegaConf's error as one line, led by the dotted key it concerns (when it names one)."""
+    key = getattr(error, "full_key", None)
+    message = str(error).splitlines()[0]
+    return f"config key '{key}': {message}" if key else message
+
+
+# Keys that hold an input path. They are made absolute when the config is composed: a relative value in a YAML
+# file is relative to the file's project (the folder that holds its conf/ folder), so presets work from any
+# working directory; on the command line, to the working directory. A saved config.yaml is then self-contained.
+PATH_KEYS = ("models.classifier", "models.diffusion", "models.encoder", "cotrain.diffusion_path",
+             "classifier.pretrained_path")
+HUB_ID = r"^[A-Za-z0-9][\w.-]*/[\w.-]+$"
+
+
+def project_root(config_file: Path) -> Path:
+    """The folder a config file's relative input paths refer to: the parent of its ``conf/`` folder."""
+    folder = config_file.resolve().parent
+    return folder.parent if folder.name == "conf" else folder
+
+
+def resolve_paths(tree: DictConfig, base: Path) -> None:
+    """Make the relative input paths (PATH_KEYS) of a loaded YAML file absolute against ``base``, in place.
+
+    A value that looks like a Hugging Face Hub id (``org/name``) and is not a folder under ``base`` stays as it
+    is (it is then looked up in the local Hub cache)."""
+    for key in PATH_KEYS:
+        value = OmegaConf.select(tree, key, default=None)
+        if not isinstance(value, str) or Path(value).is_absolute():
+            continue
+        candidate = base / value
+        if re.match(HUB_ID, value) and not candidate.exists() and key == "models.diffusion":
+            continue
+        OmegaConf.update(tree, key, str(candidate), merge=False)
+
+
+def find_config_file(name: str | Path) -> Path:
+    """A config file as given, else the project's preset of that name: ``fashion_gdm``, ``fashion_gdm.yaml`` and
+    ``conf/fashion_gdm.yaml`` all name conf/fashion_gdm.yaml from any working directory. ConfigError otherwise,
+    suggesting the closest preset names."""
+    path = Path(name)
+    if path.is_file():
+        return path
+    stem = path.name[: -len(".yaml")] if path.name.endswith(".yaml") else path.name
+    preset = PRESETS / f"{stem}.yaml"
+    if path.parent in (Path("."), Path("conf")) and preset.is_file():
+        return preset
+    names = sorted(p.stem for p in PRESETS.glob("*.yaml"))
+    close = difflib.get_close_matches(stem, names, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}?" if close else f"the presets are {', '.join(names)}"
+    raise ConfigError(f"config file {name} does not exist and names no preset in {PRESETS}: {hint} "
+                      f"(--config takes a YAML path or a preset's name)")
+
+
+def merge(schema: Type[T], config_files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> DictConfig:
+    """YAML files then ``key=value`` overrides merged onto the schema's defaults; required keys may stay unset."""
+    cfg = OmegaConf.structured(schema)
+    for name in config_files:
+        path = find_config_file(name)
+        try:
+            loaded = OmegaConf.load(path)
+            resolve_paths(loaded, project_root(path))
+            cfg = OmegaConf.merge(cfg, loaded)
+        except OmegaConfBaseException as error:
+            raise ConfigError(f"{path}: {_describe(error)}") from None
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override {item!r} is not of the form key=value")
+        try:
+            given = OmegaConf.from_dotlist([item])
+            resolve_paths(given, Path.cwd())
+            cfg = OmegaConf.merge(cfg, given)
+        except OmegaConfBaseException as error:
+            raise ConfigError(f"override {item!r}: {_describe(error)}") from None
+    return cfg
+
+
+def compose(schema: Type[T], config_files: Sequence[str | Path] = (), overrides: Sequence[str] = ()) -> DictConfig:
+    """Merge YAML files then ``key=value`` overrides onto the schema's defaults; every required key must be set."""
+    cfg = merge(schema, config_files, overrides)
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise ConfigError(f"config key(s) {', '.join(missing)} must be set (e.g. {missing[0]}=...)")
+    return cfg
+
+
+def to_object(cfg: DictConfig) -> Any:
+    """Instantiate the dataclasses, which runs their value checks."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except OmegaConfBaseException as error:
+        raise ConfigError(_describe(error)) from None
+
+
+def parse_argv(argv: Sequence[str], default_config: Optional[str]) -> Tuple[List[str], List[str]]:
+    """``[--config FILE]... [key=value]...`` -> (config files, overrides); without --config: the default file."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", action="append", default=None)
+    parser.add_argument("overrides", nargs="*")
+    args = parser.parse_intermixed_args(list(argv))
+    files = args.config if args.config is not None else ([default_config] if default_config else [])
+    return files, list(args.overrides)
+
+
+def load(schema: Type[T], argv: Sequence[str], default_config: Optional[str]) -> T:
+    """Parse ``[--config FILE]... [key=value]...`` into a checked schema instance."""
+    return to_object(compose(schema, *parse_argv(argv, default_config)))
+
+
+def save(cfg: Any, path: str | Path) -> None:
+    """Write the resolved config next to a run's outputs."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
