@@ -23,7 +23,7 @@ EMBEDDED = PROJECT_ROOT / "checkpoints"
 
 def neutral(default: Any = MISSING, factory: Any = MISSING) -> Any:
     """A field that never changes a sample's score: where and how a run executes and logs (not fingerprinted,
-    see diffguard_pl/jobs/records.py)."""
+    see diffguard_pl/records/store.py)."""
     if factory is not MISSING:
         return field(default_factory=factory, metadata={"neutral": True})
     return field(default=default, metadata={"neutral": True})
