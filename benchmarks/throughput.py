@@ -93,9 +93,8 @@ sys.path.insert(0, str(ROOT))
 from diffguard_pl import config as config_lib  # noqa: E402
 from diffguard_pl.config import EvalConfig  # noqa: E402
 from diffguard_pl.method.pipeline import DiffGuardPipeline  # noqa: E402
-from diffguard_pl.jobs.profiling import (  # noqa: E402
-    COMPUTE_DTYPES, Recorder, Replay, bare_model_times, matmul_rate, peak_mb, reset_peak, sync,
-)
+from diffguard_pl.profiling.machine import COMPUTE_DTYPES, matmul_rate, peak_mb, reset_peak, sync  # noqa: E402
+from diffguard_pl.profiling.replay import Recorder, Replay, bare_model_times  # noqa: E402
 
 EMBEDDED_PATHS = {
     "gdm": ("conf/digits_gdm.yaml", []),

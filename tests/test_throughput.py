@@ -1,4 +1,4 @@
-"""The throughput benchmark (benchmarks/throughput.py, its replay of the model calls in diffguard_pl/jobs/profiling.py)
+"""The throughput benchmark (benchmarks/throughput.py, its replay of the model calls in diffguard_pl/profiling/replay.py)
 and the execution settings (diffguard.runtime)."""
 
 import copy
@@ -16,7 +16,7 @@ from diffguard_pl.jobs.eval_job import evaluate
 from diffguard_pl.models import load_classifier, load_diffusion
 from diffguard_pl.method.oracle import Oracle
 from diffguard_pl.method.pipeline import DiffGuardPipeline
-from diffguard_pl.jobs.profiling import Replay, cpu_attention_flops
+from diffguard_pl.profiling.replay import Replay, cpu_attention_flops
 from diffguard_pl.method.scores import check_perceptual_files
 
 from helpers.configs import eval_argv

@@ -208,7 +208,7 @@ def _evaluate(cfg: EvalConfig, benchmark, models: Models, output_dir: Path, part
         evaluator, trainer = _run_loop(cfg, models, sets, work, stats, logger, benchmark)  # stage 6
         if not trainer.is_global_zero:
             return None
-        from diffguard_pl.jobs.profiling import describe_machine
+        from diffguard_pl.profiling.machine import describe_machine
 
         records = evaluator.all_records  # stage 7
         results = results_of(records, header, [output_dir])
