@@ -50,11 +50,11 @@ demo-digits: setup
 # The paper's claims on Fashion-OOD (docs/results.md): main preset with both oracles, classifier-free path with and
 # without DSG, AES, and the fine-tuned / co-trained / joint classifiers where trained.
 claims: setup
-	$(PY) benchmarks/fashion_claims.py $(ARGS)
+	$(PY) -m benchmarks.experiments.fashion_claims $(ARGS)
 
 # Co-training / joint training and their DiffGuard evaluations on digits (docs/results_digits.md), about an hour.
 cotrain-bench: setup
-	$(PY) benchmarks/cotrain_digits.py --train --evaluate --ablations
+	$(PY) -m benchmarks.experiments.cotrain_digits --train --evaluate --ablations
 
 # How often the class-conditional model draws the class it is asked for (50 DDIM steps, classifier-free guidance
 # w = 3, the usual way to draw class-conditional samples; --guidance-scale 1: the plain conditional model).

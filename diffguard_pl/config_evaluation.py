@@ -127,7 +127,7 @@ class AESConfig:
 
 @dataclass
 class RuntimeConfig:
-    """How the pipeline executes on its device: speed settings, not the method (benchmarks/throughput.py).
+    """How the pipeline executes on its device: speed settings, not the method (benchmarks/perf/throughput.py).
 
     ``autocast`` none | bf16 | fp16: the denoiser, the autoencoder and the classifier's forward passes (label,
     guidance, classifier distances) run under ``torch.autocast`` on the pipeline's device type; the DDIM updates,

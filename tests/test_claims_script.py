@@ -1,23 +1,13 @@
-"""benchmarks/fashion_claims.py's pure parts: paired run comparisons, the mechanism table, the printed intervals."""
-
-import importlib.util
-from pathlib import Path
+"""benchmarks/experiments/fashion_claims.py's pure parts: paired run comparisons, the mechanism table, the printed
+intervals."""
 
 import pytest
 import torch
 
+from benchmarks.experiments import fashion_claims as claims
 from diffguard_pl.detectors.metrics import auroc
 
-SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "fashion_claims.py"
 GROUPS = {"near_set": "near", "far_a": "far", "far_b": "far"}
-
-
-@pytest.fixture(scope="module")
-def claims():
-    spec = importlib.util.spec_from_file_location("fashion_claims", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def rows(scores: dict, split: str = "test") -> dict:
@@ -35,7 +25,7 @@ def sets(seed: int, shift: float) -> dict:
     return {"ind": torch.randn(60, generator=g), **{s: torch.randn(40, generator=g) + shift for s in GROUPS}}
 
 
-def test_a_run_against_itself_differs_by_exactly_zero(claims):
+def test_a_run_against_itself_differs_by_exactly_zero():
     run = rows(sets(0, 0.5))
     diff = claims.paired_runs(run, run, "diffguard", "diffguard", GROUPS)
     assert set(diff) == {"near", "far"}
@@ -43,7 +33,7 @@ def test_a_run_against_itself_differs_by_exactly_zero(claims):
         assert group == {"point": 0.0, "lo": 0.0, "hi": 0.0}
 
 
-def test_the_better_run_wins_and_the_point_is_the_auroc_difference(claims):
+def test_the_better_run_wins_and_the_point_is_the_auroc_difference():
     good, weak = sets(1, 2.0), sets(2, 0.0)
     a, b = rows(good), rows(weak)
     diff = claims.paired_runs(a, b, "diffguard", "diffguard", GROUPS)
@@ -53,7 +43,7 @@ def test_the_better_run_wins_and_the_point_is_the_auroc_difference(claims):
     assert 0 < low <= point <= high
 
 
-def test_only_test_samples_both_runs_scored_are_paired(claims):
+def test_only_test_samples_both_runs_scored_are_paired():
     a = rows(sets(3, 1.0))
     b = {i: r for i, r in a.items() if not i.endswith("/0")}  # b lacks sample 0 of every set
     for run, value in ((a, 99.0), (b, -99.0)):  # validation rows that differ between the runs never enter
@@ -65,7 +55,7 @@ def test_only_test_samples_both_runs_scored_are_paired(claims):
     assert claims.paired_runs(a, b, "diffguard", "diffguard", GROUPS)["near"] == zero
 
 
-def test_mnist_is_compared_on_its_own_beside_the_groups(claims):
+def test_mnist_is_compared_on_its_own_beside_the_groups():
     groups = {**GROUPS, "mnist": "far"}
     shared = sets(5, 0.0)
     g = torch.Generator().manual_seed(6)
@@ -79,7 +69,7 @@ def test_mnist_is_compared_on_its_own_beside_the_groups(claims):
     assert 0 < diff["mnist"]["lo"] <= diff["mnist"]["point"]
 
 
-def test_mechanism_table_counts_syntheses_classified_as_their_label(claims):
+def test_mechanism_table_counts_syntheses_classified_as_their_label():
     data = rows(sets(4, 1.0))
     table = {row["set"]: row for row in claims.diagnosis(data, GROUPS)}
     assert list(table) == ["ind", *GROUPS]
@@ -89,12 +79,12 @@ def test_mechanism_table_counts_syntheses_classified_as_their_label(claims):
     assert table["far_a"]["mean_diffguard_score"] == pytest.approx(mean, abs=1e-12)
 
 
-def test_interval_printed_only_where_bootstrapped(claims):
+def test_interval_printed_only_where_bootstrapped():
     assert claims.interval({"auroc": 0.5234, "auroc_ci": {"lo": 0.5, "hi": 0.55}}) == "52.3 [50.0, 55.0]"
     assert claims.interval({"auroc": 0.5234}) == "52.3"
 
 
-def test_comparisons_print_from_keyed_objects_as_results_json_holds_them(claims):
+def test_comparisons_print_from_keyed_objects_as_results_json_holds_them():
     """results.json's comparisons are {"point", "lo", "hi"}; the table prints them in points of %."""
     from diffguard_pl.detectors.results import comparisons
 

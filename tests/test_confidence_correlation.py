@@ -1,16 +1,10 @@
-"""benchmarks/confidence_correlation.py: Spearman's rho with ties, per set and over all rows."""
-
-import importlib.util
+"""benchmarks/experiments/confidence_correlation.py: Spearman's rho with ties, per set and over all rows."""
 
 import pytest
 import torch
 from scipy.stats import spearmanr
 
-from helpers.paths import ROOT
-
-spec = importlib.util.spec_from_file_location("confidence_correlation", ROOT / "benchmarks" / "confidence_correlation.py")
-cc = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(cc)
+from benchmarks.experiments import confidence_correlation as cc
 
 
 def test_spearman_equals_scipy_with_ties():

@@ -22,8 +22,8 @@ from diffguard_pl.models import DiffusionModel, load_classifier, load_diffusion
 from diffguard_pl.method.oracle import Oracle
 from diffguard_pl.method.pipeline import DiffGuardPipeline
 
+from benchmarks.perf import throughput
 from helpers.paths import CHECKPOINTS, ROOT
-from helpers.scripts import load_benchmark
 from helpers.simulated_cuda import on_cuda, simulated_cuda, simulated_gpu_strategy
 
 
@@ -151,7 +151,7 @@ def reads_by_depth(name, overrides, images, ids):
     ("digits_classifier_free.yaml", []),
 ], ids=["gdm_curves_reference", "classifier_free_dsg"])
 def test_host_reads_per_batch_do_not_grow_with_the_depth(benchmark, name, overrides):
-    """The CPU twin of benchmarks/sync_check.py: a fixed number of device-to-host reads per batch."""
+    """The CPU twin of benchmarks/perf/sync_check.py: a fixed number of device-to-host reads per batch."""
     images, ids = mixed(benchmark)
     shallow, deep = reads_by_depth(name, overrides, images, ids)
     assert shallow == deep > 0
@@ -248,17 +248,16 @@ def test_training_on_the_simulated_gpu_equals_the_cpu(tmp_path, benchmark, monke
 
 @pytest.mark.slow
 def test_throughput_script_runs_its_cuda_path(tmp_path):
-    """benchmarks/throughput.py --device cuda end to end, the paper-scale part as benchmarks/gpu_check.sh runs it
-    (its torch.cuda calls answered by the simulator; the floor skipped: on a CPU its matmul rate would time
+    """benchmarks.perf.throughput --device cuda end to end, the paper-scale part as benchmarks/perf/gpu_check.sh runs
+    it (its torch.cuda calls answered by the simulator; the floor skipped: on a CPU its matmul rate would time
     4096 x 8192 products). The simulator patches torch in this process, so the script's main runs here."""
-    script = load_benchmark("throughput")
     with simulated_cuda(cuda_api=True):
-        report = script.main(["--device", "cuda", "--images", "4", "--batch-size", "4", "--repeats", "1",
-                              "--no-floor", "--scaling", "1,2", "--scaling-images", "2", "--json",
-                              str(tmp_path / "t.json"), "diffguard.num_steps=4", "diffguard.depth=2"])
-        paper = script.main(["--paper-scale", "--tiny-arch", "--device", "cuda", "--images", "2", "--no-floor",
-                             "--paths", "gdm,classifier_free_dsg", "diffguard.num_steps=3", "diffguard.depth=2",
-                             "diffguard.runtime.channels_last=true", "diffguard.runtime.autocast=bf16"])
+        report = throughput.main(["--device", "cuda", "--images", "4", "--batch-size", "4", "--repeats", "1",
+                                  "--no-floor", "--scaling", "1,2", "--scaling-images", "2", "--json",
+                                  str(tmp_path / "t.json"), "diffguard.num_steps=4", "diffguard.depth=2"])
+        paper = throughput.main(["--paper-scale", "--tiny-arch", "--device", "cuda", "--images", "2", "--no-floor",
+                                 "--paths", "gdm,classifier_free_dsg", "diffguard.num_steps=3", "diffguard.depth=2",
+                                 "diffguard.runtime.channels_last=true", "diffguard.runtime.autocast=bf16"])
     assert report["device"] == paper["device"] == "simulated CUDA (CPU)"
     assert set(report["paths"]) == {"gdm", "gdm_aes", "classifier_free_dsg"}
     assert set(paper["paths"]) == {"gdm", "classifier_free_dsg"}

@@ -1,5 +1,5 @@
-"""The throughput benchmark (benchmarks/throughput.py, its replay of the model calls in diffguard_pl/jobs/profiling.py)
-and the execution settings (diffguard.runtime)."""
+"""The throughput benchmark (benchmarks/perf/throughput*.py, its replay of the model calls in
+diffguard_pl/profiling/replay.py) and the execution settings (diffguard.runtime)."""
 
 import copy
 import csv
@@ -16,12 +16,13 @@ from diffguard_pl.jobs.eval_job import evaluate
 from diffguard_pl.models import load_classifier, load_diffusion
 from diffguard_pl.method.oracle import Oracle
 from diffguard_pl.method.pipeline import DiffGuardPipeline
-from diffguard_pl.jobs.profiling import Replay, cpu_attention_flops
+from diffguard_pl.profiling.replay import Replay, cpu_attention_flops
 from diffguard_pl.method.scores import check_perceptual_files
 
+from benchmarks.perf import gpu_summary, op_count
 from helpers.configs import eval_argv
 from helpers.paths import ROOT
-from helpers.scripts import load_benchmark, run_benchmark
+from helpers.scripts import run_benchmark
 
 
 def preset(name, *overrides):
@@ -51,15 +52,15 @@ def relative_gaps(a, b):
     return float(rel.median()), float(rel.max()), float(torch.corrcoef(ranks)[0, 1])
 
 
-@pytest.mark.slow  # the benchmark script's own smoke test (benchmarks/gpu_check.sh SMOKE=1 runs it too)
+@pytest.mark.slow  # the benchmark script's own smoke test (SMOKE=1 bash benchmarks/perf/gpu_check.sh runs it)
 @pytest.mark.subprocess
 def test_benchmark_reports_ratios_on_a_tiny_cpu_run(tmp_path):
     out = tmp_path / "throughput.json"
-    printed = run_benchmark("throughput", "--device", "cpu", "--images", "4", "--batch-size", "4", "--repeats", "1",
-                            "--scaling", "1,2", "--scaling-images", "2", "--json", str(out),
+    printed = run_benchmark("perf.throughput", "--device", "cpu", "--images", "4", "--batch-size", "4",
+                            "--repeats", "1", "--scaling", "1,2", "--scaling-images", "2", "--json", str(out),
                             "diffguard.num_steps=4", "diffguard.depth=2")
     report = json.loads(out.read_text())
-    assert report["command"].startswith("python benchmarks/throughput.py --device cpu")
+    assert report["command"].startswith("python -m benchmarks.perf.throughput --device cpu")
     assert "overhead ratio" in printed and "bare UNet forward at 4 rows" in printed
     # depth 2 x (1 + 1), x (1 + 2) with the unconditional twins
     expected_evals = {"gdm": 4.0, "classifier_free_dsg": 6.0}
@@ -91,29 +92,27 @@ def test_benchmark_reports_ratios_on_a_tiny_cpu_run(tmp_path):
 
 
 def summary_verdicts(report_file, report, folder):
-    """benchmarks/gpu_summary.py on a real throughput report (as embedded_fp32.json) and a sync check that grew."""
-    summary = load_benchmark("gpu_summary")
+    """benchmarks/perf/gpu_summary.py on a real throughput report (as embedded_fp32.json) and a grown sync count."""
     folder.mkdir()
     (folder / "embedded_fp32.json").write_text(report_file.read_text())
     (folder / "sync_check.json").write_text(json.dumps({
         "gdm": {"syncs_by_depth": {"4": 15, "8": 19}, "must_stay_constant": True, "grows": True},
         "gdm_aes": {"syncs_by_depth": {"4": 19, "8": 23}, "must_stay_constant": False, "grows": True}}))
-    rows = {row[0]: row for row in summary.summarize(folder)}
+    rows = {row[0]: row for row in gpu_summary.summarize(folder)}
     for name, path in report["paths"].items():
         row = rows[f"embedded fp32 [{name}], {report['device']}, batch 4: overhead"]
         assert row[1].startswith(f"{path['overhead_ratio']:.3f}")
         assert row[3] == ("pass" if path["overhead_ratio"] <= 1.10 else "FAIL")
     assert rows["synchronisations [gdm]"][3] == "FAIL" and rows["synchronisations [gdm_aes]"][3] == "-"
     assert rows["embedded bf16"][3] == rows["fp32 vs bf16 AUROC"][3] == "not run"
-    assert summary.main([str(folder)]) == 0 and summary.main([str(folder), "--strict"]) == 1
+    assert gpu_summary.main([str(folder)]) == 0 and gpu_summary.main([str(folder), "--strict"]) == 1
 
 
 @pytest.mark.parametrize("name", ["digits_gdm.yaml", "digits_classifier_free.yaml"])
 def test_steps_launch_no_scalar_arithmetic(benchmark, name):
-    """benchmarks/op_count.py: the uniform loop takes its DDIM coefficients from the per-run table, so the
+    """benchmarks/perf/op_count.py: the uniform loop takes its DDIM coefficients from the per-run table, so the
     square roots outside the model calls do not grow with the steps (there were 12 per inversion + synthesis
     pair before), and the model calls hold most of the operations."""
-    op_count = load_benchmark("op_count")
     results = []
     for depth in (3, 6):
         cfg = preset(name, "diffguard.num_steps=8", f"diffguard.depth={depth}")
@@ -142,11 +141,11 @@ def test_flop_count_of_the_replay(benchmark):
     assert cpu_attention_flops((b, h, s, d), (b, h, s, d), (b, h, s, d)) == 2 * (2 * b * h * s * s * d)
 
 
-@pytest.mark.slow  # the benchmark script's paper-scale mode (benchmarks/gpu_check.sh runs it on a GPU)
+@pytest.mark.slow  # the benchmark script's paper-scale mode (benchmarks/perf/gpu_check.sh runs it on a GPU)
 @pytest.mark.subprocess
 def test_paper_scale_paths_run_with_shrunken_architectures(tmp_path):
     out = tmp_path / "paper.json"
-    run_benchmark("throughput", "--paper-scale", "--tiny-arch", "--device", "cpu", "--images", "2",
+    run_benchmark("perf.throughput", "--paper-scale", "--tiny-arch", "--device", "cpu", "--images", "2",
                   "--paths", "gdm,classifier_free_dsg", "--json", str(out), "diffguard.num_steps=3",
                   "diffguard.depth=2")
     report = json.loads(out.read_text())

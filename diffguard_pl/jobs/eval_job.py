@@ -217,7 +217,7 @@ def _evaluate_locked(cfg: EvalConfig, benchmark, models: Models, output_dir: Pat
             evaluator, trainer = _run_loop(cfg, models, sets, work, classifier_detectors, logger, benchmark)  # 6
             if not trainer.is_global_zero:
                 return None
-            from diffguard_pl.jobs.profiling import describe_machine
+            from diffguard_pl.profiling.machine import describe_machine
 
             timing = {"images": evaluator.images, "loop_seconds": evaluator.loop_seconds,
                       "machine": describe_machine(evaluator.pipeline.device)}  # speeds differ by machine

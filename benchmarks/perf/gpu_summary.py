@@ -1,6 +1,6 @@
-"""The verdicts of a benchmarks/gpu_check.sh run against the throughput issue's targets, as a Markdown table.
+"""The verdicts of a benchmarks/perf/gpu_check.sh run against the throughput issue's targets, as a Markdown table.
 
-    python benchmarks/gpu_summary.py OUT [--strict]
+    python -m benchmarks.perf.gpu_summary OUT [--strict]
 
 Reads the JSON files that gpu_check.sh leaves in OUT (a part that failed or ran out of time has none and
 is reported as "not run") and prints one row per check: what was measured, the target and the verdict.
@@ -37,7 +37,7 @@ def _verdict(ok: bool) -> str:
 
 def throughput_rows(report: Optional[dict], label: str, min_images_per_s: Optional[float] = None,
                     paths: Optional[List[str]] = None) -> List[Row]:
-    """Overhead ratio (and images/s where a target is given) per path of one throughput.py report."""
+    """Overhead ratio (and images/s where a target is given) per path of one benchmarks.perf.throughput report."""
     if report is None:
         return [(label, "-", f"ratio <= {MAX_RATIO}", "not run")]
     rows: List[Row] = []
@@ -128,12 +128,12 @@ def markdown(rows: List[Row]) -> str:
 
 def main(argv: Optional[List[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("out", help="the OUT folder of benchmarks/gpu_check.sh")
+    parser.add_argument("out", help="the OUT folder of benchmarks/perf/gpu_check.sh")
     parser.add_argument("--strict", action="store_true", help="exit 1 when a check fails or did not run")
     args = parser.parse_args(argv)
     folder = Path(args.out)
     if not folder.is_dir():
-        parser.error(f"{folder} is not a folder (run OUT={folder} bash benchmarks/gpu_check.sh first)")
+        parser.error(f"{folder} is not a folder (run OUT={folder} bash benchmarks/perf/gpu_check.sh first)")
     rows = summarize(folder)
     print(markdown(rows))
     failed = [row for row in rows if row[3].startswith("FAIL") or row[3] == "not run"]

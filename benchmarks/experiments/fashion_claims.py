@@ -17,14 +17,13 @@ bootstrap intervals of the AUROC difference on the same samples; the other runs 
 on the samples both scored); and, per set, how often the guided synthesis is classified as the label that
 guided it, with DiffGuard's mean score.
 
-    python benchmarks/fashion_claims.py                       # the demo subset (the presets' limit_per_set)
-    python benchmarks/fashion_claims.py --full --out outputs/claims_full    # every test image (hours)
+    python -m benchmarks.experiments.fashion_claims            # the demo subset (the presets' limit_per_set)
+    python -m benchmarks.experiments.fashion_claims --full --out outputs/claims_full    # every test image (hours)
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import subprocess
 import sys
@@ -32,26 +31,21 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from diffguard_pl.detectors.bootstrap import paired_difference  # noqa: E402
-from diffguard_pl.detectors.results import paired  # noqa: E402
+from benchmarks.experiments.common import ROOT, evaluate, score_rows
+from diffguard_pl.detectors.bootstrap import paired_difference
+from diffguard_pl.detectors.results import paired
 
 GROUPS = ("near", "far")
 
 
-def evaluate(out: Path, *argv: str) -> dict:
-    """One evaluate.py run into ``out`` (skipped when its results exist); its results.json."""
-    if not (out / "results.json").is_file():
-        subprocess.run([sys.executable, str(ROOT / "evaluate.py"), f"output_dir={out}",
-                        "trainer.enable_progress_bar=false", *argv], check=True, cwd=ROOT)
-    return json.loads((out / "results.json").read_text())
+def run(out: Path, *argv: str) -> dict:
+    """One evaluate.py run into ``out``, its output shown (skipped when its results exist); its results.json."""
+    return evaluate(out, *argv, reuse=True, quiet=False)
 
 
 def read_scores(out: Path) -> dict:
-    with open(out / "scores.csv") as handle:
-        return {row["id"]: row for row in csv.DictReader(handle)}
+    """A run's scores.csv rows by sample id."""
+    return {row["id"]: row for row in score_rows(out)}
 
 
 def paired_runs(a: dict, b: dict, column_a: str, column_b: str, groups: dict) -> dict:
@@ -115,7 +109,7 @@ def main(argv: list) -> dict:
     limit = ["limit_per_set=null"] if args.full else []
     skip = set(filter(None, args.skip.split(",")))
     gdm, free = "--config=conf/fashion_gdm.yaml", "--config=conf/fashion_classifier_free.yaml"
-    runs = {"gdm": evaluate(args.out / "gdm", gdm, "oracle=both", *limit, *extra)}
+    runs = {"gdm": run(args.out / "gdm", gdm, "oracle=both", *limit, *extra)}
     groups = {s: g for s, g in runs["gdm"]["groups"].items()} if "groups" in runs["gdm"] else None
     if groups is None:  # results.json does not carry the groups: take them from the preset's benchmark
         groups = {name: ("near" if name == "fashion_6to9" else "far") for name in runs["gdm"]["num_samples"]
@@ -144,7 +138,7 @@ def main(argv: list) -> dict:
     for name, plan in plans.items():
         if name in skip:
             continue
-        runs[name] = evaluate(args.out / name, *plan, *limit, *extra)
+        runs[name] = run(args.out / name, *plan, *limit, *extra)
 
     main_run = runs["gdm"]
     lines = ["## Every detector (test splits; AUROC [95% bootstrap interval; headline detectors only], FPR@95 classic, "

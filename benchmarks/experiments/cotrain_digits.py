@@ -21,14 +21,15 @@ of DiffGuard, its oracle, the fused detector and two classifier baselines, and a
 (same resampled InD / OOD test samples for both) of each variant's DiffGuard AUROC minus the fine-tuned
 classifier's. Test splits are only read for the report.
 
-    python benchmarks/cotrain_digits.py --train --evaluate [--ablations] [key=value ...]   # overrides: evaluate.py
-    python benchmarks/cotrain_digits.py --train --evaluate --seed 1 --out outputs/cotrain_seed1   # another seed
+    python -m benchmarks.experiments.cotrain_digits --train --evaluate [--ablations] [key=value ...]
+    python -m benchmarks.experiments.cotrain_digits --train --evaluate --seed 1 --out outputs/cotrain_seed1
+
+(``key=value``: overrides for evaluate.py; ``--seed 1``: the variants trained with another seed.)
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import subprocess
 import sys
@@ -38,15 +39,12 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from diffguard_pl.config import DataConfig  # noqa: E402
-from diffguard_pl.data import OOD_LABEL  # noqa: E402
-from diffguard_pl.data import build_benchmark  # noqa: E402
-from diffguard_pl.detectors.metrics import auroc  # noqa: E402
-from diffguard_pl.models import load_classifier, load_diffusion  # noqa: E402
-from diffguard_pl.modules.cotrain import clean_estimates, seeded_noise  # noqa: E402
+from benchmarks.experiments.common import ROOT, evaluate, score_rows
+from diffguard_pl.config import DataConfig
+from diffguard_pl.data import OOD_LABEL, build_benchmark
+from diffguard_pl.detectors.metrics import auroc
+from diffguard_pl.models import load_classifier, load_diffusion
+from diffguard_pl.modules.cotrain import clean_estimates, seeded_noise
 
 COMMITTED_CLASSIFIER = ROOT / "checkpoints" / "digits" / "classifier"
 COMMITTED_DIFFUSION = ROOT / "checkpoints" / "digits" / "diffusion_uncond"
@@ -88,9 +86,8 @@ def train(out: Path, trainings: dict, retrain: bool) -> None:
 
 def read_scores(folder: Path, detector: str) -> dict:
     """sample id -> (set, score) of the test rows of an evaluation's scores.csv."""
-    with open(folder / "scores.csv") as handle:
-        return {r["id"]: (r["set"], float(r[detector])) for r in csv.DictReader(handle)
-                if r["split"] == "test" or int(r["label"]) == OOD_LABEL}
+    return {r["id"]: (r["set"], float(r[detector])) for r in score_rows(folder)
+            if r["split"] == "test" or int(r["label"]) == OOD_LABEL}
 
 
 def paired_bootstrap(a: dict, b: dict, ood_sets: list[str], n: int = 1000, seed: int = 0) -> tuple:
@@ -142,16 +139,15 @@ def accuracies(classifier_dir: Path, diffusion_dir: Path, timesteps: list[int], 
     return result
 
 
-def evaluate(name: str, classifier_dir: Path, diffusion_dir: Path, out: Path, extra: list[str]) -> dict:
+def evaluate_variant(name: str, classifier_dir: Path, diffusion_dir: Path, out: Path, extra: list[str]) -> dict:
+    """evaluate.py with one variant's models into OUT/eval_<name> (a finished run is reused); its results."""
     folder = out / f"eval_{name}"
-    if not (folder / "results.json").is_file():
-        start = time.time()
-        subprocess.run([sys.executable, str(ROOT / "evaluate.py"), f"output_dir={folder}", "oracle=ind",
-                        f"models.classifier={classifier_dir}", f"models.diffusion={diffusion_dir}",
-                        "trainer.enable_progress_bar=false", *extra],
-                       check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+    fresh, start = not (folder / "results.json").is_file(), time.time()
+    results = evaluate(folder, "oracle=ind", f"models.classifier={classifier_dir}",
+                       f"models.diffusion={diffusion_dir}", *extra, reuse=True)
+    if fresh:
         print(f"{name}: evaluated in {time.time() - start:.0f} s")
-    return json.loads((folder / "results.json").read_text())
+    return results
 
 
 def main() -> None:
@@ -178,7 +174,7 @@ def main() -> None:
         summary[name] = {"classifier": str(classifier_dir), "diffusion": str(diffusion_dir),
                          "accuracy": accuracies(classifier_dir, diffusion_dir, args.timesteps)}
         if args.evaluate:
-            results = evaluate(name, classifier_dir, diffusion_dir, out, args.overrides)
+            results = evaluate_variant(name, classifier_dir, diffusion_dir, out, args.overrides)
             summary[name]["id_accuracy"] = results["id_accuracy"]
             summary[name]["detectors"] = {d: {g: results["detectors"][d][g] for g in ("near", "far")}
                                           for d in DETECTORS if d in results["detectors"]}

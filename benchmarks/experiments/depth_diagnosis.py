@@ -12,8 +12,8 @@ For each depth, one ``evaluate.py split=val diffguard.reference=unguided`` run (
 
 Writes ``table.csv`` and ``depth_diagnosis.png`` (one panel per quantity, InD drawn apart) in the tag's folder.
 
-    python benchmarks/depth_diagnosis.py --config conf/fashion_gdm.yaml --depths 10,15,20,25,30,35,40,45,48 \\
-        limit_per_set=60 diffguard.guidance.scale=3
+    python -m benchmarks.experiments.depth_diagnosis --config conf/fashion_gdm.yaml \\
+        --depths 10,15,20,25,30,35,40,45,48 limit_per_set=60 diffguard.guidance.scale=3
 """
 
 from __future__ import annotations
@@ -21,12 +21,10 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from benchmarks.experiments.common import ROOT, evaluate, score_rows
 
 QUANTITIES = (
     ("round_trip_psnr", "round trip: PSNR of the unguided reconstruction (dB)"),
@@ -37,18 +35,15 @@ QUANTITIES = (
 )
 
 
-def run_depth(config: str, depth: int, extra: list, out: Path) -> None:
-    cmd = [sys.executable, str(ROOT / "evaluate.py"), f"--config={config}", "split=val", f"output_dir={out}",
-           f"diffguard.depth={depth}", "diffguard.reference=unguided", "trainer.enable_progress_bar=false",
-           "callbacks.reconstructions=0", "callbacks.score_plots=false", "callbacks.curves=false", *extra]
-    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
+def run_depth(config: str, depth: int, extra: list, out: Path) -> dict:
+    """One depth: evaluate.py on the validation splits with the unguided reference into ``out``; its results."""
+    return evaluate(out, f"--config={config}", "split=val", f"diffguard.depth={depth}", "diffguard.reference=unguided",
+                    "callbacks.reconstructions=0", "callbacks.score_plots=false", "callbacks.curves=false", *extra)
 
 
-def per_set(out: Path) -> list:
-    """The quantities of the module docstring per set of one run."""
-    with open(out / "scores.csv", newline="") as handle:
-        rows = [r for r in csv.DictReader(handle) if r["split"] == "val"]
-    results = json.loads((out / "results.json").read_text())
+def per_set(out: Path, results: dict) -> list:
+    """The quantities of the module docstring per set of one run (its folder and results)."""
+    rows = [r for r in score_rows(out) if r["split"] == "val"]
     sets = list(dict.fromkeys(r["set"] for r in rows))
     table = []
     for name in sets:
@@ -62,8 +57,9 @@ def per_set(out: Path) -> list:
     return table
 
 
-def aurocs(out: Path) -> dict:
-    detectors = json.loads((out / "results.json").read_text())["detectors"]
+def aurocs(results: dict) -> dict:
+    """Near / far validation AUROC of diffguard/l2 against the unguided reference and against the input."""
+    detectors = results["detectors"]
     return {f"{group}_auroc_{ref}": detectors[f"diffguard/l2{suffix}"][group]["auroc"]
             for group in ("near", "far") for ref, suffix in (("unguided", ""), ("input", "@input"))}
 
@@ -108,8 +104,7 @@ def main(argv: list) -> list:
     args, extra = parser.parse_known_args(argv)
     import torch
 
-    from diffguard_pl import config as config_lib
-    from diffguard_pl.config import EvalConfig
+    from diffguard_pl.api import load_preset
     from diffguard_pl.method.ddim import Ladder
     from diffguard_pl.models.files import diffusion_folders
 
@@ -117,16 +112,16 @@ def main(argv: list) -> list:
     rows = []
     for depth in (int(d) for d in args.depths.split(",")):
         out = folder / f"depth{depth}"
-        run_depth(args.config, depth, extra, out)
-        run_cfg = config_lib.load(EvalConfig, [f"--config={args.config}", *extra, f"diffguard.depth={depth}"], None)
+        results = run_depth(args.config, depth, extra, out)
+        run_cfg = load_preset(args.config, *extra, f"diffguard.depth={depth}")
         cfg, scheduler = run_cfg.diffguard, diffusion_folders(run_cfg.models.diffusion).scheduler
         length = json.loads((scheduler / "scheduler_config.json").read_text())["num_train_timesteps"]
         # the levels' timesteps depend only on the schedule's length, not on its values
         ladder = Ladder.build(torch.full((length,), 0.5, dtype=torch.float64), cfg.num_steps, cfg.ladder,
                               cfg.handoff, cfg.timestep_offset)
         timestep = int(ladder.timesteps[ladder.reached(depth)])
-        for row in per_set(out):
-            rows.append({"depth": depth, "timestep": timestep, **row, **aurocs(out)})
+        for row in per_set(out, results):
+            rows.append({"depth": depth, "timestep": timestep, **row, **aurocs(results)})
         print(f"depth {depth} (t = {timestep}) done", flush=True)
     with open(folder / "table.csv", "w", newline="") as handle:
         writer = csv.DictWriter(handle, fieldnames=list(rows[0]))

@@ -6,7 +6,7 @@
   reconstructs better; the synthesis under the predicted label is what DiffGuard scores);
 - validation loss: the best ``val/loss`` in each training run's logs/metrics.csv, when given with ``--runs``.
 
-    python benchmarks/model_quality.py --preset fashion_gdm --images 256 \\
+    python -m benchmarks.experiments.model_quality --preset fashion_gdm --images 256 \\
         --runs outputs/fashion_diffusion_uncond outputs/fashion_diffusion_cond
 """
 
@@ -22,13 +22,10 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from diffguard_pl.api import DiffGuard, load_preset  # noqa: E402
-from diffguard_pl.data import build_benchmark  # noqa: E402
-from diffguard_pl.data.selection import subset_by_id  # noqa: E402
-from diffguard_pl.method.scores import psnr  # noqa: E402
+from diffguard_pl.api import DiffGuard, load_preset
+from diffguard_pl.data import build_benchmark
+from diffguard_pl.data.selection import subset_by_id
+from diffguard_pl.method.scores import psnr
 
 
 def best_val_loss(run: Path) -> dict:

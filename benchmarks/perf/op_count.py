@@ -1,6 +1,6 @@
 """Tensor operations per denoiser call, inside and outside the model calls, for the embedded presets.
 
-    python benchmarks/op_count.py [--batch-size 64]
+    python -m benchmarks.perf.op_count [--batch-size 64]
 
 On a GPU running small models every operation is a kernel launch of a few microseconds whatever its
 size, so the operations the pipeline adds around the model calls (DDIM arithmetic, guidance, curves,
@@ -13,26 +13,20 @@ host-side bookkeeping operations per step (levels, timesteps, cutout draws), whi
 from __future__ import annotations
 
 import argparse
-import sys
 from collections import Counter
-from pathlib import Path
 
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+from diffguard_pl.api import load_preset
+from diffguard_pl.data import build_benchmark
+from diffguard_pl.models import load_classifier, load_diffusion
+from diffguard_pl.method.pipeline import DiffGuardPipeline
 
-from diffguard_pl import config as config_lib  # noqa: E402
-from diffguard_pl.config import EvalConfig  # noqa: E402
-from diffguard_pl.data import build_benchmark  # noqa: E402
-from diffguard_pl.models import load_classifier, load_diffusion  # noqa: E402
-from diffguard_pl.method.pipeline import DiffGuardPipeline  # noqa: E402
-
-PATHS = {
-    "gdm": ("conf/digits_gdm.yaml", []),
-    "gdm_aes": ("conf/digits_gdm.yaml", ["diffguard.aes.enabled=true", "diffguard.aes.psnr=7.8"]),
-    "classifier_free_dsg": ("conf/digits_classifier_free.yaml", []),
+PATHS = {  # name: (preset, overrides)
+    "gdm": ("digits_gdm", []),
+    "gdm_aes": ("digits_gdm", ["diffguard.aes.enabled=true", "diffguard.aes.psnr=7.8"]),
+    "classifier_free_dsg": ("digits_classifier_free", []),
 }
 METADATA = {"detach", "lift_fresh", "_local_scalar_dense", "empty", "empty_strided", "set_"}
 
@@ -93,9 +87,9 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     report = {}
     for name, (preset, overrides) in PATHS.items():
-        cfg = config_lib.to_object(config_lib.compose(EvalConfig, [ROOT / preset], overrides))
-        pipe = DiffGuardPipeline(load_diffusion(ROOT / cfg.models.diffusion),
-                                 load_classifier(ROOT / cfg.models.classifier), cfg.diffguard).to(args.device)
+        cfg = load_preset(preset, *overrides)
+        pipe = DiffGuardPipeline(load_diffusion(cfg.models.diffusion), load_classifier(cfg.models.classifier),
+                                 cfg.diffguard).to(args.device)
         test = build_benchmark(cfg.data).test
         images, ids = test.images[: args.batch_size].to(args.device), test.ids[: args.batch_size]
         report[name] = result = count(pipe, images, ids)

@@ -1,6 +1,6 @@
 """Host-device synchronisations of the pipeline on CUDA: they must not grow with the number of steps.
 
-    python benchmarks/sync_check.py [--batch-size 64] [--json FILE]
+    python -m benchmarks.perf.sync_check [--batch-size 64] [--json FILE]
 
 A synchronisation (a value read back to the host: ``.item()``, ``bool(tensor)``, a copy to the CPU, a
 size that depends on device data) stops the host from queueing the next step's kernels until the device
@@ -24,18 +24,14 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from diffguard_pl import config as config_lib  # noqa: E402
-from diffguard_pl.config import EvalConfig  # noqa: E402
-from diffguard_pl.models import load_classifier, load_diffusion  # noqa: E402
-from diffguard_pl.method.pipeline import DiffGuardPipeline  # noqa: E402
+from diffguard_pl.api import load_preset
+from diffguard_pl.models import load_classifier, load_diffusion
+from diffguard_pl.method.pipeline import DiffGuardPipeline
 
 PATHS = {  # name: (preset, overrides, must stay constant)
-    "gdm": ("conf/digits_gdm.yaml", ["diffguard.aes.record_curves=true"], True),
-    "classifier_free_dsg": ("conf/digits_classifier_free.yaml", [], True),
-    "gdm_aes": ("conf/digits_gdm.yaml", ["diffguard.aes.enabled=true", "diffguard.aes.psnr=7.8"], False),
+    "gdm": ("digits_gdm", ["diffguard.aes.record_curves=true"], True),
+    "classifier_free_dsg": ("digits_classifier_free", [], True),
+    "gdm_aes": ("digits_gdm", ["diffguard.aes.enabled=true", "diffguard.aes.psnr=7.8"], False),
 }
 
 
@@ -69,8 +65,7 @@ def main(argv=None) -> int:
     for name, (preset, overrides, constant) in PATHS.items():
         counts = {}
         for depth in depths:
-            cfg = config_lib.to_object(config_lib.compose(
-                EvalConfig, [ROOT / preset], overrides + [f"diffguard.depth={depth}", "diffguard.aes.min_depth=1"]))
+            cfg = load_preset(preset, *overrides, f"diffguard.depth={depth}", "diffguard.aes.min_depth=1")
             pipe = DiffGuardPipeline(load_diffusion(cfg.models.diffusion), load_classifier(cfg.models.classifier),
                                      cfg.diffguard).to("cuda")
             test = build_benchmark(cfg.data).test

@@ -20,10 +20,10 @@ Prints every candidate (near, far, objective, MNIST, cost, speed) and writes the
 ``outputs/tune/<tag>/choice.yaml`` (a fragment to include with ``--config``), ``choice.json`` and
 ``candidates.csv``.
 
-    python benchmarks/tune_val.py --config conf/fashion_gdm.yaml --grid diffguard.depth=10,20,30,40 \\
+    python -m benchmarks.experiments.tune_val --config conf/fashion_gdm.yaml --grid diffguard.depth=10,20,30,40 \\
         --grid diffguard.guidance.scale=1,3,10 diffguard.reference=unguided limit_per_set=150
-    python benchmarks/tune_val.py ... --only depth30_scale3          # run one point of the grid (coarse to fine)
-    python benchmarks/tune_val.py ... --point diffguard.depth=30,diffguard.ladder=released   # a variant beside it
+    python -m benchmarks.experiments.tune_val ... --only depth30_scale3   # one point of the grid (coarse to fine)
+    python -m benchmarks.experiments.tune_val ... --point diffguard.depth=30,diffguard.ladder=released   # a variant
 """
 
 from __future__ import annotations
@@ -32,13 +32,10 @@ import argparse
 import csv
 import itertools
 import json
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
+from benchmarks.experiments.common import ROOT, evaluate, results_of, score_rows
 
 
 def baselines_of(records: dict) -> list:
@@ -49,17 +46,14 @@ def baselines_of(records: dict) -> list:
 
 
 def run_point(preset: list, overrides: list, extra: list, out: Path) -> dict:
-    cmd = [sys.executable, str(ROOT / "evaluate.py"), *preset, "split=val", f"output_dir={out}",
-           "trainer.enable_progress_bar=false", "callbacks.reconstructions=0", "callbacks.score_plots=false",
-           *extra, *overrides]
-    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL)
-    return json.loads((out / "results.json").read_text())
+    """One grid point: evaluate.py on the validation splits into ``out`` (resuming what it holds); its results."""
+    return evaluate(out, *preset, "split=val", "callbacks.reconstructions=0", "callbacks.score_plots=false",
+                    *extra, *overrides)
 
 
-def read_scores(path: Path) -> dict:
-    """scores.csv as record columns (numbers where they parse)."""
-    with open(path, newline="") as handle:
-        rows = list(csv.DictReader(handle))
+def read_scores(run_dir: Path) -> dict:
+    """A run's scores.csv as record columns (numbers where they parse)."""
+    rows = score_rows(run_dir)
 
     def value(text: str):
         try:
@@ -111,13 +105,13 @@ def choose(candidates: list, tolerance: float) -> dict:
 
 def fused_partners(run_dir: Path, column: str, groups: dict) -> dict:
     """Objective, near and far AUROC of diffguard+X for every baseline X, with ``column`` as DiffGuard's score."""
-    from diffguard_pl.detectors.fused import add_derived_detectors
+    from diffguard_pl.detectors.fused import with_derived_detectors
     from diffguard_pl.detectors.results import summarize
 
-    records = read_scores(run_dir / "scores.csv")
+    records = read_scores(run_dir)
     records = {c: v for c, v in records.items() if not c.startswith("diffguard+") and c != "diffguard"}
     baselines = baselines_of(records)
-    add_derived_detectors(records, column.split("/", 1)[1], baselines)
+    records, _ = with_derived_detectors(records, column.split("/", 1)[1], baselines)
     keep = ["id", "set", "split", "label", "pred"] + [f"diffguard+{b}" for b in baselines] + baselines
     result = summarize({c: records[c] for c in keep}, groups, "val", replicates=0)
     return {name: {"near": e["near"]["auroc"], "far": e["far"]["auroc"], "objective": objective(e)}
@@ -154,7 +148,7 @@ def main(argv: list) -> dict:
         if args.only and not any(o in point_name(settings) for o in args.only):
             if not (out / "results.json").is_file():
                 continue
-            results = json.loads((out / "results.json").read_text())
+            results = results_of(out)
         else:
             results = run_point([f"--config={args.config}"], [f"{k}={v}" for k, v in settings.items()], extra, out)
         cfg = yaml.safe_load((out / "config.yaml").read_text())
@@ -206,8 +200,8 @@ def main(argv: list) -> dict:
         node[leaf] = value
     from omegaconf import OmegaConf
 
-    (folder / "choice.yaml").write_text("# Chosen on validation splits by benchmarks/tune_val.py (see choice.json).\n"
-                                        + OmegaConf.to_yaml(OmegaConf.create(tree)))
+    header = "# Chosen on validation splits by benchmarks/experiments/tune_val.py (see choice.json).\n"
+    (folder / "choice.yaml").write_text(header + OmegaConf.to_yaml(OmegaConf.create(tree)))
     print(f"\nchosen: {chosen['settings']} score={chosen['distance']} reference={chosen['reference']} "
           f"(near {100 * chosen['near']:.1f}, far {100 * chosen['far']:.1f}, {chosen['unet_evals']:.0f} UNet "
           f"evaluations per image); fusion partner {partner}; written to {folder / 'choice.yaml'}")

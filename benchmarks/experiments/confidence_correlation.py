@@ -2,7 +2,7 @@
 all samples, between a DiffGuard column of scores.csv and another detector's (default: ``msp``, whose score is
 -max softmax, so a positive correlation means "DiffGuard scores high where the classifier is unsure").
 
-    python benchmarks/confidence_correlation.py outputs/diagnosis/gdm_scale3/depth10 [--column diffguard/l2]
+    python -m benchmarks.experiments.confidence_correlation outputs/diagnosis/gdm_scale3/depth10 [--column diffguard/l2]
 
 Reads only scores.csv (any split; no model runs). Ties get their average rank.
 """
@@ -10,10 +10,11 @@ Reads only scores.csv (any split; no model runs). Ties get their average rank.
 from __future__ import annotations
 
 import argparse
-import csv
 from pathlib import Path
 
 import torch
+
+from benchmarks.experiments.common import score_rows
 
 
 def ranks(values: torch.Tensor) -> torch.Tensor:
@@ -57,8 +58,7 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     found = {}
     for folder in args.folders:
-        with open(folder / "scores.csv", newline="") as handle:
-            rows = list(csv.DictReader(handle))
+        rows = score_rows(folder)
         missing = [c for c in (args.column, args.against) if rows and c not in rows[0]]
         if missing:
             raise SystemExit(f"error: {folder / 'scores.csv'} has no column {', '.join(missing)}")

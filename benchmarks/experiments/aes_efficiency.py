@@ -8,27 +8,24 @@ this one run, images/s and UNet evaluations per image of both, and
 
 which is 1.0 when AES wastes nothing (target: at least 0.85).
 
-    python benchmarks/aes_efficiency.py [--config conf/digits_gdm.yaml] [key=value ...] \\
+    python -m benchmarks.experiments.aes_efficiency [--config conf/digits_gdm.yaml] [key=value ...] \\
         diffguard.aes.psnr=THRESHOLD
 """
 
 from __future__ import annotations
 
+import argparse
 import copy
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from diffguard_pl import config as config_lib  # noqa: E402
-from diffguard_pl.config import EvalConfig  # noqa: E402
-from diffguard_pl.data import build_benchmark  # noqa: E402
-from diffguard_pl.models import load_classifier, load_diffusion  # noqa: E402
-from diffguard_pl.method.pipeline import DiffGuardPipeline  # noqa: E402
+from diffguard_pl import config as config_lib
+from diffguard_pl.config import EvalConfig
+from diffguard_pl.data import build_benchmark
+from diffguard_pl.models import load_classifier, load_diffusion
+from diffguard_pl.method.pipeline import DiffGuardPipeline
 
 
 def timed(pipe: DiffGuardPipeline, images: torch.Tensor, ids: list, batch_size: int, repeats: int) -> dict:
@@ -47,9 +44,13 @@ def timed(pipe: DiffGuardPipeline, images: torch.Tensor, ids: list, batch_size: 
 
 
 def main(argv: list[str]) -> None:
-    argv = list(argv)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", action="append", default=None,
+                        help="preset name or YAML file, repeatable, merged in order (default: digits_gdm)")
+    parser.add_argument("overrides", nargs="*", help="key=value config overrides, e.g. diffguard.aes.psnr=12")
+    args = parser.parse_intermixed_args(argv)
     repeats = 2
-    cfg = config_lib.load(EvalConfig, argv, str(ROOT / "conf" / "digits_gdm.yaml"))
+    cfg = config_lib.to_object(config_lib.compose(EvalConfig, args.config or ["digits_gdm"], args.overrides))
     if not cfg.diffguard.aes.enabled:
         raise SystemExit("pass AES thresholds, e.g. diffguard.aes.enabled=true diffguard.aes.psnr=12")
     benchmark = build_benchmark(cfg.data)

@@ -1,6 +1,6 @@
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site:$PWD
 # The prepared GPU check of issue 9 (throughput with a floor), run from the repository root:
-#     OUT=/some/folder bash benchmarks/gpu_check.sh
+#     OUT=/some/folder bash benchmarks/perf/gpu_check.sh
 # Parts, each under its own time limit, all within BUDGET seconds (default 460, under 8 minutes on an H100),
 # each independent of the others (a failing or timed-out part leaves the rest running):
 #   1 embedded models, fp32, batch 256: the three paths + batch scaling 1/8/64/256  -> $OUT/embedded_fp32.json
@@ -12,10 +12,10 @@ python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upg
 #   5 host-device synchronisations per batch at two depths (must not grow)           -> $OUT/sync_check.json
 #   6 evaluate.py on the whole embedded benchmark, fp32 and bf16, and their AUROCs   -> $OUT/auroc_compare.json
 #   then, while time is left: 7 the DiT path at batch 64, 8 the GDM path without channels_last;
-#   last, benchmarks/gpu_summary.py: one Markdown row per check with its target and verdict -> $OUT/summary.md
+#   last, benchmarks.perf.gpu_summary: one Markdown row per check with its target and verdict -> $OUT/summary.md
 # Every throughput part also prints the floor (FLOPs of the model calls against the measured matmul rate).
 # Everything is printed to stdout as well. CPU smoke test of the same script (tiny settings, a few minutes):
-#     SMOKE=1 OUT=/tmp/gpu_check bash benchmarks/gpu_check.sh
+#     SMOKE=1 OUT=/tmp/gpu_check bash benchmarks/perf/gpu_check.sh
 set -x
 OUT=${OUT:-outputs/gpu_check}
 mkdir -p "$OUT"
@@ -57,17 +57,17 @@ $PY -c "import torch, diffusers, timm, lightning; print('torch', torch.__version
 'device', torch.cuda.get_device_name() if torch.cuda.is_available() else 'cpu')" 2>&1 | tee "$OUT/versions.log" || true
 
 # 1-2: embedded models (checkpoints/digits), fp32 then bf16.
-part embedded_fp32 80 $PY benchmarks/throughput.py --device $DEV $EMB --json "$OUT/embedded_fp32.json"
-part embedded_bf16 50 $PY benchmarks/throughput.py --device $DEV $EMB_BF16 --json "$OUT/embedded_bf16.json" \
+part embedded_fp32 80 $PY -m benchmarks.perf.throughput --device $DEV $EMB --json "$OUT/embedded_fp32.json"
+part embedded_bf16 50 $PY -m benchmarks.perf.throughput --device $DEV $EMB_BF16 --json "$OUT/embedded_bf16.json" \
   diffguard.runtime.autocast=bf16
 
 # 3-4: paper-scale architectures with random weights (no checkpoints needed).
-part paper_gdm_bf16 140 $PY benchmarks/throughput.py --paper-scale --device $DEV --paths gdm --images $GDM_IMAGES \
+part paper_gdm_bf16 140 $PY -m benchmarks.perf.throughput --paper-scale --device $DEV --paths gdm --images $GDM_IMAGES \
   $PAPER --json "$OUT/paper_gdm_bf16.json" diffguard.runtime.autocast=bf16 diffguard.runtime.channels_last=true
-part paper_dit_bf16 60 $PY benchmarks/throughput.py --paper-scale --device $DEV --paths classifier_free_dsg \
+part paper_dit_bf16 60 $PY -m benchmarks.perf.throughput --paper-scale --device $DEV --paths classifier_free_dsg \
   --images $DIT_IMAGES $PAPER --json "$OUT/paper_dit_bf16.json" diffguard.runtime.autocast=bf16
 
-part sync_check 40 $PY benchmarks/sync_check.py --json "$OUT/sync_check.json"
+part sync_check 40 $PY -m benchmarks.perf.sync_check --json "$OUT/sync_check.json"
 
 # 6: the whole embedded benchmark through evaluate.py, fp32 and bf16, then their AUROCs side by side.
 COMMON="$EVAL trainer.devices=1 trainer.enable_progress_bar=false callbacks.curves=false callbacks.reconstructions=0 \
@@ -75,17 +75,17 @@ callbacks.score_plots=false resume=false"
 rm -rf "$OUT/auroc_fp32" "$OUT/auroc_bf16"
 part auroc_fp32 45 $PY evaluate.py $COMMON output_dir="$OUT/auroc_fp32" diffguard.runtime.autocast=none
 part auroc_bf16 45 $PY evaluate.py $COMMON output_dir="$OUT/auroc_bf16" diffguard.runtime.autocast=bf16
-part auroc_compare 15 $PY benchmarks/throughput.py --compare "$OUT/auroc_fp32" "$OUT/auroc_bf16" \
+part auroc_compare 15 $PY -m benchmarks.perf.throughput --compare "$OUT/auroc_fp32" "$OUT/auroc_bf16" \
   --json "$OUT/auroc_compare.json"
 rm -rf "$OUT"/auroc_*/shards || true
 
 # 7-8: extras while time is left.
-part paper_dit_bf16_b64 60 $PY benchmarks/throughput.py --paper-scale --device $DEV --paths classifier_free_dsg \
+part paper_dit_bf16_b64 60 $PY -m benchmarks.perf.throughput --paper-scale --device $DEV --paths classifier_free_dsg \
   --images $DIT_BIG --batch-size $DIT_BIG $PAPER --json "$OUT/paper_dit_bf16_b64.json" diffguard.runtime.autocast=bf16
-part paper_gdm_bf16_nocl 150 $PY benchmarks/throughput.py --paper-scale --device $DEV --paths gdm --images $GDM_IMAGES \
-  $PAPER --json "$OUT/paper_gdm_bf16_nocl.json" diffguard.runtime.autocast=bf16
+part paper_gdm_bf16_nocl 150 $PY -m benchmarks.perf.throughput --paper-scale --device $DEV --paths gdm \
+  --images $GDM_IMAGES $PAPER --json "$OUT/paper_gdm_bf16_nocl.json" diffguard.runtime.autocast=bf16
 
 ls -la "$OUT"
 # The verdicts against the issue's targets, from the JSON files above (also in $OUT/summary.md).
-$PY benchmarks/gpu_summary.py "$OUT" 2>&1 | tee "$OUT/summary.md" || true
+$PY -m benchmarks.perf.gpu_summary "$OUT" 2>&1 | tee "$OUT/summary.md" || true
 echo "gpu_check finished in ${SECONDS}s"
