@@ -167,3 +167,14 @@ def test_an_undeclared_column_is_refused():
                    "vim", "diffguard+vim", "diffguard"])
     with pytest.raises(ValueError, match=r"\['confidence'\] are declared nowhere"):
         check_columns(["id", "confidence"])
+
+
+def test_setup_cfg_installs_every_package():
+    """A room missing from setup.cfg's list works in an editable install and breaks in a wheel."""
+    import configparser
+
+    parser = configparser.ConfigParser()
+    parser.read(ROOT / "setup.cfg")
+    listed = set(parser["options"]["packages"].split())
+    rooms = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "diffguard_pl").rglob("__init__.py")}
+    assert rooms | {"diffguard_pl.callbacks"} == listed
