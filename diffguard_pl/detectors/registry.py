@@ -26,8 +26,6 @@ DIFFGUARD = "diffguard"  # the configured distance (diffguard.score)
 ORACLE_PREFIX = "oracle-"  # oracle-<mode>/<detector>
 AGAINST_INPUT = "@input"  # diffguard/<distance>@input: the synthesis against the input, with reference=unguided
 FUSED_SEPARATOR = "+"  # diffguard+<classifier detector>
-DIFFGUARD_PAPER = ("DiffGuard: Semantic Mismatch-Guided Out-of-Distribution Detection using Pre-trained Diffusion "
-                   "Models", "ICCV", 2023, "https://arxiv.org/abs/2308.07687")
 
 
 def distance_column(distance: str, against_input: bool = False) -> str:
@@ -51,23 +49,6 @@ def oracle_column(mode: str, detector: str) -> str:
     """The column of a detector's oracle variant."""
     return f"{ORACLE_PREFIX}{mode}/{detector}"
 
-
-class Family(NamedTuple):
-    pattern: str
-    meaning: str
-
-
-DIFFGUARD_FAMILIES = (
-    Family(distance_column("<distance>"), "DiffGuard with one distance of diffguard.distances between the guided "
-           "synthesis and the reference (reads the images; the diffusion model and the classifier)"),
-    Family(distance_column("<distance>", True), "the same synthesis against the input, in a run whose reference is "
-           "the unguided reconstruction (diffguard.reference=unguided)"),
-    Family(DIFFGUARD, "the configured distance, diffguard.score"),
-    Family(fused_column("<X>"), "DiffGuard fused with classifier detector X (fusion_partners): the sum of both "
-           "z-scores, each normalised on the InD validation split only"),
-    Family(oracle_column("<mode>", "<detector>"), "a DiffGuard detector with the synthesis guided by an oracle's "
-           "label (oracle=ind | paper | both), not the prediction"),
-)
 
 # --------------------------------------------------------------------------------------- classifier detectors
 
