@@ -120,6 +120,7 @@ def test_cutout_crops_the_requested_square():
     assert torch.allclose(crops[1], images[1, :, 8:, :8], atol=1e-6)
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("conditional, released", [(False, False), (True, False), (False, True)])
 def test_scores_do_not_depend_on_the_batch(conditional, released):
     diffusion, classifier = small_diffusion(conditional), small_classifier()
@@ -137,6 +138,7 @@ def test_scores_do_not_depend_on_the_batch(conditional, released):
         assert torch.allclose(batch["scores"][name][position], value[0], rtol=1e-4, atol=1e-6), name
 
 
+@pytest.mark.exactness
 def test_the_forced_general_path_equals_the_fast_path_bit_for_bit(monkeypatch):
     """Rows gathered and per-row coefficients (what samples at different levels need) give exactly the numbers of
     the fast path (all rows as they are, one scalar per level): float32 and float64, with clipping and AES. The
