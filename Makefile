@@ -64,11 +64,26 @@ sample-check: setup
 
 # Tests run in TEST_WORKERS processes (pytest-xdist, one test file per worker at a time, one thread each).
 TEST_WORKERS ?= 2
+# Then the exactness tests (the same results whatever the batch, order, processes, shards or resume) run once more
+# on other CPU kernels, so that an equality that holds on this CPU's kernels only fails here, not on the next
+# machine: float32 sums in an order that depends on the batch size, the instruction set and the thread count.
+# ONEDNN_MAX_CPU_ISA=AVX2 caps oneDNN (float32 / bf16 convolutions), ATEN_CPU_CAPABILITY=avx2
+# PyTorch's own vectorised kernels (elementwise ops, reductions, softmax), MKL_ENABLE_INSTRUCTIONS=AVX2 MKL's BLAS:
+# each changes something only on a CPU with AVX-512 (on an AMD EPYC with AVX-512, oneDNN's float32 convolutions
+# and PyTorch's softmax round otherwise; MKL's matmuls did not change). OMP_NUM_THREADS=2 splits the work unlike
+# the one thread per worker above, on any CPU; OMP_WAIT_POLICY=PASSIVE only keeps the waiting thread from spinning
+# on a busy machine. Not covered: other vendors' or architectures' kernels (Arm), GPUs, other library versions.
+# test: the in-process ones, about 25 s; the subprocess ones (evaluate.py in 1 and 2 processes, shards, resume)
+# compare float64 runs, which PyTorch never hands to oneDNN, to 1e-9, and would add about 2.5 min: test-all.
+EXACTNESS_ENV ?= ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 OMP_NUM_THREADS=2 \
+	OMP_WAIT_POLICY=PASSIVE
 test: setup
 	$(PY) -m pytest -m "not slow" -q -n $(TEST_WORKERS) --dist loadfile
+	$(EXACTNESS_ENV) $(PY) -m pytest -m "exactness and not slow and not subprocess" -q
 
 test-all: setup
 	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+	$(EXACTNESS_ENV) $(PY) -m pytest -m exactness -q
 
 # Re-create the committed checkpoints: Fashion-OOD (the classifier about 10 min, each diffusion model about an hour
 # on 2 CPU cores; docs/training.md) and Digits-OOD (about 15 min per diffusion model). Resumable: rerunning a

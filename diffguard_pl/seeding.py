@@ -1,6 +1,6 @@
 """Per-sample randomness: every random draw that touches a sample (cutout crops, oracle labels, training noise,
-splits) is seeded from the sample's stable id, never from its batch position or process rank, so results do
-not depend on batch size, sample order or the number of processes."""
+splits) is seeded from the sample's stable id, never from its batch position or process rank, so the draws do
+not depend on batch size, sample order or the number of processes (and results only by rounding)."""
 
 from __future__ import annotations
 

@@ -80,6 +80,7 @@ def test_synthesis_of_an_early_stopper_runs_beside_inverting_samples():
     assert [x.shape[0] for _, x in calls][: 2 * d_fast] == [2] * (2 * d_fast)
 
 
+@pytest.mark.exactness
 def test_sample_alone_equals_sample_in_batch_that_stops_elsewhere():
     # float64, so that what is compared is the per-sample logic, not batch-size-dependent rounding.
     diffusion, classifier = small_diffusion(), small_classifier().double()

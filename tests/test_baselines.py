@@ -95,6 +95,7 @@ def test_one_search_gives_each_k_the_distance_of_its_own_search(data):
     assert not torch.equal(together[1], together[150])
 
 
+@pytest.mark.exactness
 def test_scores_do_not_depend_on_the_batch(data):
     feats = torch.cat([data["in"][:40], data["out"][:40]])
     for detector in (KNN(k=10).fit_features(data["train"]), ViM(data["head"], 8).fit_features(data["train"])):

@@ -119,6 +119,7 @@ def test_dsg_mask_is_thresholded_and_resized_nearest():
     assert mask[0, 0, :4].sum() == 32 - 4 and mask[0, 0, 4:].sum() == 0
 
 
+@pytest.mark.exactness
 def test_classifier_free_masks_and_scores_do_not_depend_on_the_batch():
     diffusion = small_diffusion(conditional=True)
     diffusion.unet.double()

@@ -95,6 +95,7 @@ def test_the_contrastive_distance_compares_the_encoders_features():
         DiffGuardPipeline(small_diffusion(), small_classifier(), cfg)
 
 
+@pytest.mark.exactness
 def test_scores_against_the_input_equal_a_reference_input_run():
     """reference=unguided also scores the same guided synthesis against the input: what reference=input gives
     (float64: the two runs batch the denoiser differently)."""

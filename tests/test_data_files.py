@@ -11,7 +11,7 @@ from torch.utils.data import ConcatDataset, DataLoader
 from diffguard_pl.config import DataConfig
 from diffguard_pl.data import IND, OOD_LABEL, sample_seed
 from diffguard_pl.data.datamodule import BenchmarkDataModule
-from diffguard_pl.data.file_benchmark import FileImageSet, build_file_benchmark, data_report, folder_set
+from diffguard_pl.data.file_benchmark import FileImageSet, ReadOptions, build_file_benchmark, data_report, folder_set
 from diffguard_pl.data.image_files import ResizeCenterCrop, is_grayscale, standard_transform, to_mode, verify
 from diffguard_pl.data.image_lists import OPENOOD_BENCHMARKS, read_image_folder, read_image_list
 from diffguard_pl.errors import DataError
@@ -118,10 +118,29 @@ def test_skip_mode_counts_bad_lines_and_corrupt_files(small_tree, tmp_path):
 def test_corrupt_file_raises_when_read(small_tree, tmp_path):
     lst = write_list(tmp_path / "list.txt", ["a/one.png 0", "b/corrupt.png 1"])
     entries, _ = read_image_list(lst, small_tree)
-    images = FileImageSet("s", entries, standard_transform("resize", 16))
+    images = FileImageSet("s", entries, ReadOptions(standard_transform("resize", 16)))
     assert images[0]["image"].shape == (3, 16, 16)
     with pytest.raises(DataError, match=rf"{lst}:2: .*corrupt\.png.*data.on_error=skip"):
         images[1]
+
+
+def test_read_options_are_checked_and_sets_pool_only_when_they_decode_alike(small_tree):
+    with pytest.raises(ValueError, match="channels=2, use 1 or 3"):
+        ReadOptions(channels=2)
+    with pytest.raises(ValueError, match="on_error='ignore'"):
+        ReadOptions(on_error="ignore")
+    with pytest.raises(ValueError, match="transform is None"):
+        FileImageSet("s", [], ReadOptions())
+    with pytest.raises(ValueError, match="needs ReadOptions.resolution"):
+        build_file_benchmark("cifar10", small_tree, ReadOptions())
+    one, two = read_image_folder(small_tree / "a")
+    transform = standard_transform("resize", 16)
+    first = FileImageSet("one", [one], ReadOptions(transform))
+    assert first.options.resolution == 16  # the transform's output size
+    pooled = FileImageSet.pooled("both", [first, FileImageSet("two", [two], ReadOptions(transform, workers=4))], "val")
+    assert pooled.ids == ["one.png", "two.jpg"] and pooled.split == "val"  # bad-file handling does not matter
+    with pytest.raises(ValueError, match="decode images differently"):
+        FileImageSet.pooled("both", [first, FileImageSet("two", [two], ReadOptions(transform, channels=1))], "val")
 
 
 # --------------------------------------------------------------------------- colour and preprocessing
@@ -132,10 +151,10 @@ def test_grayscale_raises_or_converts(small_tree):
     gray = [e for e in entry if e.id == "gray.png"]
     transform = standard_transform("resize", 16)
     with pytest.raises(DataError, match=r"gray\.png.*grayscale.*data.allow_grayscale=true"):
-        FileImageSet("s", gray, transform)[0]
+        FileImageSet("s", gray, ReadOptions(transform))[0]
     with pytest.raises(DataError, match="allow_grayscale"):
         verify(gray)
-    image = FileImageSet("s", gray, transform, convert_grayscale=True)[0]["image"]
+    image = FileImageSet("s", gray, ReadOptions(transform, convert_grayscale=True))[0]["image"]
     assert image.shape == (3, 16, 16)
     assert torch.equal(image[0], image[1]) and torch.equal(image[1], image[2])
     result = verify(gray, convert_grayscale=True)
@@ -143,7 +162,7 @@ def test_grayscale_raises_or_converts(small_tree):
     skipped = verify(gray, on_error="skip")
     assert skipped.entries == [] and "allow_grayscale" in skipped.problems[0].reason
     # A 1-channel benchmark takes grayscale as it is and converts RGB to luma.
-    assert FileImageSet("s", gray, transform, channels=1)[0]["image"].shape == (1, 16, 16)
+    assert FileImageSet("s", gray, ReadOptions(transform, channels=1))[0]["image"].shape == (1, 16, 16)
 
 
 def test_colour_modes():
@@ -204,7 +223,7 @@ def test_folder_reading_is_deterministic(tmp_path):
     with pytest.raises(DataError, match="no images"):
         read_image_folder(root / "a", extensions=(".gif",))
 
-    s = folder_set(root, "mine", transform=standard_transform("resize", 8))
+    s = folder_set(root, "mine", ReadOptions(standard_transform("resize", 8)))
     assert s.ids[0] == "mine/a/10.png" and len(s) == 5 and (s.labels == OOD_LABEL).all()
     sample = s[0]
     assert sample["set"] == "mine" and sample["split"] == "test" and sample["image"].shape == (3, 8, 8)
@@ -246,7 +265,7 @@ def test_openood_definitions_are_complete():
 
 def test_build_file_benchmark(tmp_path):
     root = cifar_tree(tmp_path / "data")
-    b = build_file_benchmark("cifar10", root, 32, convert_grayscale=True, verify_files=True)
+    b = build_file_benchmark("cifar10", root, ReadOptions(resolution=32, convert_grayscale=True, verify_files=True))
     assert (b.name, b.num_classes, b.channels, b.resolution) == ("cifar10", 10, 3, 32)
     assert (len(b.train), len(b.val), len(b.test)) == (6, 2, 4)
     assert b.ood_names("near") == ["cifar100", "tin"]
@@ -289,8 +308,8 @@ def test_build_file_benchmark_errors_and_skip(tmp_path):
     root = cifar_tree(tmp_path / "data")
     # Grayscale MNIST in an RGB benchmark: an error naming the image and the fix, unless converted.
     with pytest.raises(DataError, match=r"test_mnist\.txt:1: .*mnist/test/000\.png.*allow_grayscale"):
-        build_file_benchmark("cifar10", root, 32, verify_files=True)
-    lazy = build_file_benchmark("cifar10", root, 32)  # without verification it fails when read
+        build_file_benchmark("cifar10", root, ReadOptions(resolution=32, verify_files=True))
+    lazy = build_file_benchmark("cifar10", root, ReadOptions(resolution=32))  # without verification it fails when read
     with pytest.raises(DataError, match="allow_grayscale"):
         lazy.ood["mnist"].test[0]
 
@@ -298,8 +317,9 @@ def test_build_file_benchmark_errors_and_skip(tmp_path):
     write_corrupt(root / "images_classic/svhn/test/bad.png")
     svhn.write_text(svhn.read_text() + "svhn/test/bad.png -1\nsvhn/test/000.png\n")
     with pytest.raises(DataError, match=rf"{svhn}:4: .*no label"):
-        build_file_benchmark("cifar10", root, 32, convert_grayscale=True)
-    b = build_file_benchmark("cifar10", root, 32, on_error="skip", convert_grayscale=True, workers=2)
+        build_file_benchmark("cifar10", root, ReadOptions(resolution=32, convert_grayscale=True))
+    b = build_file_benchmark("cifar10", root, ReadOptions(resolution=32, on_error="skip", convert_grayscale=True,
+                                                      workers=2))
     assert len(b.ood["svhn"].test) == 2
     report = data_report(b)
     assert report["skipped"] == 2 and report["sets"]["svhn/test"]["skipped"] == 2
@@ -308,22 +328,22 @@ def test_build_file_benchmark_errors_and_skip(tmp_path):
 
     # Skip mode without grayscale conversion drops the grayscale images; a list left empty is an error.
     with pytest.raises(DataError, match="no usable images left in set 'mnist'"):
-        build_file_benchmark("cifar10", root, 32, on_error="skip")
+        build_file_benchmark("cifar10", root, ReadOptions(resolution=32, on_error="skip"))
 
 
 def test_build_file_benchmark_checks_labels_ids_and_size(tmp_path):
     root = cifar_tree(tmp_path / "data")
     spec = {**OPENOOD_BENCHMARKS["cifar10"], "num_classes": 5}  # the tree's InD labels go up to 5
     with pytest.raises(DataError, match="label 5 is not an InD class"):
-        build_file_benchmark(spec, root, 32, convert_grayscale=True)
+        build_file_benchmark(spec, root, ReadOptions(resolution=32, convert_grayscale=True))
     spec = {**OPENOOD_BENCHMARKS["cifar10"], "name": "shared"}
     spec["ood"] = {**spec["ood"], "tin": {**spec["ood"]["tin"], "val": spec["ood"]["tin"]["test"]}}
     with pytest.raises(DataError, match="ids shared between evaluated sets.*tin/val and tin/test"):
-        build_file_benchmark(spec, root, 32, convert_grayscale=True)
+        build_file_benchmark(spec, root, ReadOptions(resolution=32, convert_grayscale=True))
     with pytest.raises(ValueError, match="resolution is 32"):
-        build_file_benchmark("cifar10", root, 32, transform=standard_transform("resize", 16))
-    b = build_file_benchmark("cifar10", root, 16, channels=1, transform=standard_transform("resize", 16))
+        build_file_benchmark("cifar10", root, ReadOptions(standard_transform("resize", 16), resolution=32))
+    b = build_file_benchmark("cifar10", root, ReadOptions(standard_transform("resize", 16), channels=1, resolution=16))
     assert b.ood["mnist"].test[0]["image"].shape == (1, 16, 16)
     assert b.test[0]["image"].shape == (1, 16, 16)
     with pytest.raises(DataError, match="unknown benchmark"):
-        build_file_benchmark("cifar100", root, 32)
+        build_file_benchmark("cifar100", root, ReadOptions(resolution=32))

@@ -68,6 +68,7 @@ def full_run(tmp_path_factory, small_models):
     return out
 
 
+@pytest.mark.exactness
 def test_two_processes_equal_one(tmp_path, small_models, full_run):
     run_eval(tmp_path / "two", small_models, "trainer.devices=2", "trainer.strategy=ddp")
     one, two = read_scores(full_run), read_scores(tmp_path / "two")
@@ -84,6 +85,7 @@ def test_two_processes_equal_one(tmp_path, small_models, full_run):
     assert len(shard_files) == 2  # one per rank
 
 
+@pytest.mark.exactness
 @pytest.mark.slow
 def test_a_rank_with_no_samples(tmp_path, small_models):
     # shard 0/48 of 48 samples is a single sample: the second process gets none.
@@ -91,6 +93,7 @@ def test_a_rank_with_no_samples(tmp_path, small_models):
     assert len(read_scores(tmp_path / "tiny")) == 1
 
 
+@pytest.mark.exactness
 @pytest.mark.slow  # the default suite resumes after SIGTERM (below), torn last line included
 def test_killed_run_resumes_to_identical_results(tmp_path, small_models, full_run):
     out = tmp_path / "killed"
@@ -134,6 +137,7 @@ def test_resume_and_merge_refuse_another_config_naming_the_keys(tmp_path, small_
     assert not (tmp_path / "merged").exists()
 
 
+@pytest.mark.exactness
 def test_shards_split_by_hand_merge_to_the_full_result(tmp_path, small_models, full_run):
     parts = [tmp_path / f"part{i}" for i in range(2)]
     for i, part in enumerate(parts):
@@ -145,6 +149,7 @@ def test_shards_split_by_hand_merge_to_the_full_result(tmp_path, small_models, f
     assert metrics(tmp_path / "merged") == metrics(full_run)
 
 
+@pytest.mark.exactness
 def test_sigterm_stops_promptly_keeps_finished_samples_and_resumes(tmp_path, small_models, full_run):
     """What SLURM or Kubernetes send before killing a job: the run stops after the current model call, says
     that the same command resumes, exits with 143, and the resumed run equals an uninterrupted one."""

@@ -9,6 +9,7 @@ from diffguard_pl.method.guidance import clean_estimate, cutout, cutout_params, 
 from diffguard_pl.models import DiffusionModel
 from diffguard_pl.method.oracle import Oracle
 from diffguard_pl.method.pipeline import DiffGuardPipeline
+from diffguard_pl.method.walk import Rows
 
 from helpers.models import ALPHAS, RecordingUNet, small_classifier, small_diffusion
 
@@ -43,6 +44,13 @@ def test_round_trip_is_exact_for_a_consistent_eps_model():
     assert torch.allclose(out["synthesis"], images, atol=1e-4)
     assert out["scores"]["l2"].max() < 1e-8
     assert out["unet_evals"].tolist() == [30] * 4 and out["depth"].tolist() == [15] * 4
+
+
+def test_a_dry_run_pipeline_counts_its_work_but_cannot_run():
+    pipe = DiffGuardPipeline(small_diffusion(), small_classifier(), unguided(num_steps=10, depth=6), dry_run=True)
+    assert pipe.unet_evals(6) == 12  # six inversion steps, six synthesis steps of one row
+    with pytest.raises(RuntimeError, match="built with dry_run=True and cannot run"):
+        pipe(torch.rand(1, 1, 16, 16))
 
 
 def test_unguided_reference_runs_in_the_same_batch():
@@ -112,6 +120,7 @@ def test_cutout_crops_the_requested_square():
     assert torch.allclose(crops[1], images[1, :, 8:, :8], atol=1e-6)
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("conditional, released", [(False, False), (True, False), (False, True)])
 def test_scores_do_not_depend_on_the_batch(conditional, released):
     diffusion, classifier = small_diffusion(conditional), small_classifier()
@@ -129,9 +138,11 @@ def test_scores_do_not_depend_on_the_batch(conditional, released):
         assert torch.allclose(batch["scores"][name][position], value[0], rtol=1e-4, atol=1e-6), name
 
 
-def test_the_forced_general_path_equals_the_fast_path_bit_for_bit():
+@pytest.mark.exactness
+def test_the_forced_general_path_equals_the_fast_path_bit_for_bit(monkeypatch):
     """Rows gathered and per-row coefficients (what samples at different levels need) give exactly the numbers of
-    the fast path (all rows as they are, one scalar per level): float32 and float64, with clipping and AES."""
+    the fast path (all rows as they are, one scalar per level): float32 and float64, with clipping and AES. The
+    same denoiser batches either way, so no rounding of another batch composition enters."""
     for dtype in (torch.float32, torch.float64):
         diffusion, classifier = small_diffusion(), small_classifier().to(dtype)
         diffusion.unet.to(dtype)
@@ -141,7 +152,14 @@ def test_the_forced_general_path_equals_the_fast_path_bit_for_bit():
         images = torch.cat([torch.rand(3, 1, 16, 16), torch.full((2, 1, 16, 16), 0.5)]).to(dtype)
         pipe = DiffGuardPipeline(diffusion, classifier, cfg)
         fast = pipe(images, list("abcde"))
-        pipe.walker.force_rows = True
+        as_found = pipe.walker._rows
+
+        def gathered(walk, phase):  # the same rows in the general form: device indices and per-row levels
+            rows = as_found(walk, phase)
+            return None if rows is None else Rows(rows.cpu, rows.cpu.to(pipe.device),
+                                                  walk.level[rows.cpu].to(pipe.device))
+
+        monkeypatch.setattr(pipe.walker, "_rows", gathered)
         forced = pipe(images, list("abcde"))
         assert torch.equal(fast["depth"], forced["depth"]) and len(set(fast["depth"].tolist())) > 1
         for name in fast["scores"]:

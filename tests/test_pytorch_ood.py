@@ -38,6 +38,7 @@ def run_metrics(detector, loader):
     return metrics.compute()["AUROC"], auroc(scores[labels >= 0], scores[labels < 0]), scores
 
 
+@pytest.mark.exactness
 @pytest.mark.parametrize("preset", ["digits_gdm", "digits_classifier_free"])
 def test_oodmetrics_gets_our_auroc(preset, loaders):
     test, _ = loaders
@@ -45,9 +46,14 @@ def test_oodmetrics_gets_our_auroc(preset, loaders):
     assert not detector.requires_fit and detector.fit(test) is detector
     theirs, ours, scores = run_metrics(detector, test)
     assert abs(theirs - ours) <= 1e-9 and scores.dtype == torch.float64
-    # Ids are digests of the pixels: a sample's score does not depend on its batch.
+    # Ids are digests of the pixels: a sample's score does not depend on its batch. Up to float32 rounding: the
+    # models run in float32, and a convolution sums in an order that depends on the batch size, the kernels'
+    # instruction set and the thread count. The same samples in batches of 4, 6 and 12 scored up to 4.1e-6 apart
+    # (relative; oneDNN AVX-512 and AVX2, 1 and 2 threads), so rtol 1e-4 leaves a margin of 25; ids by batch
+    # position instead (other cutouts) move these scores by 1.4e-3 or more, which it still catches.
     x = torch.cat([b for b, _ in test])
-    assert torch.equal(detector.predict(x[3:9]), scores[3:9]) and len(set(sample_ids(x))) == len(x)
+    torch.testing.assert_close(detector.predict(x[3:9]), scores[3:9], rtol=1e-4, atol=0)
+    assert len(set(sample_ids(x))) == len(x)
 
 
 def test_fused_detector_fits_partner_and_normalisation_on_ind_samples(loaders, benchmark):
@@ -63,8 +69,9 @@ def test_fused_detector_fits_partner_and_normalisation_on_ind_samples(loaders, b
     assert fused.norm == {"diffguard": (float(d.mean()), float(d.std())), "partner": (float(p.mean()), float(p.std()))}
     theirs, ours, scores = run_metrics(fused, test)
     assert abs(theirs - ours) <= 1e-9
-    x = torch.cat([b for b, _ in test])
-    expected = (plain.predict(x) - d.mean()) / d.std() + (fused.partner.predict(x) - p.mean()) / p.std()
+    # The fusion, in the loader's batches: float32 model outputs in other batches would round otherwise.
+    expected = torch.cat([(plain.predict(x) - d.mean()) / d.std() + (fused.partner.predict(x) - p.mean()) / p.std()
+                          for x, _ in test])
     torch.testing.assert_close(scores, expected, rtol=1e-9, atol=1e-9)
     # A partner fitted beforehand (on InD training data, as evaluate.py does) is used as it is.
     partner = Baseline("knn", fused.pipeline.classifier, k=5).fit(benchmark.train.images[:100])

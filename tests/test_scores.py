@@ -27,6 +27,7 @@ def test_ssim_equals_piq(shape, dtype):
     assert (ours < 1).all()
 
 
+@pytest.mark.exactness
 def test_ssim_per_sample_does_not_depend_on_the_batch():
     g = torch.Generator().manual_seed(0)
     x, y = torch.rand(5, 3, 16, 16, generator=g, dtype=torch.float64), torch.rand(5, 3, 16, 16, generator=g,

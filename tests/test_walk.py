@@ -40,6 +40,7 @@ def pipeline(**kw):
     return DiffGuardPipeline(DiffusionModel(unet, ALPHAS), small_classifier().double(), cfg), unet
 
 
+@pytest.mark.exactness
 def test_samples_of_different_depths_walk_their_own_levels_in_shared_batches():
     pipe, unet = pipeline(guidance=GuidanceConfig(scale=2.0, cutout=CutoutConfig(num=2)))
     latent = torch.rand(3, 1, 16, 16, dtype=torch.float64) * 2 - 1
@@ -55,6 +56,7 @@ def test_samples_of_different_depths_walk_their_own_levels_in_shared_batches():
         assert torch.allclose(together["synthesis"][i], alone["synthesis"][0], rtol=0, atol=1e-12), i
 
 
+@pytest.mark.exactness
 def test_inversion_then_synthesis_is_the_whole_walk():
     pipe, unet = pipeline(reference="unguided", guidance=GuidanceConfig(scale=2.0, cutout=CutoutConfig(num=2)))
     x0 = torch.rand(2, 1, 16, 16, dtype=torch.float64) * 2 - 1

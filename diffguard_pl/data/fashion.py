@@ -35,7 +35,6 @@ from diffguard_pl.data.generated import FAR_OOD_BUILDERS
 from diffguard_pl.errors import MissingDataError  # noqa: F401  (re-exported)
 
 NEAR_OOD = "fashion_6to9"
-REAL_FAR_OOD = ("mnist", "animals")
 CLASS_NAMES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
                "Ankle boot")
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")

@@ -9,6 +9,10 @@ is the image's path relative to its data folder (see
 :mod:`diffguard_pl.data.image_lists`, which reads the lists and folders;
 :mod:`diffguard_pl.data.image_files` decodes and preprocesses the images).
 
+How files become samples, and what happens to bad ones, is one
+:class:`ReadOptions` (transform, channels, resolution, grayscale conversion;
+``on_error``, ``verify_files``, ``workers``), passed to every function here.
+
 Errors. A bad list line or image raises a :class:`DataError` that names the
 list file, the line and what to fix. With ``on_error="skip"`` such lines and
 images are dropped and recorded per set (:func:`data_report`). A lazy set
@@ -32,7 +36,7 @@ from __future__ import annotations
 import os
 
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +51,39 @@ from diffguard_pl.data.image_lists import (
     read_image_folder, read_image_list,
 )
 from diffguard_pl.errors import DataError
+
+
+# --------------------------------------------------------------------------- how files become samples
+
+
+@dataclass(frozen=True)
+class ReadOptions:
+    """How image files become samples, and what is done with bad ones.
+
+    Decoding (what a sample's tensor depends on): ``transform`` (a PIL image to [C, H, W] in [0, 1]; None in
+    :func:`build_file_benchmark`: the benchmark's standard preprocessing), ``channels`` (1 or 3), ``resolution``
+    (None: the transform's ``output_size``; :func:`build_file_benchmark` needs it) and ``convert_grayscale``
+    (replicate grayscale images into RGB rather than fail). Bad files, when a set is built: ``on_error``
+    ("raise", or "skip": drop bad lines and images, verifying every image first), ``verify_files`` (force that
+    verification on or off; None: only with "skip") and ``workers`` (threads that decode in parallel).
+    """
+
+    transform: Transform | None = None
+    channels: int = 3
+    resolution: int | None = None
+    convert_grayscale: bool = False
+    on_error: str = "raise"
+    verify_files: bool | None = None
+    workers: int = 1
+
+    def __post_init__(self):
+        if self.channels not in (1, 3):
+            raise ValueError(f"channels={self.channels}, use 1 or 3")
+        check_on_error(self.on_error)
+
+    def decoding(self) -> tuple:
+        """What the decoded images depend on (not how bad files are handled)."""
+        return self.transform, self.channels, self.resolution, self.convert_grayscale
 
 
 # --------------------------------------------------------------------------- the lazy set
@@ -67,10 +104,11 @@ class LazyImages:
 
     @property
     def shape(self) -> tuple[int, int, int, int]:
-        if self.dataset.resolution is None:
-            raise AttributeError("shape unknown: the set's transform has no output_size (pass resolution=)")
-        r = self.dataset.resolution
-        return (len(self.dataset), self.dataset.channels, r, r)
+        options = self.dataset.options
+        if options.resolution is None:
+            raise AttributeError("shape unknown: the set's transform has no output_size (set ReadOptions.resolution)")
+        r = options.resolution
+        return (len(self.dataset), options.channels, r, r)
 
     def __getitem__(self, index: Any) -> torch.Tensor:
         if isinstance(index, (int, np.integer)) or (torch.is_tensor(index) and index.ndim == 0):
@@ -89,7 +127,8 @@ class FileImageSet(Dataset):
 
     The interface of :class:`~diffguard_pl.data.benchmark.ImageSet`
     (``name``, ``split``, ``ids``, ``labels``, ``__len__``, ``__getitem__``,
-    ``subset``; ``images`` is a :class:`LazyImages` view). ``problems`` and
+    ``subset``; ``images`` is a :class:`LazyImages` view). ``options`` say how
+    its files are decoded (``options.transform`` is needed). ``problems`` and
     ``grayscale_converted`` record what was dropped / converted when the set was
     built (see :func:`data_report`).
     """
@@ -98,26 +137,22 @@ class FileImageSet(Dataset):
         self,
         name: str,
         entries: Sequence[ImageEntry],
-        transform: Transform,
+        options: ReadOptions,
         *,
-        channels: int = 3,
         split: str = "test",
-        resolution: int | None = None,
-        convert_grayscale: bool = False,
         problems: Sequence[Problem] = (),
         grayscale_converted: Sequence[str] = (),
     ):
-        if channels not in (1, 3):
-            raise ValueError(f"set {name}: channels={channels}, use 1 or 3")
-        self.name, self.split, self.channels = name, split, channels
+        if options.transform is None:
+            raise ValueError(f"set {name}: ReadOptions.transform is None; pass the transform that decodes its images")
+        if options.resolution is None:
+            options = replace(options, resolution=getattr(options.transform, "output_size", None))
+        self.name, self.split, self.options = name, split, options
         self.entries = list(entries)
         self.ids = [e.id for e in self.entries]
         if len(set(self.ids)) != len(self.ids):
             raise DataError(f"set {name}: sample ids are not unique")
         self.labels = torch.as_tensor([e.label for e in self.entries], dtype=torch.long)
-        self.transform = transform
-        self.resolution = resolution if resolution is not None else getattr(transform, "output_size", None)
-        self.convert_grayscale = convert_grayscale
         self.problems = list(problems)
         self.grayscale_converted = list(grayscale_converted)
 
@@ -134,12 +169,13 @@ class FileImageSet(Dataset):
                 f"{entry.where}: cannot read the image ({type(error).__name__}: {error}); replace the file "
                 "or remove it from the list, or set data.on_error=skip to verify every image and drop unreadable ones"
             ) from error
-        tensor = self.transform(to_mode(image, self.channels, self.convert_grayscale, entry.where))
-        r = self.resolution
-        if tensor.ndim != 3 or tensor.shape[0] != self.channels or (r is not None and tensor.shape[1:] != (r, r)):
+        options = self.options
+        tensor = options.transform(to_mode(image, options.channels, options.convert_grayscale, entry.where))
+        c, r = options.channels, options.resolution
+        if tensor.ndim != 3 or tensor.shape[0] != c or (r is not None and tensor.shape[1:] != (r, r)):
             raise DataError(
                 f"set {self.name}: the transform gave shape {tuple(tensor.shape)} for {entry.path}, expected "
-                f"({self.channels}, {r}, {r}); the transform's output size must equal the benchmark resolution"
+                f"({c}, {r}, {r}); the transform's output size must equal the benchmark resolution"
             )
         return tensor
 
@@ -153,21 +189,20 @@ class FileImageSet(Dataset):
 
     @classmethod
     def pooled(cls, name: str, sets: Sequence[FileImageSet], split: str) -> FileImageSet:
-        """The sets as one (their entries in order); they must share the transform, channels and resolution."""
+        """The sets as one (their entries in order); they must decode images alike (:meth:`ReadOptions.decoding`)."""
         first = sets[0]
         for other in sets[1:]:
-            if (other.transform, other.channels, other.resolution, other.convert_grayscale) != (
-                    first.transform, first.channels, first.resolution, first.convert_grayscale):
+            if other.options.decoding() != first.options.decoding():
                 raise ValueError(f"cannot pool sets {first.name} and {other.name}: they decode images differently")
-        return cls(name, [e for s in sets for e in s.entries], first.transform, channels=first.channels,
-                   split=split, resolution=first.resolution, convert_grayscale=first.convert_grayscale,
+        return cls(name, [e for s in sets for e in s.entries], first.options, split=split,
                    problems=[p for s in sets for p in s.problems],
                    grayscale_converted=[i for s in sets for i in s.grayscale_converted])
 
     def content_key(self) -> str:
         """What the decoded images depend on, without decoding them: each file's path, size and modification
         time, the labels and ids, and how files become tensors (the transform, channels, resolution)."""
-        parts = [repr(self.transform), str(self.channels), str(self.resolution), str(self.convert_grayscale)]
+        transform, *rest = self.options.decoding()
+        parts = [repr(transform), *map(str, rest)]
         for entry in self.entries:
             stat = os.stat(entry.path)
             parts.append(f"{entry.id}\t{entry.label}\t{os.path.abspath(entry.path)}\t{stat.st_size}\t{stat.st_mtime_ns}")
@@ -177,8 +212,7 @@ class FileImageSet(Dataset):
         picked = [self.entries[i] for i in torch.as_tensor(list(indices), dtype=torch.long).tolist()]
         kept = {e.id for e in picked}
         return FileImageSet(
-            self.name, picked, self.transform, channels=self.channels, split=split or self.split,
-            resolution=self.resolution, convert_grayscale=self.convert_grayscale, problems=self.problems,
+            self.name, picked, self.options, split=split or self.split, problems=self.problems,
             grayscale_converted=[i for i in self.grayscale_converted if i in kept],
         )
 
@@ -191,89 +225,67 @@ class FileImageSet(Dataset):
         }
 
 
-def _file_set(
-    name: str,
-    entries: list[ImageEntry],
-    problems: list[Problem],
-    transform: Transform,
-    *,
-    channels: int,
-    split: str,
-    resolution: int | None,
-    convert_grayscale: bool,
-    on_error: str,
-    verify_files: bool | None,
-    workers: int,
-) -> FileImageSet:
+def _file_set(name: str, entries: list[ImageEntry], problems: list[Problem], split: str,
+              options: ReadOptions) -> FileImageSet:
     grayscale: list[str] = []
-    if verify_files or (verify_files is None and on_error == "skip"):
-        result = verify(entries, channels=channels, convert_grayscale=convert_grayscale, on_error=on_error,
-                        workers=workers)
+    if options.verify_files or (options.verify_files is None and options.on_error == "skip"):
+        result = verify(entries, channels=options.channels, convert_grayscale=options.convert_grayscale,
+                        on_error=options.on_error, workers=options.workers)
         entries, problems, grayscale = result.entries, problems + result.problems, result.grayscale
-    return FileImageSet(name, entries, transform, channels=channels, split=split, resolution=resolution,
-                        convert_grayscale=convert_grayscale, problems=problems, grayscale_converted=grayscale)
+    return FileImageSet(name, entries, options, split=split, problems=problems, grayscale_converted=grayscale)
 
 
 def folder_set(
     folder: PathLike,
     name: str,
+    options: ReadOptions,
     *,
-    transform: Transform,
-    channels: int = 3,
     split: str = "test",
     label: int = OOD_LABEL,
-    resolution: int | None = None,
-    convert_grayscale: bool = False,
-    on_error: str = "raise",
-    verify_files: bool | None = None,
-    workers: int = 1,
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
 ) -> FileImageSet:
     """Every image under ``folder`` as one set (label -1: OOD, for scoring a folder without labels).
 
     Ids are ``"<name>/<path relative to folder>"``, so they do not collide
-    with other sets' ids. Verification follows :func:`build_file_benchmark`.
+    with other sets' ids. ``options.transform`` is needed; verification
+    follows :func:`build_file_benchmark`.
     """
-    check_on_error(on_error)
     entries = read_image_folder(folder, label=label, extensions=extensions, id_prefix=f"{name}/")
-    return _file_set(name, entries, [], transform, channels=channels, split=split, resolution=resolution,
-                     convert_grayscale=convert_grayscale, on_error=on_error, verify_files=verify_files,
-                     workers=workers)
+    return _file_set(name, entries, [], split, options)
 
 
 def build_file_benchmark(
     definition: str | Mapping[str, Any],
     data_root: PathLike,
-    resolution: int,
-    channels: int = 3,
-    transform: Transform | None = None,
-    on_error: str = "raise",
+    options: ReadOptions,
     *,
-    convert_grayscale: bool = False,
-    verify_files: bool | None = None,
-    workers: int = 1,
     check_files: bool = True,
     name: str | None = None,
 ) -> Benchmark:
     """A :class:`Benchmark` of lazy :class:`FileImageSet` s from an image-list definition.
 
     ``definition`` is a key of :data:`OPENOOD_BENCHMARKS` or a dict of the same
-    shape. ``transform`` must give ``resolution`` x ``resolution`` images
-    (default: :func:`default_transform`). InD labels must lie in
-    [0, num_classes); OOD images get label -1 whatever their list says. An OOD
-    set without a ``val`` list has an empty val split.
+    shape. ``options.resolution`` is the benchmark's; ``options.transform``
+    must give ``resolution`` x ``resolution`` images (None:
+    :func:`default_transform`). InD labels must lie in [0, num_classes); OOD
+    images get label -1 whatever their list says. An OOD set without a ``val``
+    list has an empty val split.
 
-    ``on_error="skip"`` drops bad lines and images (verifying every image
-    first; ``verify_files`` forces verification on or off, ``workers`` threads
-    decode in parallel) and records them per set (:func:`data_report`).
-    A list left empty, or an id shared by two evaluated sets (InD val / test,
-    OOD val / test: results are keyed by id), is a :class:`DataError`.
+    ``options.on_error="skip"`` drops bad lines and images (verifying every
+    image first; ``options.verify_files`` forces verification on or off,
+    ``options.workers`` threads decode in parallel) and records them per set
+    (:func:`data_report`). A list left empty, or an id shared by two evaluated
+    sets (InD val / test, OOD val / test: results are keyed by id), is a
+    :class:`DataError`.
     """
-    check_on_error(on_error)
+    resolution, on_error = options.resolution, options.on_error
+    if resolution is None:
+        raise ValueError("build_file_benchmark needs ReadOptions.resolution: the benchmark's image size")
     bench_name, spec = benchmark_definition(definition)
     num_classes = int(spec["num_classes"])
-    transform = transform if transform is not None else default_transform(spec, resolution)
-    size = getattr(transform, "output_size", resolution)
+    if options.transform is None:
+        options = replace(options, transform=default_transform(spec, resolution))
+    size = getattr(options.transform, "output_size", resolution)
     if size != resolution:
         raise ValueError(f"the transform gives {size}x{size} images but the benchmark resolution is {resolution}")
     root = Path(data_root)
@@ -301,17 +313,15 @@ def build_file_benchmark(
                 else:
                     checked.append(e)
             entries = checked
-        result = _file_set(set_name, entries, problems, transform, channels=channels, split=split,
-                           resolution=resolution, convert_grayscale=convert_grayscale, on_error=on_error,
-                           verify_files=verify_files, workers=workers)
+        result = _file_set(set_name, entries, problems, split, options)
         if list_spec is not None and len(result) == 0:
             raise DataError(f"{root / list_spec.get('list', list_spec.get('folder', ''))}: no usable images left in set {set_name!r} ({split}); "
                             f"{len(result.problems)} problem(s), first: {result.problems[0] if result.problems else '-'}")
         return result
 
     ind = {split: load(IND, split, spec["ind"][split], False) for split in ("train", "val", "test")}
-    benchmark = Benchmark(name=name or bench_name, num_classes=num_classes, channels=channels, resolution=resolution,
-                          train=ind["train"], val=ind["val"], test=ind["test"])
+    benchmark = Benchmark(name=name or bench_name, num_classes=num_classes, channels=options.channels,
+                          resolution=resolution, train=ind["train"], val=ind["val"], test=ind["test"])
     for set_name, set_spec in spec["ood"].items():
         benchmark.ood[set_name] = OODSet(
             set_spec["group"],
@@ -354,6 +364,7 @@ def data_report(benchmark: Benchmark) -> dict:
 __all__ = [
     "FileImageSet",
     "LazyImages",
+    "ReadOptions",
     "build_file_benchmark",
     "data_report",
     "folder_set",

@@ -30,12 +30,13 @@ def evaluation_sets(benchmark: Benchmark, limit: Optional[int], split: str = "te
 def folder_images(cfg: EvalConfig, benchmark: Benchmark) -> ImageSet:
     """The images of ``score_folder`` as one unlabelled set, preprocessed like the benchmark's."""
     from diffguard_pl.data.build import file_transform
-    from diffguard_pl.data.file_benchmark import folder_set
+    from diffguard_pl.data.file_benchmark import ReadOptions, folder_set
     from diffguard_pl.data.image_files import standard_transform
 
-    transform = (standard_transform("resize", cfg.data.resolution) if cfg.data.benchmark in ("digits", "fashion")
-                 else file_transform(cfg.data))
-    return folder_set(cfg.score_folder, "folder", transform=transform, channels=benchmark.channels,
-                      resolution=cfg.data.resolution,
-                      convert_grayscale=cfg.data.allow_grayscale or benchmark.channels == 1,
-                      on_error=cfg.data.on_error, verify_files=cfg.data.verify_files, workers=cfg.data.decode_workers)
+    data = cfg.data
+    transform = (standard_transform("resize", data.resolution) if data.benchmark in ("digits", "fashion")
+                 else file_transform(data))
+    options = ReadOptions(transform=transform, channels=benchmark.channels, resolution=data.resolution,
+                          convert_grayscale=data.allow_grayscale or benchmark.channels == 1,
+                          on_error=data.on_error, verify_files=data.verify_files, workers=data.decode_workers)
+    return folder_set(cfg.score_folder, "folder", options)

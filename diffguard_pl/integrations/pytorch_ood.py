@@ -19,7 +19,8 @@ does: it normalises on InD validation data), and the z-score normalisation of bo
 Without either, DiffGuard learns nothing and ``fit`` is not needed.
 
 Every sample's id, which seeds its cutouts, is a digest of its pixels, so a score does not depend on the batch
-(evaluate.py uses the dataset's ids instead: the same image scores alike, not identically, there).
+beyond rounding (float32 models sum in an order that depends on the batch size; evaluate.py uses the dataset's ids
+instead: the same image scores alike, not identically, there).
 """
 
 from __future__ import annotations

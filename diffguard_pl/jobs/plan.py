@@ -21,7 +21,7 @@ def print_plan(cfg: EvalConfig, benchmark: Benchmark, classifier: Classifier, di
                encoder: Optional[Classifier] = None) -> dict:
     from diffguard_pl.method.pipeline import DiffGuardPipeline
 
-    pipeline = DiffGuardPipeline(diffusion, classifier, cfg.diffguard, load_perceptual=False, encoder=encoder)
+    pipeline = DiffGuardPipeline(diffusion, classifier, cfg.diffguard, dry_run=True, encoder=encoder)
     d, g = cfg.diffguard, cfg.diffguard.guidance
     sets = evaluation_sets(benchmark, cfg.limit_per_set, cfg.split)
     ladder = pipeline.ladder

@@ -21,7 +21,6 @@ import torch
 
 from diffguard_pl.seeding import sample_seed
 
-MODES = ("ind", "paper")
 SALT = 7919  # separates the oracle's draws from every other per-sample generator
 
 

@@ -72,9 +72,40 @@ class View:
                     None if self.embedding is None else self.embedding[rows])
 
 
+@dataclass
+class FirstWalk:
+    """What an oracle's re-synthesis starts from: a call's inputs in [0, 1] and in model space, its walk's output
+    (latents, depths), the predictions and their DSG masks, the ids, and the reference the scores compare to."""
+
+    images: torch.Tensor
+    x0: torch.Tensor
+    run: dict
+    pred: torch.Tensor
+    masks: Optional[torch.Tensor]
+    ids: List[str]
+    reference: View
+
+
+@dataclass
+class Resynthesis:
+    """An oracle's re-synthesis: the rows it ran again (device indices, possibly none), their scores and the
+    denoiser evaluations it spent on each."""
+
+    rows: torch.Tensor
+    scores: Dict[str, torch.Tensor]
+    unet_evals: torch.Tensor
+
+    def scores_over(self, scores: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+        """A copy of ``scores`` with the re-synthesised rows' scores in place of theirs."""
+        merged = {name: value.clone() for name, value in scores.items()}
+        for name, value in self.scores.items():
+            merged[name][self.rows] = value
+        return merged
+
+
 class DiffGuardPipeline:
     def __init__(self, diffusion: DiffusionModel, classifier: Classifier, cfg: DiffGuardConfig,
-                 load_perceptual: bool = True, encoder: Optional[Classifier] = None):
+                 dry_run: bool = False, encoder: Optional[Classifier] = None):
         check_models(diffusion, classifier, cfg, encoder)
         self.diffusion, self.classifier, self.cfg = diffusion, classifier.eval(), cfg
         # the contrastive distance's encoder (models.encoder), used only where that distance is asked for
@@ -85,13 +116,14 @@ class DiffGuardPipeline:
                                    cfg.timestep_offset)
         self.runtime = Runtime(cfg.runtime)
         self.on_model_call: Optional[Callable[[str, tuple], None]] = None  # (kind, inputs) before each model call
-        # load_perceptual=False (dry runs: the pipeline cannot run) checks the DISTS / LPIPS files, loads nothing.
-        self.perceptual = perceptual_from(cfg.distances, cfg.perceptual_size, load_perceptual)
+        # dry_run (evaluate.py dry_run=true): check the DISTS / LPIPS weights files, load nothing; the pipeline
+        # can then count its work (ladder, unet_evals) but not run.
+        self.perceptual = perceptual_from(cfg.distances, cfg.perceptual_size, load=not dry_run)
         aes = None
-        if load_perceptual:
-            aes = AdaptiveEarlyStop(cfg.aes, cfg.perceptual_size)
-        else:
+        if dry_run:
             check_perceptual_files(["dists"] if cfg.aes.enabled and cfg.aes.dists is not None else [])
+        else:
+            aes = AdaptiveEarlyStop(cfg.aes, cfg.perceptual_size)
         # The walk's engine: walker.on_step(iteration, most) is called after each iteration (progress bars).
         self.walker = Walker(diffusion, self.classifier, cfg, self.ladder, self.runtime, aes, self._hook)
 
@@ -276,30 +308,29 @@ class DiffGuardPipeline:
         if masks is not None:
             out["masks"] = masks
         if oracles:
-            out["oracle_scores"] = {
-                name: self._oracle(images, x0, run, oracle, pred, masks, ids, reference, scores, unet_evals)
-                for name, oracle in oracles.items()
-            }
+            first = FirstWalk(images, x0, run, pred, masks, ids, reference)
+            out["oracle_scores"] = {}
+            for name, oracle in oracles.items():
+                again = self._oracle(first, oracle)
+                out["oracle_scores"][name] = again.scores_over(scores)
+                unet_evals[again.rows.cpu()] += again.unet_evals
         return out
 
-    def _oracle(self, images, x0, run: dict, oracle: Oracle, pred, masks, ids: List[str], reference: View,
-                scores: Dict[str, torch.Tensor], unet_evals: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Scores under the oracle labels (-1: the prediction); only samples whose synthesis changes run again."""
+    def _oracle(self, first: FirstWalk, oracle: Oracle) -> Resynthesis:
+        """The synthesis under the oracle labels (-1: the prediction) of the samples whose synthesis changes."""
         labels = oracle.labels.to(self.device)
-        labels = torch.where(labels >= 0, labels, pred)
-        dsg_changes = masks is not None and not oracle.dsg
-        redo = torch.ones_like(pred, dtype=torch.bool) if dsg_changes else labels != pred
-        result = {name: value.clone() for name, value in scores.items()}
-        if redo.any():
-            idx = redo.nonzero().flatten()
-            redo_masks = self.dsg_masks(images[idx], labels[idx]) if oracle.dsg else None
-            again = self.run(x0[idx], [ids[i] for i in idx.tolist()], labels[idx], False,
-                             latent=run["latent"][idx], depth=run["depth"][idx], masks=redo_masks)
-            redone = self.score(self.view(self.to_images(again["synthesis"])), reference[idx])
-            for name, value in redone.items():
-                result[name][idx] = value
-            unet_evals[idx.cpu()] += self.ladder.synthesis_start(run["depth"][idx].cpu()) * self.synthesis_rows
-        return result
+        labels = torch.where(labels >= 0, labels, first.pred)
+        dsg_changes = first.masks is not None and not oracle.dsg
+        redo = torch.ones_like(first.pred, dtype=torch.bool) if dsg_changes else labels != first.pred
+        rows = redo.nonzero().flatten()
+        if len(rows) == 0:
+            return Resynthesis(rows, {}, torch.zeros(0, dtype=torch.long))
+        depth = first.run["depth"][rows]
+        masks = self.dsg_masks(first.images[rows], labels[rows]) if oracle.dsg else None
+        again = self.run(first.x0[rows], [first.ids[i] for i in rows.tolist()], labels[rows], False,
+                         latent=first.run["latent"][rows], depth=depth, masks=masks)
+        scores = self.score(self.view(self.to_images(again["synthesis"])), first.reference[rows])
+        return Resynthesis(rows, scores, self.ladder.synthesis_start(depth.cpu()) * self.synthesis_rows)
 
 
 def check_models(diffusion: DiffusionModel, classifier: Classifier, cfg: DiffGuardConfig,

@@ -75,8 +75,7 @@ def _put(t: torch.Tensor, rows: Optional[torch.Tensor], value: torch.Tensor) -> 
 class Walker:
     """Runs walks for one diffusion model, classifier and config (the pipeline's engine).
 
-    ``hook(kind, *inputs)`` is called before each model call; ``on_step(iteration, most)`` after each iteration;
-    ``force_rows`` (tests) gathers rows and per-row coefficients even where all rows agree.
+    ``hook(kind, *inputs)`` is called before each model call; ``on_step(iteration, most)`` after each iteration.
     """
 
     def __init__(self, diffusion: DiffusionModel, classifier: Classifier, cfg: DiffGuardConfig, ladder: Ladder,
@@ -84,7 +83,6 @@ class Walker:
         self.diffusion, self.classifier, self.cfg, self.ladder = diffusion, classifier, cfg, ladder
         self.runtime, self.aes, self._hook = runtime, aes, hook
         self.classifier_free = cfg.guidance.mode == "classifier_free"
-        self.force_rows = False
         self.on_step: Optional[Callable[[int, int], None]] = None
         self._finite: List[torch.Tensor] = []  # per denoiser call of a run: eps all finite (read once)
         self._constants: dict = {}  # (value, n, device) -> long tensor (timesteps, null labels)
@@ -105,7 +103,7 @@ class Walker:
         ``curves`` of the inversion.
         """
         if self.aes is None:
-            raise RuntimeError("this pipeline was built with load_perceptual=False (a dry run) and cannot run")
+            raise RuntimeError("this pipeline was built with dry_run=True and cannot run")
         walk = self._start(x0, ids, labels, with_reference, latent, depth, masks)
         self._finite = []
         most = (0 if latent is not None else self.cfg.depth) + (0 if invert_only else
@@ -144,11 +142,11 @@ class Walker:
         if len(idx) == 0:
             return None
         levels = walk.level[idx]
-        if not self.force_rows and bool((levels == levels[0]).all()):
+        if bool((levels == levels[0]).all()):
             level: Union[int, torch.Tensor] = int(levels[0])
         else:
             level = levels.to(self.device, non_blocking=True)
-        every = len(idx) == len(walk.phase) and not self.force_rows
+        every = len(idx) == len(walk.phase)
         return Rows(idx, None if every else idx.to(self.device, non_blocking=True), level)
 
     def _walk(self, walk: Walk, invert_only: bool, most: int) -> None:
@@ -285,7 +283,7 @@ class Walker:
             stopped = rows.cpu[stop]
             if len(stopped) == 0:
                 return
-            every = len(stopped) == len(walk.phase) and not self.force_rows
+            every = len(stopped) == len(walk.phase)
             stopped_d = None if every else stopped.to(self.device, non_blocking=True)
             _put(walk.latent, stopped_d, _take(walk.x, stopped_d))
             if walk.reference is not None:

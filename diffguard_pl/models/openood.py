@@ -28,8 +28,6 @@ from torch import nn
 
 CIFAR10_MEAN = [0.4914, 0.4822, 0.4465]
 CIFAR10_STD = [0.2470, 0.2435, 0.2616]
-CIFAR100_MEAN = [0.5071, 0.4867, 0.4408]
-CIFAR100_STD = [0.2675, 0.2565, 0.2761]
 
 
 class OpenOODBasicBlock(nn.Module):
