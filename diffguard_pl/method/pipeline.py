@@ -41,6 +41,7 @@ from diffguard_pl.method.scores import (
     pixel_distances, psnr,
 )
 from diffguard_pl.method.walk import Walker
+from diffguard_pl.records import columns as col
 
 
 def check_images(images: torch.Tensor) -> torch.Tensor:
@@ -295,16 +296,16 @@ class DiffGuardPipeline:
         scores = self.score(synthesis, reference)
         depth = run["depth"].cpu()
         unet_evals = self.unet_evals(depth)
-        out = {
-            "logits": logits, "features": feats, "pred": pred, "synthesis": synthesis.images,
-            "synthesis_pred": synthesis.logits.argmax(dim=1), "reference": reference.images,
-            "scores": scores, "depth": depth, "unet_evals": unet_evals,
+        out = {  # the per-sample values a record keeps are named as their columns (diffguard_pl/records/columns.py)
+            "logits": logits, "features": feats, col.PRED: pred, "synthesis": synthesis.images,
+            col.SYNTHESIS_PRED: synthesis.logits.argmax(dim=1), "reference": reference.images,
+            "scores": scores, col.DEPTH: depth, col.UNET_EVALS: unet_evals,
             "curves": {name: value.cpu() for name, value in run["curves"].items()},
         }
         if with_reference:  # what reference=input would score, and how well the unguided walk returns
             out["input_scores"] = self.score(synthesis, source)
-            out["reference_pred"] = reference.logits.argmax(dim=1)
-            out["round_trip_psnr"] = psnr(reference.images, images)
+            out[col.REFERENCE_PRED] = reference.logits.argmax(dim=1)
+            out[col.ROUND_TRIP_PSNR] = psnr(reference.images, images)
         if masks is not None:
             out["masks"] = masks
         if oracles:
