@@ -199,9 +199,9 @@ def _evaluate(cfg: EvalConfig, benchmark, models: Models, output_dir: Path, part
         print(f"no sample left to evaluate; took {_seconds(time.perf_counter() - started)} in all")
         return results
 
-    from diffguard_pl.detectors.fitting import fit_classifier_baselines
+    from diffguard_pl.detectors.fitting import fit_classifier_detectors
 
-    stats, choice = fit_classifier_baselines(models.classifier, benchmark, cfg)  # stage 5
+    stats, choice = fit_classifier_detectors(models.classifier, benchmark, cfg)  # stage 5
     save_baseline_choice(output_dir, header["fingerprint"], choice)
     logger = build_logger(cfg, output_dir, metrics_footer=False)
     try:
