@@ -157,12 +157,13 @@ def write(path: Path, classifier_detectors: ClassifierDetectors, choice: dict) -
     console: where, and which detectors' state it does not keep, or why nothing was written."""
     parts = classifier_detectors.parts
     states = {name: fitted_state(f, parts) for name, f in classifier_detectors.fitted.items()}
+    partial = path.with_suffix(f".{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        partial = path.with_suffix(f".{os.getpid()}.tmp")
         torch.save({"key": path.stem, "choice": choice, "states": states}, partial)
         partial.replace(path)  # atomic: a reader never sees half a file
-    except OSError as error:  # a read-only home: the run goes on without a cache, and says so
+    except OSError as error:  # a read-only home or a full disk: the run goes on without a cache, and says so
+        partial.unlink(missing_ok=True)
         return f" (not cached: {error.strerror or error})"
     kept_out = [name for name, state in states.items() if state is None]
     return f" (cached in {path}" + (f"; {', '.join(kept_out)} fitted again at each start" if kept_out else "") + ")"
