@@ -340,7 +340,7 @@ class Poisoned(torch.utils.data.Dataset):
 def test_classifier_detectors_tuned_on_validation_splits_only(benchmark):
     from diffguard_pl.config import EvalConfig
     from diffguard_pl.data.benchmark import Benchmark, OODSet
-    from diffguard_pl.detectors.fitting import fit_classifier_baselines
+    from diffguard_pl.detectors.fitting import fit_classifier_detectors
 
     names = list(benchmark.ood)
     ood = {name: OODSet(s.group, s.val.subset(range(10)), Poisoned()) for name, s in benchmark.ood.items()}
@@ -349,15 +349,16 @@ def test_classifier_detectors_tuned_on_validation_splits_only(benchmark):
                       benchmark.train.subset(range(120)), benchmark.val.subset(range(40)), Poisoned(), ood)
     cfg = EvalConfig()
     cfg.baselines.detectors = ["knn", "vim", "odin", "msp"]
-    detectors, choice = fit_classifier_baselines(small_classifier(), small, cfg)
+    classifier_detectors, choice = fit_classifier_detectors(small_classifier(), small, cfg)
     assert choice["validation"] == {"ind": 40, "ood": 10 * (len(names) - 1)}
-    assert choice["knn"]["grid"] == {"k": [50, 100]} and detectors.fitted["knn"].detector.bank.shape[0] == 120
+    assert choice["knn"]["grid"] == {"k": [50, 100]}
+    assert classifier_detectors.fitted["knn"].detector.bank.shape[0] == 120
     assert len(choice["odin"]["val_auroc"]) == 8 and choice["left_out"] == {}
     # Values from the config, and no OOD validation at all.
     cfg.baselines.params = {"knn": {"k": 3}, "vim": {"dim": 2}}
     no_ood = Benchmark(small.name, small.num_classes, small.channels, small.resolution, small.train, small.val,
                        Poisoned(), {name: OODSet(s.group, s.val.subset([]), Poisoned()) for name, s in ood.items()})
-    detectors, choice = fit_classifier_baselines(small_classifier(), no_ood, cfg)
+    classifier_detectors, choice = fit_classifier_detectors(small_classifier(), no_ood, cfg)
     assert (choice["knn"]["k"], choice["vim"]["dim"]) == (3, 2) and choice["validation"] == {"ind": 40, "ood": 0}
     assert choice["odin"]["reason"] == "no OOD validation data: the registry's default values"
     assert choice["odin"]["params"] == {"temperature": 1000, "eps": 0.0014}

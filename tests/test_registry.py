@@ -74,18 +74,19 @@ def test_every_runnable_detector_runs_on_the_tiny_classifier(sets):
     classifier, (train, val_ind, val_ood) = sets
     names = registry.names(runnable_only=True)
     grids = {"openmax": {"tailsize": [10], "alpha": [1, 3], "euclid_weight": [0.5]}}
-    detectors, choice = fit_detectors(names, ClassifierParts(classifier), train, val_ind, val_ood, grids=grids)
+    classifier_detectors, choice = fit_detectors(names, ClassifierParts(classifier), train, val_ind, val_ood,
+                                                 grids=grids)
     assert choice["left_out"] == {"mcd": "needs dropout to sample with (Monte-Carlo dropout); diffguard_resnet_tiny "
                                          "has none (drop rate 0)"}
-    assert set(detectors.names) == set(names) - {"mcd"}
-    for name in detectors.names:
+    assert set(classifier_detectors.names) == set(names) - {"mcd"}
+    for name in classifier_detectors.names:
         record = choice[name]
         assert record["val_auroc"] and all(0 <= a <= 1 for a in record["val_auroc"].values()), name
         assert record["seconds"] > 0 and record["ms_per_image"] > 0
     batch = val_ood.rows(torch.arange(6))
-    whole = detectors.score(batch.logits, batch.features, batch.images)
-    halves = [detectors.score(h.logits, h.features, h.images) for h in (batch.rows(torch.arange(3)),
-                                                                          batch.rows(torch.arange(3, 6)))]
+    whole = classifier_detectors.score(batch.logits, batch.features, batch.images)
+    halves = [classifier_detectors.score(h.logits, h.features, h.images)
+              for h in (batch.rows(torch.arange(3)), batch.rows(torch.arange(3, 6)))]
     for name, scores in whole.items():
         assert scores.dtype == torch.float64 and scores.shape == (6,) and torch.isfinite(scores).all(), name
         torch.testing.assert_close(torch.cat([h[name] for h in halves]), scores, rtol=1e-5, atol=1e-6, msg=name)
@@ -110,9 +111,9 @@ def test_a_detector_that_cannot_run_says_why_in_one_line(sets):
     tokens.model.feature_info = []
     names = ["msp", "vim", "dice", "fdbd", "nci", "rankfeat", "nac", "mds"]
     unlabelled = Samples(train.logits, train.features, None, train.images, 16)
-    detectors, choice = fit_detectors(names, ClassifierParts(tokens), unlabelled, val_ind, val_ood)
+    classifier_detectors, choice = fit_detectors(names, ClassifierParts(tokens), unlabelled, val_ind, val_ood)
     left = choice["left_out"]
-    assert detectors.names == ["msp"] and set(left) == set(names) - {"msp"}
+    assert classifier_detectors.names == ["msp"] and set(left) == set(names) - {"msp"}
     assert all("\n" not in reason for reason in left.values())
     assert left["vim"] == "needs a linear head (W f + b); diffguard_resnet_tiny's get_classifier() is a Sequential"
     assert left["rankfeat"] == ("needs 4-D feature maps [B, C, H, W]; diffguard_resnet_tiny's forward_features gives "

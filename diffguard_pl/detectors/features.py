@@ -1,11 +1,12 @@
 """The classifier's logits and penultimate features on a set of images, cached on disk.
 
-Every evaluation fits the classifier baselines on the InD training images (30,600 for Fashion-OOD, 1.28M for
+Every evaluation fits the classifier detectors on the InD training images (30,600 for Fashion-OOD, 1.28M for
 ImageNet) and tunes them on the validation splits: the features of those sets depend only on the classifier's
 weights and the images, so they are computed once and kept in ``$XDG_CACHE_HOME/diffguard_pl/features``
-(``~/.cache/diffguard_pl/features`` without it; ``DIFFGUARD_CACHE`` overrides the folder). A cache entry's name
-is a digest of the classifier (its spec and every weight) and of the set (its ids and every pixel), so a
-retrained classifier or changed data never reads a stale entry. Delete the folder to clear it.
+(``~/.cache/diffguard_pl/features`` without it; ``DIFFGUARD_CACHE`` overrides ``$XDG_CACHE_HOME/diffguard_pl``).
+A cache entry's name is a digest of the classifier (its spec and every weight) and of the set (its ids and every
+pixel), so a retrained classifier or changed data never reads a stale entry. Delete the folder to clear it. The
+detectors fitted on these features are cached beside them (diffguard_pl/detectors/detector_cache.py).
 """
 
 from __future__ import annotations
@@ -25,12 +26,13 @@ from diffguard_pl.console import Phase, is_rank_zero
 from diffguard_pl.models import Classifier
 
 
-def cache_folder() -> Path:
-    """Where cached features live (see the module docstring)."""
+def cache_folder(what: str = "features") -> Path:
+    """Where cached ``what`` live: ``features`` (this module) or ``detectors`` (detector_cache.py), under
+    ``DIFFGUARD_CACHE``, else ``$XDG_CACHE_HOME/diffguard_pl``, else ``~/.cache/diffguard_pl``."""
     if os.environ.get("DIFFGUARD_CACHE"):
-        return Path(os.environ["DIFFGUARD_CACHE"]) / "features"
+        return Path(os.environ["DIFFGUARD_CACHE"]) / what
     base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "diffguard_pl" / "features"
+    return Path(base) / "diffguard_pl" / what
 
 
 def _update(digest, tensor: torch.Tensor) -> None:
@@ -79,14 +81,18 @@ def compute_outputs(classifier: Classifier, image_set, batch_size: int, num_work
 
 
 def classifier_outputs(classifier: Classifier, image_set, batch_size: int, num_workers: int = 0,
-                       what: str = "images", cache: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+                       what: str = "images", cache: bool = True, classifier_key: Optional[str] = None,
+                       set_key: Optional[str] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`compute_outputs`, read from the cache when this classifier already saw this set (and written to
-    it otherwise); says which, and how long it took, on the console."""
+    it otherwise); says which, and how long it took, on the console. ``classifier_key`` / ``set_key``: the
+    classifier's and the set's digests where the caller has them (:func:`classifier_digest`, :func:`set_digest`),
+    so that they are not computed again."""
     if image_set is None or len(image_set) == 0 or not cache:
         with Phase(f"classifier features of {what}", len(image_set) if image_set is not None else 0) as phase:
             return compute_outputs(classifier, image_set, batch_size, num_workers, phase)
     device = next(classifier.parameters()).device
-    path = cache_folder() / f"{classifier_digest(classifier)[:24]}-{set_digest(image_set)[:24]}.pt"
+    classifier_key, set_key = classifier_key or classifier_digest(classifier), set_key or set_digest(image_set)
+    path = cache_folder() / f"{classifier_key[:24]}-{set_key[:24]}.pt"
     if path.is_file():
         try:
             saved = torch.load(path, map_location=device, weights_only=True)

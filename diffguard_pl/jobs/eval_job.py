@@ -209,9 +209,9 @@ def _evaluate_locked(cfg: EvalConfig, benchmark, models: Models, output_dir: Pat
     logger, this_run = None, ()
     try:
         if work.todo:
-            from diffguard_pl.detectors.fitting import fit_classifier_baselines
+            from diffguard_pl.detectors.fitting import fit_classifier_detectors
 
-            classifier_detectors, choice = fit_classifier_baselines(models.classifier, benchmark, cfg)  # stage 5
+            classifier_detectors, choice = fit_classifier_detectors(models.classifier, benchmark, cfg)  # stage 5
             save_baseline_choice(output_dir, work.header["fingerprint"], choice)
             logger = build_logger(cfg, output_dir, metrics_footer=False)
             evaluator, trainer = _run_loop(cfg, models, sets, work, classifier_detectors, logger, benchmark)  # 6
