@@ -284,16 +284,16 @@ def test_summary_and_table_carry_both_fpr_conventions():
     ind, ood = tied_scores(4, 40, 30)
     far = ood + 3
     names = {"a_rather_long_near_set_name": ("near", ood), "far_set": ("far", far)}
-    records = {"id": [], "set": [], "split": [], "label": [], "pred": [], "depth": [], "unet_evals": [], "det": []}
+    records = {"id": [], "set": [], "split": [], "label": [], "pred": [], "depth": [], "unet_evals": [], "msp": []}
     for set_name, values in [("ind", ind)] + [(n, v) for n, (_, v) in names.items()]:
         for i, v in enumerate(values.tolist()):
             for key, value in (("id", f"{set_name}{i}"), ("set", set_name), ("split", "test"),
                                ("label", 0 if set_name == "ind" else -1), ("pred", 0), ("depth", 1),
-                               ("unet_evals", 1), ("det", v)):
+                               ("unet_evals", 1), ("msp", v)):
                 records[key].append(value)
     groups = {n: g for n, (g, _) in names.items()}
     result = summarize(records, groups)
-    entry = result["detectors"]["det"]
+    entry = result["detectors"]["msp"]
     table = format_table(result, groups).splitlines()
     ci = entry["near"].pop("auroc_ci")  # a 95% bootstrap interval around the point estimate
     lo, hi = ci["lo"], ci["hi"]
