@@ -121,8 +121,8 @@ def test_errors_name_the_problem():
 
 def test_cost_and_the_authors_levels():
     assert unet_evals([2, 5, 7], 8) == 14  # a start at level k walks k steps
-    assert authors_levels(100, 16) == [2, 17, 33, 49, 65, 81, 97]  # their t = 10, 160, ..., 960
-    assert len(authors_levels(100, 4)) == 25 and len(authors_levels(100, 1)) == 99  # README: 25; 100 less a dup
+    assert authors_levels(100, 16) == [2, 18, 34, 50, 66, 82, 98]  # their t = 10, 170, ..., 970
+    assert len(authors_levels(100, 4)) == 25 and len(authors_levels(100, 1)) == 99  # their [1::skip] of 100
 
 
 def test_trained_digits_model_scores_noise_above_ind_digits(benchmark):

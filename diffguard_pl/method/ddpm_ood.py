@@ -17,7 +17,7 @@ What follows the authors' code (``src/trainers/reconstruct.py``, ``ood_detection
 github.com/marksgraham/ddpm-ood) and what differs:
 
 - start levels: their 100-step PNDM schedule, ascending, ``[1::inference_skip_factor]`` (skip 16: 7 starts
-  t = 10, 160, ..., 960; skip 4: 25 starts); :func:`authors_levels` gives the same timesteps as levels of the
+  t = 10, 170, ..., 970; skip 4: 25 starts); :func:`authors_levels` gives the same timesteps as levels of the
   project's spaced ladder;
 - the noise is drawn afresh for every start (``torch.randn_like`` inside their loop over t); here from a
   generator seeded by the sample id and the level, so that scores do not depend on batch, order or process;
@@ -46,13 +46,15 @@ DISTANCES = ("cosine", "l2")
 def authors_levels(num_steps: int = 100, skip: int = 16) -> list:
     """The authors' start points as levels of a ``num_steps`` ladder (level k: timestep (k - 1) * stride).
 
-    Their PNDM timesteps with ``skip_prk_steps`` hold the second-lowest step twice (0, s, s, 2s, ...), and
-    ``[1::skip]`` of that list gives the timesteps s, skip * s, 2 * skip * s, ... below the last one: levels 2,
-    skip + 1, 2 * skip + 1, ... (skip 16 of 100: 2, 17, 33, 49, 65, 81, 97; skip 4: 25 levels).
+    Their start points are ``reversed(timesteps)[1::skip]`` of MONAI Generative's PNDM schedule with
+    ``skip_prk_steps`` (timesteps 0, s, 2 s, ..., 99 s for 100 steps): t = s, (1 + skip) s, (1 + 2 skip) s, ...,
+    which are levels 2, 2 + skip, 2 + 2 skip, ... (skip 16 of 100: 2, 18, 34, 50, 66, 82, 98, their t = 10,
+    170, ..., 970; skip 4: 25 levels, as their README's table says; its 100 and 34 for skips 1 and 3 count one
+    more than this schedule gives).
     """
     if num_steps < 2 or skip < 1:
         raise ValueError(f"num_steps={num_steps} (at least 2) and skip={skip} (at least 1) give no start levels")
-    return sorted({2, *range(skip + 1, num_steps + 1, skip)})
+    return list(range(2, num_steps + 1, skip))
 
 
 def check_levels(levels: Sequence[int], num_steps: int) -> list:
@@ -68,8 +70,9 @@ def check_levels(levels: Sequence[int], num_steps: int) -> list:
 
 
 def unet_evals(levels: Sequence[int], num_steps: int) -> int:
-    """Denoiser evaluations per image: a reconstruction from level k walks k DDIM steps, so sum(levels)
-    (the authors' ``ood_detection.py`` counts the same: the spaced steps at or below each start)."""
+    """Denoiser evaluations per image: a reconstruction from level k walks k DDIM steps, so sum(levels).
+    As the authors' loop: from t = m s it evaluates the steps t, t - s, ..., 0, m + 1 = k of them (their
+    ``ood_detection.py`` prints m per start, counting a DDIM table that starts at timestep 1)."""
     return sum(check_levels(levels, num_steps))
 
 
