@@ -138,3 +138,19 @@ def test_trained_digits_model_scores_noise_above_ind_digits(benchmark):
     fit = DDPMOODScore().fit(errors(val, slice(0, 8)))
     ind, ood = fit.score(errors(test, slice(0, 4))), fit.score(errors(noise, slice(0, 4)))
     assert ind.max() < ood.min(), (ind, ood)
+
+
+def test_a_latent_model_noises_and_walks_its_latents_and_errs_on_decoded_images():
+    from diffguard_pl.config import DiffusionConfig
+    from diffguard_pl.models import DiffusionModel, build_unet
+    from diffguard_pl.models.builders import tiny_autoencoder
+
+    torch.manual_seed(0)
+    cfg = DiffusionConfig(block_out_channels=[32, 32], attention_levels=[False, True], layers_per_block=1)
+    diffusion = DiffusionModel(build_unet(cfg, 2, 8, None).eval(), ALPHAS, vae=tiny_autoencoder(kind="kl").eval())
+    x = images(3).float()
+    errors = reconstruction_errors(diffusion, x, ["a", "b", "c"], [1, 4], STEPS, features=projection)
+    assert errors["mse"].shape == errors["feature"].shape == (3, 2)
+    assert torch.isfinite(errors["mse"]).all() and (errors["mse"] > 0).all()
+    alone = reconstruction_errors(diffusion, x[1:2], ["b"], [1, 4], STEPS)["mse"]
+    assert torch.allclose(alone, errors["mse"][1:2], rtol=1e-4)  # float32: batch-size rounding only
