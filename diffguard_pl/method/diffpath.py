@@ -161,8 +161,9 @@ class DiffPathGMM:
                              f"{max(self.n_components)} mixture components: use more InD training images or pass "
                              f"smaller n_components")
         pipeline = Pipeline([("scaler", StandardScaler()),
-                             ("gmm", GaussianMixture(max_iter=self.max_iter, random_state=self.random_state))])
-        grid = {"gmm__n_components": list(self.n_components), "gmm__covariance_type": list(self.covariance_types)}
+                             ("mixture", GaussianMixture(max_iter=self.max_iter, random_state=self.random_state))])
+        grid = {"mixture__n_components": list(self.n_components),
+                "mixture__covariance_type": list(self.covariance_types)}
         search = GridSearchCV(pipeline, grid, cv=self.cv, n_jobs=1, refit=True).fit(x)
         self.model = search.best_estimator_
         self.chosen = {name.split("__")[1]: value for name, value in search.best_params_.items()}

@@ -145,7 +145,7 @@ class MSMAGMM:
 
     @property
     def n_components(self) -> int:
-        return int(self._fitted().named_steps["gmm"].n_components)
+        return int(self._fitted().named_steps["mixture"].n_components)
 
     def _fitted(self):
         if self.pipeline is None:
@@ -174,8 +174,8 @@ class MSMAGMM:
             raise ValueError(f"{len(x)} training vectors are too few to cross-validate {self.components} "
                              f"components in {self.folds} folds; fit on more InD training images")
         pipeline = Pipeline([("scaler", StandardScaler()),
-                             ("gmm", GaussianMixture(covariance_type="full", random_state=self.random_state))])
-        grid = GridSearchCV(pipeline, {"gmm__n_components": candidates}, cv=KFold(folds), n_jobs=1)
+                             ("mixture", GaussianMixture(covariance_type="full", random_state=self.random_state))])
+        grid = GridSearchCV(pipeline, {"mixture__n_components": candidates}, cv=KFold(folds), n_jobs=1)
         grid.fit(x)
         self.cv_loglik = dict(zip(candidates, grid.cv_results_["mean_test_score"].tolist()))
         self.pipeline = grid.best_estimator_  # GridSearchCV's refit on all of ``x``
