@@ -112,11 +112,13 @@ class RecordWriter:
         except OSError as error:
             raise write_failure(self.path, error) from None
 
-    def append(self, records: Dict[str, list]) -> None:
-        """Append a batch's records (columns); every column must be declared (diffguard_pl/records/columns.py)."""
-        columns = list(records)
-        check_columns(columns)
-        self._write({c: records[c][i] for c in columns} for i in range(len(records[columns[0]])))
+    def append(self, records: Dict[str, list]) -> List[dict]:
+        """Append a batch's records (columns; every column must be declared in diffguard_pl/records/columns.py);
+        returns them as rows."""
+        check_columns(list(records))
+        rows = columns_to_records(records)
+        self._write(rows)
+        return rows
 
     def close(self) -> None:
         self._handle.close()
@@ -188,6 +190,12 @@ def has_records(output_dir: str | Path) -> bool:
 def sort_rows(rows: Iterable[dict]) -> List[dict]:
     """The one order of records in every output: by split, set and id (whatever the processes or shards)."""
     return sorted(rows, key=lambda r: (r[SPLIT], r[SET], r[ID]))
+
+
+def columns_to_records(columns: Dict[str, list]) -> List[dict]:
+    """A batch's columns as one dict per sample (what a record file's lines hold)."""
+    names = list(columns)
+    return [{c: columns[c][i] for c in names} for i in range(len(columns[names[0]]))] if names else []
 
 
 def records_to_columns(rows: List[dict]) -> Dict[str, list]:
@@ -282,9 +290,7 @@ class RecordSink:
         self.writer, self.rows = RecordWriter(self.output_dir, rank, self.header), []
 
     def append(self, records: Dict[str, list]) -> None:
-        self.writer.append(records)
-        columns = list(records)
-        self.rows += [{c: records[c][i] for c in columns} for i in range(len(records[columns[0]]))]
+        self.rows += self.writer.append(records)
 
     def gather(self) -> Optional[List[dict]]:
         """Close the file; every process's rows of this run on rank 0 (a list), None on the other ranks."""
