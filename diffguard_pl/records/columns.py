@@ -47,7 +47,6 @@ META: Dict[str, Meta] = {
     DEPTH: Meta("inversion steps taken (adaptive early stop ends some early; diffguard.depth is the most)", "steps"),
     UNET_EVALS: Meta("denoiser evaluations spent on the sample", "evaluations"),
 }
-SAMPLE = (ID, SET, SPLIT, LABEL)  # what the data says of a sample; the rest of META is what the method did
 
 
 class Distance(NamedTuple):
