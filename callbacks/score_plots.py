@@ -9,7 +9,9 @@ import lightning as L
 
 from diffguard_pl.callbacks._common import ordered_sets, output_folder, save_figure, set_styles
 from diffguard_pl.data.benchmark import IND
-from diffguard_pl.records.columns import DIFFGUARD, SET, SPLIT, describe_column, detector_columns, fused_partner
+from diffguard_pl.detectors.registry import is_diffusion_detector
+from diffguard_pl.records.columns import (DIFFGUARD, SET, SPLIT, describe_column, detector_columns, fused_partner,
+                                          fusion_parts)
 
 
 def histogram_figure(by_set: Mapping[str, List[float]], detector: str, described: dict, groups: Mapping[str, str],
@@ -61,9 +63,10 @@ class ScoreDistributionPlot(L.Callback):
         in_split = [i for i, sp in enumerate(records[SPLIT]) if sp == split]
         sets = list(dict.fromkeys(records[SET][i] for i in in_split))
         columns = detector_columns(records)
-        partners = {fused_partner(c) for c in columns if fused_partner(c)}
-        # DiffGuard's columns (its distances, fused, oracles) and its fusion partners alone; not every baseline
-        for detector in [c for c in columns if DIFFGUARD in c or c in partners]:
+        partners = {p for c in columns if fused_partner(c) for p in fusion_parts(fused_partner(c)) or [fused_partner(c)]}
+        # DiffGuard's columns (its distances, fused, oracles), the diffusion detectors and the fusion partners alone;
+        # not every classifier detector
+        for detector in [c for c in columns if DIFFGUARD in c or c in partners or is_diffusion_detector(c)]:
             by_set: Dict[str, List[float]] = {
                 s: [records[detector][i] for i in in_split if records[SET][i] == s] for s in sets}
             by_set = {s: values for s, values in by_set.items() if values}

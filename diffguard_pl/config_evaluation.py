@@ -292,6 +292,40 @@ class BaselineConfig:
 
 
 @dataclass
+class DiffusionDetectorsConfig:
+    """The diffusion detectors beside DiffGuard: DDPM-OOD, LMD, DiffPath, MSMA (docs/diffusion_detectors.md).
+
+    Each reads the images through an unconditional diffusion model (``model``; no classifier) and is a column of
+    scores.csv. DiffPath and MSMA fit a Gaussian mixture on ``train_samples`` InD training images (their
+    statistics cached on disk); DDPM-OOD z-scores its errors on the run's InD validation records; LMD fits
+    nothing. Their parameters default to the registry's; a preset sets those chosen on validation splits
+    (benchmarks/experiments/diffusion_grid.py).
+    """
+
+    names: List[str] = field(default_factory=list)  # e.g. [diffpath, msma, ddpm_ood, lmd, diffpath_1d]; [] = none
+    params: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # e.g. diffusion_detectors.params.lmd.repetitions=2
+    model: Optional[str] = None  # their unconditional diffusion model (a diffusers folder); null: models.diffusion
+    train_samples: int = 2000  # InD training images (chosen by id hash) DiffPath's and MSMA's mixtures are fitted on
+
+    def __post_init__(self) -> None:
+        for name in self.names:
+            if not registry.is_diffusion_detector(name):
+                raise ConfigError(f"diffusion_detectors.names has {name!r}, which is no diffusion detector: choose "
+                                  f"from {', '.join(d.name for d in registry.DIFFUSION_DETECTORS)}")
+        if len(set(self.names)) < len(self.names):
+            raise ConfigError(f"diffusion_detectors.names={self.names} names a detector twice")
+        for name, given in self.params.items():
+            if name not in self.names:
+                raise ConfigError(f"diffusion_detectors.params has {name!r}, which diffusion_detectors.names does "
+                                  f"not run: add it there, or drop diffusion_detectors.params.{name}")
+            try:
+                registry.diffusion_detector(name).cost(registry.diffusion_params(name, given))
+            except (ValueError, TypeError) as error:
+                raise ConfigError(f"diffusion_detectors.params.{name}: {error}") from None
+        check_positive("diffusion_detectors.train_samples", self.train_samples)
+
+
+@dataclass
 class EvalCallbacksConfig:
     """Plots and tables evaluate.py draws (they never change a score)."""
 
@@ -320,12 +354,14 @@ class EvalConfig(RunConfig):
     score_folder: Optional[str] = None  # score the images of a folder (no labels): scores + in / out decisions as CSV
     score_folder_limit: Optional[int] = neutral(None)  # score_folder: score this many of its images (chosen by id
                                                        # hash); null: every image of the folder
-    fusion_partners: List[str] = field(default_factory=lambda: list(registry.FUSION_DEFAULT))  # classifier
-        # detectors X fused with DiffGuard as diffguard+X (z-scores summed, normalised on InD validation); each must
-        # be in baselines.detectors
+    fusion_partners: List[str] = field(default_factory=lambda: list(registry.FUSION_DEFAULT))  # detectors X
+        # fused with DiffGuard as diffguard+X (z-scores summed, normalised on InD validation): a classifier detector
+        # of baselines.detectors, a diffusion detector of diffusion_detectors.names, or several joined by + (e.g.
+        # ddpm_ood+vim: also reported without DiffGuard)
     models: ModelPaths = field(default_factory=ModelPaths)
     diffguard: DiffGuardConfig = field(default_factory=DiffGuardConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
+    diffusion_detectors: DiffusionDetectorsConfig = field(default_factory=DiffusionDetectorsConfig)
     callbacks: EvalCallbacksConfig = neutral(factory=EvalCallbacksConfig)
 
     def __post_init__(self) -> None:
@@ -334,12 +370,27 @@ class EvalConfig(RunConfig):
         check_choice("oracle", self.oracle, ["none", "ind", "paper", "both"])
         check_positive("limit_per_set", self.limit_per_set, allow_none=True)
         check_positive("score_folder_limit", self.score_folder_limit, allow_none=True)
-        try:
-            registry.check_names("fusion_partners", self.fusion_partners)
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
-        missing = [p for p in self.fusion_partners if p not in self.baselines.detectors]
-        if missing:
-            raise ConfigError(f"fusion_partners has {', '.join(missing)}, which baselines.detectors does not run: add "
-                              f"each there, or drop it from fusion_partners")
+        self._check_fusion_partners()
         parse_shard(self.shard)
+
+    def _check_fusion_partners(self) -> None:
+        """Each partner's detectors run in this evaluation (ConfigError naming the key that adds them)."""
+        running = set(self.baselines.detectors) | set(self.diffusion_detectors.names)
+        for partner in self.fusion_partners:
+            parts = partner.split(columns.FUSED_SEPARATOR)
+            if len(set(parts)) < len(parts):
+                raise ConfigError(f"fusion_partners has {partner!r}, which names a detector twice")
+            for part in parts:
+                if registry.is_diffusion_detector(part):
+                    if part not in running:
+                        raise ConfigError(f"fusion_partners has {partner!r}, but diffusion_detectors.names does not "
+                                          f"run {part}: add it there, or drop it from fusion_partners")
+                    continue
+                try:
+                    registry.check_names("fusion_partners", [part])
+                except ValueError as error:
+                    raise ConfigError(f"{error}, or a diffusion detector: "
+                                      f"{', '.join(d.name for d in registry.DIFFUSION_DETECTORS)}") from None
+                if part not in running:
+                    raise ConfigError(f"fusion_partners has {part}, which baselines.detectors does not run: add "
+                                      f"it there, or drop it from fusion_partners")

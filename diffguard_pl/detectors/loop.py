@@ -1,6 +1,6 @@
 """Detectors that run inside the evaluation's test loop: one kind of thing with one interface.
 
-A detector that needs the images and a model call per batch (DiffGuard today; the diffusion detectors next) is
+A detector that needs the images and a model call per batch (DiffGuard, the diffusion detectors) is
 a :class:`LoopDetector`: what it must be fitted on before the loop (:attr:`~LoopDetector.fit_on`), the UNet
 evaluations it plans per image (:attr:`~LoopDetector.unet_evals_per_image`), and :meth:`~LoopDetector.score`: a
 batch in, its record columns out (names from diffguard_pl/records/columns.py), with what it computed for the
@@ -14,6 +14,8 @@ from typing import Dict, List, Mapping, Optional, Protocol, Tuple
 
 import torch
 
+from diffguard_pl.detectors import registry
+from diffguard_pl.detectors.diffusion import DiffusionDetector, statistics_of
 from diffguard_pl.detectors.tuning import ClassifierDetectors
 from diffguard_pl.method import oracle as oracle_lib
 from diffguard_pl.method.pipeline import DiffGuardPipeline
@@ -97,6 +99,35 @@ class ClassifierDetectorsInLoop:
                 computed["logits"], computed["features"] = self.classifier.forward_with_features(batch["image"])
         scores = self.classifier_detectors.score(computed["logits"], computed["features"], batch["image"])
         return {name: value.tolist() for name, value in scores.items()}, {}
+
+
+class DiffusionDetectorsInLoop:
+    """The diffusion detectors (diffguard_pl/detectors/diffusion.py) on a batch: each one's score, fitted on InD
+    training images before the loop (DiffPath, MSMA) or needing no fit (LMD); DDPM-OOD's per-level errors as
+    ``stats/`` columns, which the report z-scores on the InD validation records (diffguard_pl/detectors/fused.py).
+    Detectors whose statistics are the same (DiffPath-6D and -1D) compute them once."""
+
+    fit_on: Tuple[str, ...] = ("ind_train",)
+
+    def __init__(self, detectors: List[DiffusionDetector]):
+        self.detectors = list(detectors)
+        diffusion = self.detectors[0].diffusion
+        self.modules = {"detector_unet": diffusion.unet, "detector_vae": diffusion.vae}
+
+    def unet_evals_per_image(self) -> float:
+        costs = {d.statistics_key(): d.unet_evals_per_image() for d in self.detectors}
+        return float(sum(costs.values()))
+
+    def score(self, batch: Mapping, computed: dict) -> Tuple[Columns, dict]:
+        stats = statistics_of(self.detectors, batch["image"], batch["id"])
+        record: Columns = {}
+        for detector in self.detectors:
+            if detector.fit_on == registry.FIT_VAL:
+                for kind, values in stats[detector.name].items():
+                    record[col.stats_column(detector.name, kind)] = _floats(values)
+            else:
+                record[detector.name] = _floats(detector.score(stats[detector.name]))
+        return record, {}
 
 
 def sample_columns(batch: Mapping) -> Columns:

@@ -4,7 +4,7 @@ diffguard_pl/records/columns.py.
 
 Config validation (``baselines.detectors``, ``fusion_partners``), ``--help`` (their defaults), the Python API
 (``Baseline(name, ...)``), the evaluator, results.json / columns.json and the fused detectors read this table; no
-other module writes a detector's name. docs/detectors.md holds :func:`markdown_table` (a test keeps them equal).
+other module writes a detector's name. docs/detectors.md holds the tables of diffguard_pl/detectors/tables.py (a test keeps them equal).
 
 Grids: OpenOOD v1.5's postprocessor sweep (``configs/postprocessors/<name>.yml``) where it has one, else
 pytorch-ood's ``hyperparameter_space``, else none; percentiles are fractions, as pytorch-ood takes them. A grid
@@ -250,6 +250,113 @@ CLASSIFIER_DETECTORS = (
              POOD + "MCM", default=False, unavailable="needs a vision-language model's class text embeddings (CLIP)"),
 )
 
+# --------------------------------------------------------------------------------------- diffusion detectors
+
+# What a diffusion detector is fitted on: a density model on InD training statistics, before the loop; per-statistic
+# z-scores on the run's InD validation records (in the report); nothing.
+FIT_TRAIN, FIT_VAL, FIT_NONE = "InD training images", "InD validation images", "nothing"
+
+
+@dataclass(frozen=True)
+class DiffusionDetector:
+    """One detector that reads images through the unconditional diffusion model (no classifier)."""
+
+    name: str  # its column in scores.csv and its key in results.json
+    meaning: str  # what its score is (columns.json); higher = more OOD, always
+    unit: str
+    fit_on: str  # FIT_TRAIN | FIT_VAL | FIT_NONE
+    defaults: Mapping[str, Any]  # used unless diffusion_detectors.params sets a value (presets: chosen on validation)
+    grid: Mapping[str, Sequence]  # what benchmarks/experiments/diffusion_grid.py tries on validation splits
+    cost: Callable[[Mapping[str, Any]], int]  # UNet evaluations per image, from the (complete) params
+    cost_formula: str
+    paper: tuple  # (title, venue, year, url)
+    code: str  # the authors' repository
+    authors: str  # what the authors' code runs, in the same terms
+    note: str = ""
+
+
+def ddpm_ood_levels(params: Mapping[str, Any]) -> List[int]:
+    """DDPM-OOD's start levels: 2, 2 + skip, ... <= num_steps (the authors' ``[1::skip]`` of their schedule)."""
+    return list(range(2, int(params["num_steps"]) + 1, int(params["skip"])))
+
+
+DIFFUSION_DETECTORS = (
+    DiffusionDetector(
+        "ddpm_ood", "DDPM-OOD: the reconstruction errors from several start levels (fresh noise, DDIM back), each "
+        "z-scored per level on InD validation, summed over error kinds, averaged over levels", "z-score", FIT_VAL,
+        defaults={"num_steps": 10, "skip": 2, "features": "none"},
+        grid={"num_steps": [10, 20], "skip": [1, 2, 4], "features": ["none", "classifier"]},
+        cost=lambda p: sum(ddpm_ood_levels(p)), cost_formula="sum of the start levels (level k: k DDIM steps)",
+        paper=("Denoising diffusion models for out-of-distribution detection", "CVPR Workshops", 2023,
+               "https://arxiv.org/abs/2211.07740"), code="https://github.com/marksgraham/ddpm-ood",
+        authors="PLMS, 100 steps, 7 or 25 start levels (350 or 1,250 evaluations), MSE + LPIPS",
+        note="features=classifier: 1 - cos of the classifier's penultimate features stands in for LPIPS"),
+    DiffusionDetector(
+        "lmd", "LMD: the median over alternating checkerboard masks of the distance between the input and its "
+        "diffusion inpainting", "squared intensity on [0, 1] (distance mse)", FIT_NONE,
+        defaults={"repetitions": 4, "num_steps": 10, "blocks": 8, "distance": "mse"},
+        grid={"repetitions": [2, 4, 10], "num_steps": [10, 20], "distance": ["mse", "features"]},
+        cost=lambda p: int(p["repetitions"]) * int(p["num_steps"]), cost_formula="repetitions x num_steps",
+        paper=("Unsupervised out-of-distribution detection with diffusion inpainting", "ICML", 2023,
+               "https://arxiv.org/abs/2302.10326"), code="https://github.com/zhenzhel/lift_map_detect",
+        authors="sub-VP SDE, 1,000 steps, 10 repetitions (10,000 evaluations), LPIPS",
+        note="DDIM inpainting with RePaint's replacement; blocks: checkerboard squares per side; distance features: "
+        "1 - cos of the classifier's penultimate features"),
+    DiffusionDetector(
+        "diffpath", "DiffPath-6D: minus the log-likelihood of the six statistics of the DDIM inversion path (sums "
+        "of eps, eps^2, eps^3 and of its rate of change) under a Gaussian mixture fitted on InD training images",
+        "nats", FIT_TRAIN, defaults={"num_steps": 10}, grid={"num_steps": [5, 10, 20]},
+        cost=lambda p: int(p["num_steps"]), cost_formula="num_steps",
+        paper=("Out-of-distribution detection with a single unconditional diffusion model", "NeurIPS", 2024,
+               "https://arxiv.org/abs/2405.11881"), code="https://github.com/clear-nus/diffpath",
+        authors="DDIM inversion, 10 steps (10 evaluations); mixture components {50, 100} x 4 covariance types by "
+        "10-fold cross-validation", note="the mixture chosen by 10-fold cross-validation on InD training images"),
+    DiffusionDetector(
+        "diffpath_1d", "DiffPath-1D: minus the log-density of sqrt(sum (d eps / dt)^2) along the DDIM inversion path "
+        "under a Gaussian kernel density of InD training images", "nats", FIT_TRAIN,
+        defaults={"num_steps": 10, "bandwidth": 5.0}, grid={"num_steps": [5, 10, 20]},
+        cost=lambda p: int(p["num_steps"]), cost_formula="num_steps (shared with diffpath when both run)",
+        paper=("Out-of-distribution detection with a single unconditional diffusion model", "NeurIPS", 2024,
+               "https://arxiv.org/abs/2405.11881"), code="https://github.com/clear-nus/diffpath",
+        authors="the same path, bandwidth 5", note="bandwidth 5 was set for 32x32 RGB; the statistic's scale "
+        "differs at other sizes"),
+    DiffusionDetector(
+        "msma", "MSMA: minus the log-likelihood of the predicted-noise norms at L noise levels under a Gaussian "
+        "mixture fitted on InD training images", "nats", FIT_TRAIN, defaults={"levels": 10},
+        grid={"levels": [5, 10, 20]}, cost=lambda p: int(p["levels"]), cost_formula="levels",
+        paper=("Multiscale score matching for out-of-distribution detection", "ICLR", 2021,
+               "https://arxiv.org/abs/2010.13132"), code="https://github.com/ahsanMah/msma",
+        authors="NCSN, 10 geometric noise levels (10 evaluations), GMM components 2..20 by 10-fold cross-validation",
+        note="on a DDPM: ||eps(x_t, t)|| of the input noised to t (seeded by the sample id), t nearest the "
+        "authors' geometric sigmas"),
+)
+
+_DIFFUSION: Dict[str, DiffusionDetector] = {d.name: d for d in DIFFUSION_DETECTORS}
+(DDPM_OOD, LMD, DIFFPATH, DIFFPATH_1D, MSMA) = (d.name for d in DIFFUSION_DETECTORS)
+
+
+def diffusion_detector(name: str) -> DiffusionDetector:
+    """The table's entry of a diffusion detector; ValueError naming the choices for an unknown name."""
+    if name not in _DIFFUSION:
+        raise ValueError(f"unknown diffusion detector {name!r}: choose from {', '.join(_DIFFUSION)}")
+    return _DIFFUSION[name]
+
+
+def diffusion_params(name: str, given: Optional[Mapping[str, Any]] = None) -> dict:
+    """A diffusion detector's complete params: its defaults updated with ``given``; ValueError naming an unknown
+    key."""
+    entry, unknown = diffusion_detector(name), [k for k in (given or {}) if k not in diffusion_detector(name).defaults]
+    if unknown:
+        raise ValueError(f"{name} has no parameter {unknown[0]!r}: its parameters are {', '.join(entry.defaults)}")
+    return {**entry.defaults, **(given or {})}
+
+
+def is_diffusion_detector(column: str) -> bool:
+    return column in _DIFFUSION
+
+
+
+
 FUSION_DEFAULT = ("ebo", "vim", "knn")  # fusion_partners' default: diffguard+ebo was chosen on validation splits
 
 _BY_NAME: Dict[str, Detector] = {d.name: d for d in CLASSIFIER_DETECTORS}
@@ -291,40 +398,3 @@ def hyperparameters(name: str) -> List[str]:
 
 def is_classifier_detector(column: str) -> bool:
     return column in _BY_NAME
-
-
-def paper(entry: Detector) -> Optional[tuple]:
-    """(title, venue, year, url) of the paper that introduced a detector, from pytorch-ood's ``info`` (imports
-    pytorch-ood); None for a detector no single paper introduced."""
-    if not entry.paper_class:
-        return None
-    import importlib
-
-    module, _, cls = entry.paper_class.rpartition(".")
-    found = getattr(getattr(importlib.import_module(module), cls).info, "paper", None)
-    return None if found is None else (found.title, found.venue, found.year, found.url)
-
-
-def markdown_table() -> str:
-    """The table of classifier detectors as Markdown (docs/detectors.md), with each one's paper (imports
-    pytorch-ood)."""
-    import importlib
-
-    rows = ["| name | reads | needs | fit on InD train | grid (source) | runs by default | implementation | paper |",
-            "|---|---|---|---|---|---|---|---|"]
-    for d in CLASSIFIER_DETECTORS:
-        module, _, cls = d.implementation.rpartition(".")
-        fits = getattr(getattr(importlib.import_module(module), cls), "requires_fit", False)
-        grid = ", ".join(f"{k}: {'by feature width' if callable(v) else list(v)}" for k, v in d.grid.items())
-        found = paper(d)
-        cite = f"[{found[0]}]({found[3]}) ({found[1]} {found[2]})" if found else "-"
-        needs = ", ".join(sorted(d.needs)) or "-"
-        what = f"{d.implementation.replace('diffguard_pl.detectors.', '')}"
-        if d.unavailable:
-            what += f"; **not run**: {d.unavailable}"
-        elif d.note:
-            what += f"; {d.note}"
-        default = "yes" if d.default and not d.unavailable else "no"
-        rows.append(f"| `{d.name}` | {d.reads} | {needs} | {'yes' if fits else 'no'} | "
-                    f"{grid + f' ({d.grid_source})' if grid else '-'} | {default} | {what} | {cite} |")
-    return "\n".join(rows)

@@ -6,9 +6,11 @@
 3. the models' weights and the checks that need them; a dry run prints the plan and stops here;
 4. the output folder (one run at a time), and what an earlier run finished there (resume: the record store,
    diffguard_pl/records/store.py);
-5. the classifier baselines, fitted on InD training images (features cached: diffguard_pl/detectors/features.py);
-6. the loop detectors (DiffGuard, then the classifier detectors: diffguard_pl/detectors/loop.py) on every
-   sample left, in a Lightning test loop (records appended after every batch);
+5. the classifier baselines and the diffusion detectors' mixtures, fitted on InD training images (features and
+   statistics cached: diffguard_pl/detectors/features.py, diffguard_pl/detectors/diffusion_fitting.py);
+6. the loop detectors (DiffGuard, the classifier detectors, the diffusion detectors:
+   diffguard_pl/detectors/loop.py) on every sample left, in a Lightning test loop (records appended after
+   every batch);
 7. the report: every record (this run's and earlier runs') to every output (diffguard_pl/jobs/report.py, also
    what a resumed run with nothing left and a merge of shards call).
 
@@ -77,6 +79,7 @@ class Models:
     classifier: object
     diffusion: object
     encoder: object = None  # the contrastive distance's encoder, when that distance is asked for
+    detector_diffusion: object = None  # the diffusion detectors' model, when any runs
 
 
 def check_shapes(cfg: EvalConfig, classifier, diffusion, encoder=None) -> None:
@@ -133,15 +136,15 @@ def evaluate(cfg: EvalConfig, benchmark=None) -> Optional[dict]:
 
         check_validation_count(len(benchmark.val), cfg.limit_per_set)
     # 3. the models
-    from diffguard_pl.models.loading import load_encoder, load_models
+    from diffguard_pl.models.loading import load_detector_diffusion, load_encoder, load_models
 
     classifier, diffusion = load_models(cfg)
-    models = Models(classifier, diffusion, load_encoder(cfg))
+    models = Models(classifier, diffusion, load_encoder(cfg), load_detector_diffusion(cfg, diffusion))
     check_shapes(cfg, classifier, diffusion, models.encoder)
     if cfg.dry_run:
         from diffguard_pl.jobs.plan import print_plan
 
-        print_plan(cfg, benchmark, classifier, diffusion, models.encoder)
+        print_plan(cfg, benchmark, classifier, diffusion, models.encoder, models.detector_diffusion)
         return None
     # 4. onwards: the run
     prepare_output_dir(output_dir)
@@ -199,7 +202,7 @@ def _evaluate_locked(cfg: EvalConfig, benchmark, models: Models, output_dir: Pat
     import lightning as L
 
     from diffguard_pl.jobs.lightning_setup import build_logger, finish_logger, quiet_lightning
-    from diffguard_pl.jobs.report import report, save_baseline_choice
+    from diffguard_pl.jobs.report import DIFFUSION_CHOICE, report, save_baseline_choice
 
     quiet_lightning(cfg.verbose)
     L.seed_everything(cfg.seed, workers=True, verbose=cfg.verbose)
@@ -209,12 +212,19 @@ def _evaluate_locked(cfg: EvalConfig, benchmark, models: Models, output_dir: Pat
     logger, this_run = None, ()
     try:
         if work.todo:
+            from diffguard_pl.detectors.diffusion_fitting import build_diffusion_detectors, fit_diffusion_detectors
             from diffguard_pl.detectors.fitting import fit_classifier_detectors
 
             classifier_detectors, choice = fit_classifier_detectors(models.classifier, benchmark, cfg)  # stage 5
             save_baseline_choice(output_dir, work.header["fingerprint"], choice)
+            diffusion_detectors = (build_diffusion_detectors(cfg, models.detector_diffusion, models.classifier)
+                                   if models.detector_diffusion is not None else [])
+            if diffusion_detectors:
+                save_baseline_choice(output_dir, work.header["fingerprint"],
+                                     fit_diffusion_detectors(diffusion_detectors, benchmark, cfg), DIFFUSION_CHOICE)
             logger = build_logger(cfg, output_dir, metrics_footer=False)
-            evaluator, trainer = _run_loop(cfg, models, sets, work, classifier_detectors, logger, benchmark)  # 6
+            evaluator, trainer = _run_loop(cfg, models, sets, work, (classifier_detectors, diffusion_detectors),
+                                           logger, benchmark)  # stage 6
             if not trainer.is_global_zero:
                 return None
             from diffguard_pl.profiling.machine import describe_machine
@@ -256,15 +266,16 @@ def _report_listeners(cfg: EvalConfig) -> list:
     return listeners + ([ScoreDistributionPlot()] if cfg.callbacks.score_plots else [])
 
 
-def _run_loop(cfg: EvalConfig, models: Models, sets: list, work: records_lib.Work, classifier_detectors, logger,
+def _run_loop(cfg: EvalConfig, models: Models, sets: list, work: records_lib.Work, fitted: tuple, logger,
               benchmark):
-    """Stage 6: the Lightning test loop over the samples left (each on exactly one process)."""
+    """Stage 6: the Lightning test loop over the samples left (each on exactly one process); ``fitted``: the
+    classifier detectors and the diffusion detectors."""
     import lightning as L
     from torch.utils.data import ConcatDataset, DataLoader, Subset
 
     from diffguard_pl.callbacks import EvalProgress, ReconstructionLogger
     from diffguard_pl.data.sampler import DistributedEvalSampler
-    from diffguard_pl.detectors.loop import ClassifierDetectorsInLoop, DiffGuardInLoop
+    from diffguard_pl.detectors.loop import ClassifierDetectorsInLoop, DiffGuardInLoop, DiffusionDetectorsInLoop
     from diffguard_pl.jobs.lightning_setup import trainer_kwargs
     from diffguard_pl.method.pipeline import DiffGuardPipeline
     from diffguard_pl.modules.evaluator import DiffGuardEvaluator
@@ -273,7 +284,9 @@ def _run_loop(cfg: EvalConfig, models: Models, sets: list, work: records_lib.Wor
     dataset = Subset(ConcatDataset(sets), work.todo)
     loader = DataLoader(dataset, batch_size=cfg.data.eval_batch_size, num_workers=cfg.data.num_workers,
                         sampler=DistributedEvalSampler(len(dataset)))  # each sample on exactly one process
+    classifier_detectors, diffusion_detectors = fitted
     detectors = [DiffGuardInLoop(pipeline, cfg.oracle), ClassifierDetectorsInLoop(classifier_detectors)]
+    detectors += [DiffusionDetectorsInLoop(diffusion_detectors)] if diffusion_detectors else []
     evaluator = DiffGuardEvaluator(detectors, records_lib.RecordSink(cfg.output_dir, work.header))
     c = cfg.callbacks
     callbacks = [EvalProgress()] if cfg.trainer.enable_progress_bar else []

@@ -18,7 +18,7 @@ from diffguard_pl.models import Classifier, DiffusionModel
 
 
 def print_plan(cfg: EvalConfig, benchmark: Benchmark, classifier: Classifier, diffusion: DiffusionModel,
-               encoder: Optional[Classifier] = None) -> dict:
+               encoder: Optional[Classifier] = None, detector_diffusion: Optional[DiffusionModel] = None) -> dict:
     from diffguard_pl.method.pipeline import DiffGuardPipeline
 
     pipeline = DiffGuardPipeline(diffusion, classifier, cfg.diffguard, dry_run=True, encoder=encoder)
@@ -57,5 +57,23 @@ def print_plan(cfg: EvalConfig, benchmark: Benchmark, classifier: Classifier, di
         f"oracle: {cfg.oracle}" + "".join(f"; {mode}: {DESCRIPTIONS[mode]}" for mode in modes(cfg.oracle)),
         f"denoiser evaluations: at most {per_image:,} per image, {per_image * total:,} for {total:,} images",
     ]
+    detectors = _diffusion_detectors(cfg, detector_diffusion, classifier)
+    for detector in detectors:
+        lines.append(f"diffusion detector {detector.name}: {detector.unet_evals_per_image()} UNet evaluations per "
+                     f"image, fitted on {detector.fit_on}, params {detector.params}")
+    extra = sum({d.statistics_key(): d.unet_evals_per_image() for d in detectors}.values())
+    if detectors:
+        fit = [d for d in detectors if d.needs_fit and d.fit_on != "InD validation images"]
+        lines.append(f"diffusion detectors: {extra} UNet evaluations per image beside DiffGuard's, "
+                     + (f"after their statistics of {cfg.diffusion_detectors.train_samples:,} InD training images "
+                        f"(cached)" if fit else "nothing to fit before the loop"))
     print("\n".join(lines))
-    return {"images": total, "unet_evals_per_image": per_image, "sets": {f"{s.name}/{s.split}": len(s) for s in sets}}
+    return {"images": total, "unet_evals_per_image": per_image, "diffusion_detectors_unet_evals_per_image": extra, "sets": {f"{s.name}/{s.split}": len(s) for s in sets}}
+
+
+def _diffusion_detectors(cfg: EvalConfig, diffusion: Optional[DiffusionModel], classifier: Classifier) -> list:
+    if diffusion is None:
+        return []
+    from diffguard_pl.detectors.diffusion_fitting import build_diffusion_detectors
+
+    return build_diffusion_detectors(cfg, diffusion, classifier)

@@ -23,21 +23,23 @@ from typing import Dict, Mapping, Optional, Sequence
 
 from diffguard_pl.detectors.fused import with_derived_detectors
 from diffguard_pl.detectors.results import format_table, summarize
-from diffguard_pl.records.columns import UNET_EVALS, column_dictionary, curve_metric
+from diffguard_pl.records.columns import UNET_EVALS, column_dictionary, is_list_column
 
 BASELINE_CHOICE = "baselines.json"
+DIFFUSION_CHOICE = "diffusion_detectors.json"  # the diffusion detectors' params, costs and fitted heads
 
 
-def save_baseline_choice(output_dir: Path, fingerprint: str, choice: dict) -> None:
-    (Path(output_dir) / BASELINE_CHOICE).write_text(
-        json.dumps({"fingerprint": fingerprint, "baselines": choice}, indent=2))
+def save_baseline_choice(output_dir: Path, fingerprint: str, choice: dict, name: str = BASELINE_CHOICE) -> None:
+    (Path(output_dir) / name).write_text(json.dumps({"fingerprint": fingerprint, "baselines": choice}, indent=2,
+                                                    default=str))
 
 
-def load_baseline_choice(folders: Sequence[Path], fingerprint: str) -> Optional[dict]:
-    """The baselines' choice saved under ``fingerprint`` in the first of ``folders`` that has one."""
+def load_baseline_choice(folders: Sequence[Path], fingerprint: str, name: str = BASELINE_CHOICE) -> Optional[dict]:
+    """The choice saved under ``fingerprint`` in the first of ``folders`` that has one (``name``: the classifier
+    detectors' or the diffusion detectors' file)."""
     for folder in folders:
         try:
-            saved = json.loads((Path(folder) / BASELINE_CHOICE).read_text())
+            saved = json.loads((Path(folder) / name).read_text())
         except (OSError, ValueError):
             continue
         if isinstance(saved, dict) and saved.get("fingerprint") == fingerprint:
@@ -72,6 +74,9 @@ def results_of(records: Mapping[str, list], header: dict, folders: Sequence[Path
     choice = load_baseline_choice(folders, header["fingerprint"])
     if choice is not None:
         results["baselines"] = choice
+    diffusion = load_baseline_choice(folders, header["fingerprint"], DIFFUSION_CHOICE)
+    if diffusion is not None:
+        results["diffusion_detectors"] = diffusion
     oracle = header.get("config", {}).get("oracle", "none")
     if oracle != "none":
         from diffguard_pl.method.oracle import describe
@@ -121,7 +126,7 @@ def write_scores_csv(records: Mapping[str, list], path: str | Path, score: Optio
                      reference: Optional[str] = None) -> None:
     """One row per sample: the meta columns and every detector's score (the per-step curves stay in records/);
     beside it ``columns.json``, what each column means (diffguard_pl/records/columns.py)."""
-    columns = [c for c in records if not curve_metric(c)]
+    columns = [c for c in records if not is_list_column(c)]
     with open(path, "w", newline="") as handle:
         writer = csv.writer(handle)
         writer.writerow(columns)

@@ -49,6 +49,24 @@ def load_models(cfg: EvalConfig) -> tuple[Classifier, DiffusionModel]:
     return classifier, diffusion
 
 
+def load_detector_diffusion(cfg: EvalConfig, diffusion: DiffusionModel) -> Optional[DiffusionModel]:
+    """The diffusion detectors' model: ``diffusion_detectors.model``, else the main one (``diffusion``); None when
+    no diffusion detector runs. A class-conditional model is run with its null class (ConfigError without one)."""
+    d = cfg.diffusion_detectors
+    if not d.names:
+        return None
+    if d.model is None:
+        model = diffusion
+    else:
+        with weights_of("diffusion_detectors.model", d.model):
+            model = load_diffusion(d.model)
+    if model.conditional and model.null_class is None:
+        raise ConfigError(f"diffusion_detectors.names={d.names} run an unconditional diffusion model, and "
+                          f"{d.model or cfg.models.diffusion} is class-conditional without a null class: set "
+                          f"diffusion_detectors.model to an unconditional diffusers folder")
+    return model
+
+
 def load_encoder(cfg: EvalConfig) -> Optional[Classifier]:
     """The contrastive encoder (``models.encoder``) when ``contrastive`` is among the distances, else None."""
     from diffguard_pl.method.scores import CONTRASTIVE
@@ -127,12 +145,16 @@ def check_model_files(cfg: EvalConfig) -> None:
     from diffguard_pl.models.files import classifier_meta, diffusion_image_shape
 
     data, m = cfg.data, cfg.models
-    channels, size = diffusion_image_shape(m.diffusion)
-    if data.resolution != size or data.channels != channels:
-        raise ConfigError(
-            f"data.resolution={data.resolution} / data.channels={data.channels} do not fit the diffusion model "
-            f"{m.diffusion}, which takes {channels}-channel {size}x{size} images: set data.resolution={size} "
-            f"data.channels={channels}, or use a model for these images")
+    models = [("models.diffusion", m.diffusion)]
+    if cfg.diffusion_detectors.names and cfg.diffusion_detectors.model is not None:
+        models.append(("diffusion_detectors.model", cfg.diffusion_detectors.model))
+    for key, path in models:
+        channels, size = diffusion_image_shape(path)
+        if data.resolution != size or data.channels != channels:
+            raise ConfigError(
+                f"data.resolution={data.resolution} / data.channels={data.channels} do not fit the diffusion model "
+                f"{path} ({key}), which takes {channels}-channel {size}x{size} images: set data.resolution={size} "
+                f"data.channels={channels}, or use a model for these images")
     meta = classifier_meta(m.classifier)
     if meta is None:  # a weights file: its shape comes from the config (data.channels, the benchmark's classes)
         if m.classifier_arch is None:

@@ -6,9 +6,11 @@ of column exist, and nothing else:
 - meta columns (:data:`META`): who the sample is and what the method did with it (not detectors);
 - detector columns, higher = more OOD: DiffGuard with each distance (``diffguard/<distance>``, and
   ``diffguard/<distance>@input`` with the unguided reference), ``diffguard`` (the configured distance), each
-  classifier detector by its registry name, ``diffguard+<X>`` (fused), and any of these under an oracle's labels
-  (``oracle-<mode>/<detector>``);
-- per-step curves (``curve/<metric>``), kept with the records for the plots, never in ``scores.csv``.
+  classifier and diffusion detector by its registry name, fusions of two or more of these (``a+b``, e.g.
+  ``diffguard+vim`` or ``ddpm_ood+vim``), and DiffGuard's under an oracle's labels (``oracle-<mode>/<detector>``);
+- per-step curves (``curve/<metric>``) and a diffusion detector's per-sample statistics before its fitted head
+  (``stats/<detector>/<kind>``, e.g. DDPM-OOD's error per start level), kept with the records (the plots, the
+  report's derived scores), never in ``scores.csv``.
 
 Only this module writes these names; the functions below build and read them, :func:`describe_column` says
 what each holds (``columns.json`` and W&B read it), and :func:`check_columns` refuses a column no rule knows, so
@@ -75,8 +77,9 @@ DISTANCES: Dict[str, Distance] = {
 DIFFGUARD = "diffguard"  # the configured distance (diffguard.score)
 ORACLE_PREFIX = "oracle-"  # oracle-<mode>/<detector>
 AGAINST_INPUT = "@input"  # diffguard/<distance>@input: the synthesis against the input, with reference=unguided
-FUSED_SEPARATOR = "+"  # diffguard+<classifier detector>
+FUSED_SEPARATOR = "+"  # a+b: the detectors' z-scores summed (diffguard+<detector>, <detector>+<detector>, ...)
 CURVE_PREFIX = "curve/"  # curve/<metric>: a sample's per-step inversion quality
+STATS_PREFIX = "stats/"  # stats/<diffusion detector>/<kind>: a list per sample, what its fitted head reads
 MORE_OOD = "higher = more OOD"
 REFERENCES = {"input": "the input", "unguided": "the unguided reconstruction (from the same latent)"}
 
@@ -88,8 +91,41 @@ def distance_column(distance: str, against_input: bool = False) -> str:
 
 
 def fused_column(partner: str) -> str:
-    """The column of DiffGuard fused with another detector."""
+    """The column of DiffGuard fused with another detector (or a fusion of detectors: ``ddpm_ood+vim``)."""
     return f"{DIFFGUARD}{FUSED_SEPARATOR}{partner}"
+
+
+def fusion_column(parts: Sequence[str]) -> str:
+    """The column of the fusion of ``parts`` (two or more detector names, in the given order)."""
+    return FUSED_SEPARATOR.join(parts)
+
+
+def fusion_parts(column: str) -> Optional[List[str]]:
+    """The detectors a fused column sums, in order: each ``diffguard`` or a registry detector; None for any other
+    column."""
+    parts = column.split(FUSED_SEPARATOR)
+    if len(parts) < 2 or len(set(parts)) < len(parts):
+        return None
+    known = all(p == DIFFGUARD or registry.is_classifier_detector(p) or registry.is_diffusion_detector(p)
+                for p in parts)
+    return parts if known else None
+
+
+def stats_column(detector: str, kind: str) -> str:
+    return f"{STATS_PREFIX}{detector}/{kind}"
+
+
+def stats_of(column: str) -> Optional[tuple]:
+    """(detector, kind) of a ``stats/<detector>/<kind>`` column of a diffusion detector; None for any other."""
+    if not column.startswith(STATS_PREFIX) or column.count("/") != 2:
+        return None
+    detector, kind = column[len(STATS_PREFIX):].split("/")
+    return (detector, kind) if registry.is_diffusion_detector(detector) and kind else None
+
+
+def is_list_column(column: str) -> bool:
+    """A column holding a list per sample (curves, statistics): kept in records/, never in scores.csv."""
+    return bool(curve_metric(column) or stats_of(column))
 
 
 def fused_partner(column: str) -> Optional[str]:
@@ -129,6 +165,10 @@ def describe_column(column: str, score: Optional[str] = None, reference: Optiona
     if curve_metric(column):
         return {"meaning": f"the sample's {curve_metric(column)} after each inversion step", "unit": None,
                 "direction": None}
+    if stats_of(column):
+        detector, kind = stats_of(column)
+        return {"meaning": f"{detector}'s per-sample {kind} statistics, before its fitted head", "unit": None,
+                "direction": None}
     if column.startswith(ORACLE_PREFIX) and "/" in column:
         mode, detector = column[len(ORACLE_PREFIX):].split("/", 1)
         entry = describe_column(detector, score, reference)
@@ -138,16 +178,19 @@ def describe_column(column: str, score: Optional[str] = None, reference: Optiona
     if registry.is_classifier_detector(column):
         entry = registry.classifier_detector(column)
         return {"meaning": f"classifier detector: {entry.meaning}", "unit": entry.unit, "direction": MORE_OOD}
+    if registry.is_diffusion_detector(column):
+        entry = registry.diffusion_detector(column)
+        return {"meaning": f"diffusion detector: {entry.meaning}", "unit": entry.unit, "direction": MORE_OOD}
     if column == DIFFGUARD:
         if not score:
             return {"meaning": "DiffGuard's score: the values of diffguard/<diffguard.score in config.yaml>",
                     "unit": "that column's", "direction": MORE_OOD}
         entry = describe_column(distance_column(score), score, reference)
         return {**entry, "meaning": f"DiffGuard's score, the values of {distance_column(score)}: {entry['meaning']}"}
-    if fused_partner(column):
-        partner = fused_partner(column)
-        return {"meaning": f"diffguard fused with {partner}: the sum of both z-scores, each normalised on the InD "
-                           f"validation split", "unit": "z-score sum, unitless", "direction": MORE_OOD}
+    if fusion_parts(column):
+        return {"meaning": f"the fusion of {', '.join(fusion_parts(column))}: the sum of their z-scores, each "
+                           f"normalised on the InD validation split", "unit": "z-score sum, unitless",
+                "direction": MORE_OOD}
     if column.startswith(DIFFGUARD + "/"):
         distance = column[len(DIFFGUARD) + 1:]
         against_input = distance.endswith(AGAINST_INPUT)
@@ -174,7 +217,7 @@ def detector_columns(records: Mapping[str, list]) -> List[str]:
 
 def check_columns(columns: Sequence[str]) -> None:
     """ValueError naming any column this module does not declare (a new column must be declared here first)."""
-    unknown = [c for c in columns if c not in META and not curve_metric(c) and not is_detector(c)]
+    unknown = [c for c in columns if c not in META and not is_list_column(c) and not is_detector(c)]
     if unknown:
         raise ValueError(f"record columns {unknown} are declared nowhere: add them to "
                          f"diffguard_pl/records/columns.py (META, or a detector's naming rule)")

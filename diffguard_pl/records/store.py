@@ -73,6 +73,11 @@ def result_config(cfg) -> dict:
     for key in neutral_keys(type(cfg)):
         _drop(tree, key)
     paths = {name: tree["models"][name] for name in ("classifier", "diffusion") if name in tree.get("models", {})}
+    detectors = tree.get("diffusion_detectors")
+    if detectors is not None and not detectors["names"]:
+        del tree["diffusion_detectors"]  # none run: a config without them keeps the fingerprint it had before
+    elif detectors is not None and detectors["model"] is not None:
+        paths["diffusion_detectors"] = detectors["model"]
     tree["model_files"] = {name: _model_files(path) for name, path in paths.items()}
     return tree
 
