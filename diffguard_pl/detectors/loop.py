@@ -102,10 +102,12 @@ class ClassifierDetectorsInLoop:
 
 
 class DiffusionDetectorsInLoop:
-    """The diffusion detectors (diffguard_pl/detectors/diffusion.py) on a batch: each one's score, fitted on InD
-    training images before the loop (DiffPath, MSMA) or needing no fit (LMD); DDPM-OOD's per-level errors as
-    ``stats/`` columns, which the report z-scores on the InD validation records (diffguard_pl/detectors/fused.py).
-    Detectors whose statistics are the same (DiffPath-6D and -1D) compute them once."""
+    """The diffusion detectors (diffguard_pl/detectors/diffusion.py) on a batch: each one's statistics as
+    ``stats/<detector>/<kind>`` columns (what its head reads: a head can be refitted from the records) and its
+    score, fitted on InD training images before the loop (DiffPath, MSMA) or needing no fit (LMD); DDPM-OOD's
+    score comes from its per-level errors, z-scored on the InD validation records by the report
+    (diffguard_pl/detectors/fused.py). Detectors whose statistics are the same (DiffPath-6D and -1D) compute
+    them once."""
 
     fit_on: Tuple[str, ...] = ("ind_train",)
 
@@ -122,10 +124,9 @@ class DiffusionDetectorsInLoop:
         stats = statistics_of(self.detectors, batch["image"], batch["id"])
         record: Columns = {}
         for detector in self.detectors:
-            if detector.fit_on == registry.FIT_VAL:
-                for kind, values in stats[detector.name].items():
-                    record[col.stats_column(detector.name, kind)] = _floats(values)
-            else:
+            for kind, values in stats[detector.name].items():
+                record[col.stats_column(detector.name, kind)] = _floats(values)
+            if detector.fit_on != registry.FIT_VAL:
                 record[detector.name] = _floats(detector.score(stats[detector.name]))
         return record, {}
 
