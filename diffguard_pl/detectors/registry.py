@@ -285,7 +285,7 @@ DIFFUSION_DETECTORS = (
         "ddpm_ood", "DDPM-OOD: the reconstruction errors from several start levels (fresh noise, DDIM back), each "
         "z-scored per level on InD validation, summed over error kinds, averaged over levels", "z-score", FIT_VAL,
         defaults={"num_steps": 10, "skip": 2, "features": "none"},
-        grid={"num_steps": [10, 20], "skip": [1, 2, 4], "features": ["none", "classifier"]},
+        grid={"num_steps": [10, 20], "skip": [4, 8], "features": ["none", "classifier"]},
         cost=lambda p: sum(ddpm_ood_levels(p)), cost_formula="sum of the start levels (level k: k DDIM steps)",
         paper=("Denoising diffusion models for out-of-distribution detection", "CVPR Workshops", 2023,
                "https://arxiv.org/abs/2211.07740"), code="https://github.com/marksgraham/ddpm-ood",
@@ -295,7 +295,7 @@ DIFFUSION_DETECTORS = (
         "lmd", "LMD: the median over alternating checkerboard masks of the distance between the input and its "
         "diffusion inpainting", "squared intensity on [0, 1] (distance mse)", FIT_NONE,
         defaults={"repetitions": 4, "num_steps": 10, "blocks": 8, "distance": "mse"},
-        grid={"repetitions": [2, 4, 10], "num_steps": [10, 20], "distance": ["mse", "features"]},
+        grid={"repetitions": [2, 4], "num_steps": [5, 10], "distance": ["mse", "features"]},
         cost=lambda p: int(p["repetitions"]) * int(p["num_steps"]), cost_formula="repetitions x num_steps",
         paper=("Unsupervised out-of-distribution detection with diffusion inpainting", "ICML", 2023,
                "https://arxiv.org/abs/2302.10326"), code="https://github.com/zhenzhel/lift_map_detect",
@@ -305,7 +305,7 @@ DIFFUSION_DETECTORS = (
     DiffusionDetector(
         "diffpath", "DiffPath-6D: minus the log-likelihood of the six statistics of the DDIM inversion path (sums "
         "of eps, eps^2, eps^3 and of its rate of change) under a Gaussian mixture fitted on InD training images",
-        "nats", FIT_TRAIN, defaults={"num_steps": 10}, grid={"num_steps": [5, 10, 20]},
+        "nats", FIT_TRAIN, defaults={"num_steps": 10}, grid={"num_steps": [5, 10]},
         cost=lambda p: int(p["num_steps"]), cost_formula="num_steps",
         paper=("Out-of-distribution detection with a single unconditional diffusion model", "NeurIPS", 2024,
                "https://arxiv.org/abs/2405.11881"), code="https://github.com/clear-nus/diffpath",
@@ -314,7 +314,7 @@ DIFFUSION_DETECTORS = (
     DiffusionDetector(
         "diffpath_1d", "DiffPath-1D: minus the log-density of sqrt(sum (d eps / dt)^2) along the DDIM inversion path "
         "under a Gaussian kernel density of InD training images", "nats", FIT_TRAIN,
-        defaults={"num_steps": 10, "bandwidth": 5.0}, grid={"num_steps": [5, 10, 20]},
+        defaults={"num_steps": 10, "bandwidth": 5.0}, grid={"num_steps": [5, 10]},
         cost=lambda p: int(p["num_steps"]), cost_formula="num_steps (shared with diffpath when both run)",
         paper=("Out-of-distribution detection with a single unconditional diffusion model", "NeurIPS", 2024,
                "https://arxiv.org/abs/2405.11881"), code="https://github.com/clear-nus/diffpath",
@@ -323,7 +323,7 @@ DIFFUSION_DETECTORS = (
     DiffusionDetector(
         "msma", "MSMA: minus the log-likelihood of the predicted-noise norms at L noise levels under a Gaussian "
         "mixture fitted on InD training images", "nats", FIT_TRAIN, defaults={"levels": 10},
-        grid={"levels": [5, 10, 20]}, cost=lambda p: int(p["levels"]), cost_formula="levels",
+        grid={"levels": [5, 10]}, cost=lambda p: int(p["levels"]), cost_formula="levels",
         paper=("Multiscale score matching for out-of-distribution detection", "ICLR", 2021,
                "https://arxiv.org/abs/2010.13132"), code="https://github.com/ahsanMah/msma",
         authors="NCSN, 10 geometric noise levels (10 evaluations), GMM components 2..20 by 10-fold cross-validation",
