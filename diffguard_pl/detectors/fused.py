@@ -71,7 +71,7 @@ def with_derived_detectors(records: Mapping[str, list], score: str,
     records, notes = with_ddpm_ood(records)
     parts = {p: p.split(FUSED_SEPARATOR) for p in partners}
     missing = {p: [d for d in parts[p] if d not in records] for p in partners}
-    notes += [f"{fused_column(p)} left out: {', '.join(m)} has no scores in this run (results.json says why)"
+    notes += [f"{fused_column(p)} left out: {', '.join(m)} has no scores in this run (results.json baselines.left_out says why)"
               for p, m in missing.items() if m]
     partners = [p for p in partners if not missing[p]]
     prefixes = oracle_prefixes(records)

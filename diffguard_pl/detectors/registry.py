@@ -284,7 +284,7 @@ DIFFUSION_DETECTORS = (
     DiffusionDetector(
         "ddpm_ood", "DDPM-OOD: the reconstruction errors from several start levels (fresh noise, DDIM back), each "
         "z-scored per level on InD validation, summed over error kinds, averaged over levels", "z-score", FIT_VAL,
-        defaults={"num_steps": 10, "skip": 2, "features": "none"},
+        defaults={"num_steps": 10, "skip": 4, "features": "none"},
         grid={"num_steps": [10, 20], "skip": [4, 8], "features": ["none", "classifier"]},
         cost=lambda p: sum(ddpm_ood_levels(p)), cost_formula="sum of the start levels (level k: k DDIM steps)",
         paper=("Denoising diffusion models for out-of-distribution detection", "CVPR Workshops", 2023,
