@@ -51,7 +51,8 @@ class DiffusionDetector:
                                  f"{list(choices)}")
             if self.params[key] != choices[0] and features is None:
                 raise ValueError(f"{name} with {key}={self.params[key]} needs the classifier's features: pass "
-                                 f"features=classifier.features (the API) or run it in evaluate.py")
+                                 f"classifier= to diffguard_pl.api.DiffusionBaseline (features= here), or run it "
+                                 f"in evaluate.py")
         self.features = features if name in FEATURE_CHOICES and self.params[FEATURE_CHOICES[name][0]] != \
             FEATURE_CHOICES[name][1][0] else None
         self.head = None

@@ -21,29 +21,35 @@ Without either, DiffGuard learns nothing and ``fit`` is not needed.
 Every sample's id, which seeds its cutouts, is a digest of its pixels, so a score does not depend on the batch
 beyond rounding (float32 models sum in an order that depends on the batch size; evaluate.py uses the dataset's ids
 instead: the same image scores alike, not identically, there).
+
+The diffusion detectors (DDPM-OOD, LMD, DiffPath, MSMA) are pytorch-ood detectors as they are:
+:class:`~diffguard_pl.api.DiffusionBaseline`, exported here too, whose ``fit(loader)`` fits the head on the loader's
+InD samples, which must be InD training images, or InD validation images for DDPM-OOD (docs/diffusion_detectors.md):
+
+    msma = DiffusionBaseline.from_preset("digits_gdm", "msma").fit(ind_train_loader)
+    metrics.update(msma(x), y)
+
+As a fused detector's partner, pass one fitted beforehand with ``fit_partner=False`` (``fit(loader)`` would fit
+it on the loader's InD samples, which are validation images): ``DiffGuardDetector.from_preset("digits_gdm",
+partner=msma, fit_partner=False)``.
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-from typing import Any, Dict, List, Optional, Union
+from typing import Any, Dict, Optional, Union
 
 import torch
 from pytorch_ood.api import Detector, RequiresFittingException
 
-from diffguard_pl.api import Baseline, DiffGuard, batches
+from diffguard_pl.api import Baseline, DiffGuard, DiffusionBaseline, batches, sample_ids
 from diffguard_pl.detectors.fused import fuse, zscore
 from diffguard_pl.method.pipeline import DiffGuardPipeline, check_images
 
 DEPTH_FRACTIONS = (0.3, 0.5, 0.7)  # of num_steps: depth candidates (the embedded presets were tuned over such)
 SCALES = (1.0, 3.0, 10.0, 30.0)  # guidance strength candidates: classifier scale or classifier-free omega
 
-
-def sample_ids(images: torch.Tensor) -> List[str]:
-    """A stable id per image: the first 16 hex digits of the SHA-1 of its float32 pixels."""
-    pixels = images.detach().to("cpu", torch.float32).contiguous()
-    return [hashlib.sha1(p.numpy().tobytes()).hexdigest()[:16] for p in pixels]
+__all__ = ["DiffGuardDetector", "DiffusionBaseline", "sample_ids"]
 
 
 class DiffGuardDetector(Detector):
