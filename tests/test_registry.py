@@ -132,3 +132,14 @@ def test_fused_detectors_say_when_a_partner_did_not_run():
     assert columns.fused_column("ebo") in records and columns.fused_column("vim") not in records
     assert notes == ["diffguard+vim left out: vim has no scores in this run (results.json baselines.left_out says "
                      "why)"]
+
+
+def test_docs_hold_the_diffusion_detector_table():
+    assert tables.diffusion_table() in (ROOT / "docs" / "detectors.md").read_text()
+    for entry in registry.DIFFUSION_DETECTORS:  # every default and grid point has a cost the registry can compute
+        assert entry.cost(entry.defaults) > 0
+        for key, values in entry.grid.items():
+            for value in values:
+                assert entry.cost(registry.diffusion_params(entry.name, {key: value})) > 0
+    with pytest.raises(ValueError, match="no parameter 'steps'"):
+        registry.diffusion_params(registry.LMD, {"steps": 3})
