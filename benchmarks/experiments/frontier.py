@@ -25,9 +25,9 @@ PRESETS = {"fashion_gdm": [[]], "fashion_classifier_free": [[], ["diffguard.guid
 STEPS = (5, 10, 20, 50)
 
 
-def diffguard_points(limit: int, out: Path, steps=STEPS) -> list:
+def diffguard_points(limit: int, out: Path, steps=STEPS, presets=tuple(PRESETS)) -> list:
     rows = []
-    for preset, variants in PRESETS.items():
+    for preset, variants in [(p, PRESETS[p]) for p in presets]:
         cfg = load_preset(preset)
         for extra in variants:
             for n in steps:
@@ -107,10 +107,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--grid", type=Path, default=Path("outputs/diffusion_grid"))
     parser.add_argument("--limit", type=int, default=100)
     parser.add_argument("--steps", type=int, nargs="*", default=list(STEPS))
+    parser.add_argument("--presets", nargs="*", default=list(PRESETS), choices=list(PRESETS))
     parser.add_argument("--out", type=Path, default=Path("outputs/frontier"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = diffguard_points(args.limit, args.out, args.steps)
+    rows = diffguard_points(args.limit, args.out, args.steps, args.presets)
     rows = grid_points(args.grid) + rows
     front = pareto(rows)
     (args.out / "frontier.json").write_text(json.dumps({"rows": rows, "frontier": front}, indent=2))
