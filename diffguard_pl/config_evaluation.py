@@ -318,6 +318,8 @@ class DiffusionDetectorsConfig:
             if name not in self.names:
                 raise ConfigError(f"diffusion_detectors.params has {name!r}, which diffusion_detectors.names does "
                                   f"not run: add it there, or drop diffusion_detectors.params.{name}")
+            for key, choices in registry.diffusion_detector(name).choices.items():
+                check_choice(f"diffusion_detectors.params.{name}.{key}", given.get(key, choices[0]), choices)
             try:
                 registry.diffusion_detector(name).cost(registry.diffusion_params(name, given))
             except (ValueError, TypeError) as error:

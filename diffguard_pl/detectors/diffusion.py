@@ -27,8 +27,9 @@ from diffguard_pl.models import DiffusionModel
 Statistics = Dict[str, torch.Tensor]  # kind -> [N] or [N, K] float64 on the CPU
 Features = Callable[[torch.Tensor], torch.Tensor]  # images [N, C, H, W] in [0, 1] -> [N, D]
 
-FEATURE_CHOICES = {registry.DDPM_OOD: ("features", ("none", "classifier")),
-                   registry.LMD: ("distance", ("mse", "features"))}
+# the parameter that makes a detector read the classifier's features, and its values (the first: it does not)
+FEATURE_CHOICES = {d.name: (key, tuple(values)) for d in registry.DIFFUSION_DETECTORS
+                   for key, values in d.choices.items()}
 
 
 class DiffusionDetector:
@@ -68,9 +69,21 @@ class DiffusionDetector:
         return self.entry.fit_on
 
     def unet_evals_per_image(self) -> int:
+        """UNet evaluations per image; ValueError naming a parameter the detector cannot run with."""
+        p = self.params
         if self.name == registry.MSMA:
             return len(self.msma_levels())
-        return self.entry.cost(self.params)
+        if self.name == registry.DDPM_OOD and not registry.ddpm_ood_levels(p):
+            raise ValueError(f"num_steps={p['num_steps']} with skip={p['skip']} gives no start level (levels 2, "
+                             f"2 + skip, ... up to num_steps): use num_steps >= 2")
+        if self.name in (registry.DIFFPATH, registry.DIFFPATH_1D):
+            diffpath.unet_evals(int(p["num_steps"]))  # at least 2 steps
+        if self.name == registry.LMD:  # both kinds of square in the masks, at least one repetition
+            lmd.checkerboard_masks(self.diffusion.sample_size, self._lmd_square(), int(p["repetitions"]))
+        return self.entry.cost(p)
+
+    def _lmd_square(self) -> int:
+        return max(1, self.diffusion.sample_size // int(self.params["blocks"]))
 
     # ------------------------------------------------------------------------------------------- statistics
     def msma_levels(self) -> torch.Tensor:
@@ -95,9 +108,8 @@ class DiffusionDetector:
             return ddpm_ood.reconstruction_errors(d, images, ids, levels, int(p["num_steps"]), self.seed,
                                                   features=self.features)
         if self.name == registry.LMD:
-            square = max(1, d.sample_size // int(p["blocks"]))
-            return lmd.lmd_scores(d, images, ids, int(p["repetitions"]), int(p["num_steps"]), square, self.seed,
-                                  features=self.features)
+            return lmd.lmd_scores(d, images, ids, int(p["repetitions"]), int(p["num_steps"]), self._lmd_square(),
+                                  self.seed, features=self.features)
         if self.name in (registry.DIFFPATH, registry.DIFFPATH_1D):
             return {"path": diffpath.path_statistics(d, images, int(p["num_steps"]))}
         if self.name == registry.MSMA:

@@ -4,8 +4,11 @@ DiffPath's and MSMA's mixtures are fitted on the statistics of ``diffusion_detec
 training images (chosen by id hash; never a validation or OOD image). Those statistics cost the detector's UNet
 evaluations per image, so they are cached on disk (``<cache>/diffusion/<digest>.pt``, ``<cache>`` as for the
 classifier features: ``DIFFGUARD_CACHE`` first, diffguard_pl/detectors/features.py), the name a digest of the
-diffusion model's weights, the images (ids and pixels), what the statistics depend on and the code that computes
-them. DDPM-OOD is z-scored on the run's InD validation records by the report; LMD fits nothing.
+diffusion model's weights, the images (ids and pixels), what the statistics depend on, the dtype and the code that
+computes them. They are computed in the dtype the test loop computes the scored images' statistics in (float64 under
+``trainer.precision=64-true``), so that a head is fitted on what it scores, and float32 rounding, which depends on
+the batch, stays out of the fit. DDPM-OOD is z-scored on the run's InD validation records by the report; LMD fits
+nothing.
 """
 
 from __future__ import annotations
@@ -42,8 +45,10 @@ def build_diffusion_detectors(cfg, diffusion, classifier=None) -> List[Diffusion
         try:
             out.append(DiffusionDetector(name, d.params.get(name, {}), diffusion, features=features,
                                          seed=cfg.diffguard.seed))
-        except ValueError as error:
-            raise ConfigError(str(error)) from None
+        except ValueError as error:  # named by its key, unless the message names it
+            message = str(error)
+            raise ConfigError(message if message.startswith("diffusion_detectors.")
+                              else f"diffusion_detectors.params.{name}: {message}") from None
     return out
 
 
@@ -65,11 +70,12 @@ def code_version() -> str:
 
 
 def batch_statistics(detectors: Sequence[DiffusionDetector], image_set, batch_size: int, device,
-                     phase: Optional[Phase] = None) -> dict:
-    """Each detector's statistics of a whole set (concatenated over batches, in the set's order)."""
+                     phase: Optional[Phase] = None, dtype: Optional[torch.dtype] = None) -> dict:
+    """Each detector's statistics of a whole set (concatenated over batches, in the set's order), the images in
+    ``dtype`` (None: as they are)."""
     parts: dict = {d.name: {} for d in detectors}
     for batch in DataLoader(image_set, batch_size=batch_size):
-        stats = statistics_of(detectors, batch["image"].to(device), list(batch["id"]))
+        stats = statistics_of(detectors, batch["image"].to(device, dtype), list(batch["id"]))
         for name, kinds in stats.items():
             for kind, value in kinds.items():
                 parts[name].setdefault(kind, []).append(value)
@@ -78,9 +84,9 @@ def batch_statistics(detectors: Sequence[DiffusionDetector], image_set, batch_si
     return {name: {kind: torch.cat(values) for kind, values in kinds.items()} for name, kinds in parts.items()}
 
 
-def _cache_path(detector: DiffusionDetector, model_key: str, set_key: str) -> Path:
+def _cache_path(detector: DiffusionDetector, model_key: str, set_key: str, dtype: torch.dtype) -> Path:
     inputs = {"model": model_key, "set": set_key, "statistics": repr(detector.statistics_key()),
-              "code": code_version()}
+              "dtype": str(dtype), "code": code_version()}
     return cache_folder("diffusion") / f"{hashlib.sha256(json.dumps(inputs).encode()).hexdigest()}.pt"
 
 
@@ -105,6 +111,22 @@ def _write(path: Path, stats: Statistics) -> None:
         warnings.warn(f"the diffusion statistics could not be cached in {path.parent} ({error}); the run goes on")
 
 
+def _dtype(cfg, diffusion) -> torch.dtype:
+    """The dtype of the test loop's statistics: float64 under trainer.precision=64-true (Lightning converts the
+    detectors' model), else the model's own."""
+    return torch.float64 if cfg.trainer.precision == "64-true" else next(diffusion.unet.parameters()).dtype
+
+
+_CASTS = {torch.float64: "double", torch.float32: "float", torch.float16: "half", torch.bfloat16: "bfloat16"}
+
+
+def _move(diffusion, device, dtype: torch.dtype) -> None:
+    """The model's modules to ``device``, their floating-point tensors to ``dtype`` (nn.Module's casts: diffusers
+    warns at ``to(dtype)``)."""
+    for module in diffusion.modules():
+        getattr(module.to(device), _CASTS[dtype])()
+
+
 def _device(cfg, diffusion) -> torch.device:
     """Where the training statistics are computed: the accelerator when the run has one, else the model's device."""
     if cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available():
@@ -123,10 +145,10 @@ def fit_diffusion_detectors(detectors: Sequence[DiffusionDetector], benchmark, c
     if to_fit:
         train = subset_by_id(benchmark.train, cfg.diffusion_detectors.train_samples, cfg.data.seed)
         diffusion = to_fit[0].diffusion
-        model_key, set_key = model_digest(diffusion), set_digest(train)
+        model_key, set_key, dtype = model_digest(diffusion), set_digest(train), _dtype(cfg, diffusion)
         stats, missing = {}, []
         for detector in to_fit:
-            path = _cache_path(detector, model_key, set_key)
+            path = _cache_path(detector, model_key, set_key, dtype)
             found = _read(path)
             if found is None:
                 missing.append(detector)
@@ -134,18 +156,19 @@ def fit_diffusion_detectors(detectors: Sequence[DiffusionDetector], benchmark, c
                 stats[detector.name] = found
         if missing:
             evals = sum({d.statistics_key(): d.unet_evals_per_image() for d in missing}.values())
-            device, home = _device(cfg, diffusion), next(diffusion.unet.parameters()).device
-            diffusion.to(device)
+            weight = next(diffusion.unet.parameters())
+            device, home = _device(cfg, diffusion), (weight.device, weight.dtype)
+            _move(diffusion, device, dtype)
             try:
                 with Phase(f"diffusion detectors {', '.join(d.name for d in missing)}: statistics of {len(train):,} "
                            f"InD training images ({evals} UNet evaluations each, {len(train) * evals:,} in all)",
                            len(train)) as phase:
-                    computed = batch_statistics(missing, train, cfg.data.eval_batch_size, device, phase)
+                    computed = batch_statistics(missing, train, cfg.data.eval_batch_size, device, phase, dtype)
             finally:
-                diffusion.to(home)
+                _move(diffusion, *home)
             for detector in missing:
                 stats[detector.name] = computed[detector.name]
-                _write(_cache_path(detector, model_key, set_key), computed[detector.name])
+                _write(_cache_path(detector, model_key, set_key, dtype), computed[detector.name])
         elif is_rank_zero():
             print(f"diffusion detectors: statistics of {len(train):,} InD training images read from the cache "
                   f"{cache_folder('diffusion')}", file=sys.stderr, flush=True)

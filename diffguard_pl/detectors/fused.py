@@ -16,7 +16,7 @@ from typing import Dict, List, Mapping, Sequence, Tuple
 import torch
 
 from diffguard_pl.data.benchmark import IND
-from diffguard_pl.detectors.registry import DDPM_OOD, FUSION_DEFAULT
+from diffguard_pl.detectors.registry import DDPM_OOD, FUSION_DEFAULT, is_classifier_detector
 from diffguard_pl.records.columns import (DIFFGUARD, FUSED_SEPARATOR, SET, SPLIT, distance_column, fused_column,
                                           oracle_prefixes, stats_column, stats_of)
 
@@ -71,7 +71,8 @@ def with_derived_detectors(records: Mapping[str, list], score: str,
     records, notes = with_ddpm_ood(records)
     parts = {p: p.split(FUSED_SEPARATOR) for p in partners}
     missing = {p: [d for d in parts[p] if d not in records] for p in partners}
-    notes += [f"{fused_column(p)} left out: {', '.join(m)} has no scores in this run (results.json baselines.left_out says why)"
+    notes += [f"{fused_column(p)} left out: {', '.join(m)} has no scores in this run (results.json "
+              f"{'baselines.left_out ' if all(map(is_classifier_detector, m)) else ''}says why)"
               for p, m in missing.items() if m]
     partners = [p for p in partners if not missing[p]]
     prefixes = oracle_prefixes(records)

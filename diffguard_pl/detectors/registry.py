@@ -273,6 +273,7 @@ class DiffusionDetector:
     code: str  # the authors' repository
     authors: str  # what the authors' code runs, in the same terms
     note: str = ""
+    choices: Mapping[str, Sequence[str]] = field(default_factory=dict)  # a parameter's values (first: no classifier)
 
 
 def ddpm_ood_levels(params: Mapping[str, Any]) -> List[int]:
@@ -284,7 +285,7 @@ DIFFUSION_DETECTORS = (
     DiffusionDetector(
         "ddpm_ood", "DDPM-OOD: the reconstruction errors from several start levels (fresh noise, DDIM back), each "
         "z-scored per level on InD validation, summed over error kinds, averaged over levels", "z-score", FIT_VAL,
-        defaults={"num_steps": 10, "skip": 4, "features": "none"},
+        defaults={"num_steps": 10, "skip": 4, "features": "none"}, choices={"features": ("none", "classifier")},
         grid={"num_steps": [10, 20], "skip": [4, 8], "features": ["none", "classifier"]},
         cost=lambda p: sum(ddpm_ood_levels(p)), cost_formula="sum of the start levels (level k: k DDIM steps)",
         paper=("Denoising diffusion models for out-of-distribution detection", "CVPR Workshops", 2023,
@@ -295,6 +296,7 @@ DIFFUSION_DETECTORS = (
         "lmd", "LMD: the median over alternating checkerboard masks of the distance between the input and its "
         "diffusion inpainting", "squared intensity on [0, 1] (distance mse)", FIT_NONE,
         defaults={"repetitions": 4, "num_steps": 10, "blocks": 8, "distance": "mse"},
+        choices={"distance": ("mse", "features")},
         grid={"repetitions": [2, 4], "num_steps": [5, 10], "distance": ["mse", "features"]},
         cost=lambda p: int(p["repetitions"]) * int(p["num_steps"]), cost_formula="repetitions x num_steps",
         paper=("Unsupervised out-of-distribution detection with diffusion inpainting", "ICML", 2023,
@@ -353,8 +355,6 @@ def diffusion_params(name: str, given: Optional[Mapping[str, Any]] = None) -> di
 
 def is_diffusion_detector(column: str) -> bool:
     return column in _DIFFUSION
-
-
 
 
 FUSION_DEFAULT = ("ebo", "vim", "knn")  # fusion_partners' default: diffguard+ebo was chosen on validation splits

@@ -141,6 +141,10 @@ def evaluate(cfg: EvalConfig, benchmark=None) -> Optional[dict]:
     classifier, diffusion = load_models(cfg)
     models = Models(classifier, diffusion, load_encoder(cfg), load_detector_diffusion(cfg, diffusion))
     check_shapes(cfg, classifier, diffusion, models.encoder)
+    if models.detector_diffusion is not None:  # a parameter the model cannot run with: refused before any work
+        from diffguard_pl.detectors.diffusion_fitting import build_diffusion_detectors
+
+        build_diffusion_detectors(cfg, models.detector_diffusion, classifier)
     if cfg.dry_run:
         from diffguard_pl.jobs.plan import print_plan
 
