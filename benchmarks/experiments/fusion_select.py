@@ -10,6 +10,12 @@ twice. Every fusion of two or three detectors (z-scores summed, each normalised 
 evaluate.py fuses) is scored by the presets' rule: the mean of near- and far-OOD validation AUROC; within 1 point
 of the best, the fewest UNet evaluations per image. Reported: the best fusion overall, the best that includes
 DiffGuard, the best without it, and each family's best single detector. Test splits are never read.
+
+    python -m benchmarks.experiments.fusion_select --compare outputs/fashion_gdm A B
+
+prints the paired bootstrap difference of near / far AUROC of columns A - B of a finished test run (the same
+test images; the run's fusion_partners must produce both columns): how the best fusion with DiffGuard compares with
+the best without it.
 """
 
 from __future__ import annotations
@@ -67,14 +73,37 @@ def diffusion_scores(grid: dict, grid_dir: Path, preset: str, limit: int) -> dic
     return out
 
 
+def compare(run: Path, a: str, b: str) -> dict:
+    """Paired bootstrap differences (points) of near / far AUROC, column a - column b, on a run's test images."""
+    from diffguard_pl.detectors.bootstrap import paired_difference
+
+    groups = results_of(run)["groups"]
+    rows = [r for r in score_rows(run) if r["split"] == "test"]
+    sets = [s for s in groups if any(r["set"] == s for r in rows)]
+    take = lambda column, s: torch.tensor([float(r[column]) for r in rows if r["set"] == s], dtype=torch.float64)
+    out = {}
+    for group in ("near", "far"):
+        members = [s for s in sets if groups[s] == group]
+        point, lo, hi = paired_difference(take(a, "ind"), {s: take(a, s) for s in members}, take(b, "ind"),
+                                          {s: take(b, s) for s in members}, members)
+        out[group] = {"point": 100 * point, "lo": 100 * lo, "hi": 100 * hi}
+        print(f"{a} - {b}, {group}: {100 * point:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}] points")
+    return out
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--run", type=Path, required=True, help="an evaluate.py run with split=val")
-    parser.add_argument("--grid", type=Path, required=True, help="benchmarks/experiments/diffusion_grid.py's --out")
+    parser.add_argument("--compare", nargs=3, metavar=("RUN", "A", "B"))
+    parser.add_argument("--run", type=Path, help="an evaluate.py run with split=val")
+    parser.add_argument("--grid", type=Path, help="benchmarks/experiments/diffusion_grid.py's --out")
     parser.add_argument("--preset", default="fashion_gdm")
     parser.add_argument("--max-size", type=int, default=3)
     parser.add_argument("--out", type=Path, default=Path("outputs/fusion_select.json"))
     args = parser.parse_args(argv)
+    if args.compare:
+        return compare(Path(args.compare[0]), *args.compare[1:])
+    if args.run is None or args.grid is None:
+        parser.error("--run and --grid are needed (or --compare RUN A B)")
     grid = json.loads((args.grid / "grid.json").read_text())
     run = results_of(args.run)
     groups = run["groups"]
