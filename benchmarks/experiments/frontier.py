@@ -25,7 +25,8 @@ PRESETS = {"fashion_gdm": [[]], "fashion_classifier_free": [[], ["diffguard.guid
 STEPS = (5, 10, 20, 50)
 
 
-def diffguard_points(limit: int, out: Path, steps=STEPS, presets=tuple(PRESETS)) -> list:
+def diffguard_points(limit: int, out: Path, steps=STEPS, presets=tuple(PRESETS), collect: bool = False) -> list:
+    """DiffGuard's points (``collect``: only the runs already finished in ``out``, none started)."""
     rows = []
     for preset, variants in [(p, PRESETS[p]) for p in presets]:
         cfg = load_preset(preset)
@@ -34,6 +35,8 @@ def diffguard_points(limit: int, out: Path, steps=STEPS, presets=tuple(PRESETS))
                 depth = max(1, round(cfg.diffguard.depth * n / cfg.diffguard.num_steps))
                 name = f"{preset}_{n}" + ("_dsg_off" if extra else "")
                 settings = [f"diffguard.num_steps={n}", f"diffguard.depth={depth}", *extra]
+                if collect and not (out / name / "results.json").is_file():
+                    continue
                 results = evaluate(out / name, "--config", str(ROOT / "conf" / f"{preset}.yaml"), "split=val",
                                    f"limit_per_set={limit}", "callbacks.reconstructions=0",
                                    "callbacks.score_plots=false", "callbacks.curves=false", *settings, reuse=True)
@@ -108,10 +111,11 @@ def main(argv=None) -> dict:
     parser.add_argument("--limit", type=int, default=100)
     parser.add_argument("--steps", type=int, nargs="*", default=list(STEPS))
     parser.add_argument("--presets", nargs="*", default=list(PRESETS), choices=list(PRESETS))
+    parser.add_argument("--collect", action="store_true", help="only read the DiffGuard runs finished in --out")
     parser.add_argument("--out", type=Path, default=Path("outputs/frontier"))
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    rows = diffguard_points(args.limit, args.out, args.steps, args.presets)
+    rows = diffguard_points(args.limit, args.out, args.steps, args.presets, args.collect)
     rows = grid_points(args.grid) + rows
     front = pareto(rows)
     (args.out / "frontier.json").write_text(json.dumps({"rows": rows, "frontier": front}, indent=2))
