@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, List, Optional, Sequence, Tuple, Type, TypeVar
 
 from omegaconf import DictConfig, OmegaConf
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException
 
 from diffguard_pl.config_shared import PROJECT_ROOT
 from diffguard_pl.errors import ConfigError
@@ -24,11 +24,54 @@ T = TypeVar("T")
 PRESETS = PROJECT_ROOT / "conf"  # --config NAME finds conf/NAME.yaml here
 
 
-def _describe(error: OmegaConfBaseException) -> str:
-    """OmegaConf's error as one line, led by the dotted key it concerns (when it names one)."""
+def _describe(error: OmegaConfBaseException, cfg: Optional[DictConfig] = None, written: Optional[str] = None) -> str:
+    """OmegaConf's error as one line, led by the dotted key it concerns (when it names one). An unknown key
+    (``written``: the key as the override spelt it, else OmegaConf's) is answered with the schema's closest keys
+    in ``cfg`` (:func:`closest_keys`) instead of OmegaConf's siblings of its last part."""
     key = getattr(error, "full_key", None)
     message = str(error).splitlines()[0]
+    if isinstance(error, ConfigKeyError) and key and cfg is not None:
+        written = written or key
+        close = closest_keys(written, cfg)
+        hint = f"did you mean {' or '.join(close)}?" if close else "--help lists every key"
+        return f"config key '{written}' is not in the schema: {hint}"
     return f"config key '{key}': {message}" if key else message
+
+
+def leaf_keys(cfg: DictConfig, prefix: str = "") -> List[str]:
+    """The dotted name of every value of ``cfg`` (groups recursed, a mapping-valued key kept whole)."""
+    keys = []
+    for name in cfg.keys():
+        node = cfg._get_node(name)
+        dotted = f"{prefix}{name}"
+        if isinstance(node, DictConfig) and node._metadata.object_type not in (None, dict):
+            keys += leaf_keys(node, f"{dotted}.")
+        else:
+            keys.append(dotted)
+    return keys
+
+
+def closest_keys(written: str, cfg: DictConfig, n: int = 3) -> List[str]:
+    """The schema's keys a misspelt or misplaced ``written`` most likely means, best first: the keys ending in
+    its last part, wherever they are nested (``diffguard.scale`` -> ``diffguard.guidance.scale``); when none
+    does, the keys closest to it as a whole or by their last part (``trainer.max_stepz`` -> ``trainer.max_steps``),
+    the closest and those nearly as close."""
+    keys = leaf_keys(cfg)
+    last = written.rsplit(".", 1)[-1]
+
+    def likeness(key: str) -> float:
+        return difflib.SequenceMatcher(None, written, key).ratio()
+
+    same_last = [k for k in keys if k.rsplit(".", 1)[-1] == last]
+    if same_last:
+        return sorted(same_last, key=likeness, reverse=True)[:n]
+    by_last: dict = {}
+    for key in keys:
+        by_last.setdefault(key.rsplit(".", 1)[-1], []).append(key)
+    near = set(difflib.get_close_matches(written, keys, n=n, cutoff=0.6))
+    near |= {k for name in difflib.get_close_matches(last, list(by_last), n=n, cutoff=0.75) for k in by_last[name]}
+    ranked = sorted(near, key=likeness, reverse=True)
+    return [k for k in ranked if likeness(k) >= likeness(ranked[0]) - 0.05][:n] if ranked else []
 
 
 # Keys that hold an input path. They are made absolute when the config is composed: a relative value in a YAML
@@ -88,7 +131,7 @@ def merge(schema: Type[T], config_files: Sequence[str | Path] = (), overrides: S
             resolve_paths(loaded, project_root(path))
             cfg = OmegaConf.merge(cfg, loaded)
         except OmegaConfBaseException as error:
-            raise ConfigError(f"{path}: {_describe(error)}") from None
+            raise ConfigError(f"{path}: {_describe(error, cfg)}") from None
     for item in overrides:
         if "=" not in item:
             raise ConfigError(f"override {item!r} is not of the form key=value")
@@ -97,7 +140,7 @@ def merge(schema: Type[T], config_files: Sequence[str | Path] = (), overrides: S
             resolve_paths(given, Path.cwd())
             cfg = OmegaConf.merge(cfg, given)
         except OmegaConfBaseException as error:
-            raise ConfigError(f"override {item!r}: {_describe(error)}") from None
+            raise ConfigError(f"override {item!r}: {_describe(error, cfg, item.split('=', 1)[0])}") from None
     return cfg
 
 

@@ -22,8 +22,9 @@ EMBEDDED = PROJECT_ROOT / "checkpoints"
 
 
 def neutral(default: Any = MISSING, factory: Any = MISSING) -> Any:
-    """A field that never changes a sample's score: where and how a run executes and logs (not fingerprinted,
-    see diffguard_pl/records/store.py)."""
+    """A field that never changes a sample's score: where and how a run executes and logs, and which bad files
+    are dropped (the records of the samples present stay valid). Not fingerprinted, see
+    diffguard_pl/records/store.py."""
     if factory is not MISSING:
         return field(default_factory=factory, metadata={"neutral": True})
     return field(default=default, metadata={"neutral": True})
@@ -58,9 +59,12 @@ class DataConfig:
                                                  # {list: FILE, data_dir: DIR} or a {folder: DIR} (or null)
     preprocess: Optional[str] = None  # resize | resize_center_crop; null: the benchmark's standard one
     resize: Optional[int] = None  # resize_center_crop: shorter side in pixels before the crop; null: the standard ratio
-    on_error: str = "raise"  # raise (bad list lines / unreadable images stop the run) | skip (dropped and counted)
+    on_error: str = neutral("raise")  # raise (bad list lines / unreadable images stop the run) | skip (dropped,
+                                      # named and counted; which samples exist, never a score: a run may resume
+                                      # with the other value)
     allow_grayscale: bool = False  # convert grayscale images in an RGB benchmark (counted in results.json)
-    verify_files: Optional[bool] = None  # decode every image up front; null: only with on_error=skip
+    verify_files: Optional[bool] = neutral(None)  # decode every image up front; null: only with on_error=skip
+                                                  # (score_folder's images: always, before any model loads)
     decode_workers: int = neutral(4)  # threads that verify images up front
     ind_classes: List[int] = field(default_factory=lambda: [0, 1, 2, 3, 4, 5])  # digits / fashion: the source
                                                                                 # labels that are InD (relabelled 0..)

@@ -42,6 +42,30 @@ def test_unknown_key_in_yaml_is_named(tmp_path):
     assert str(path) in str(info.value)
 
 
+@pytest.mark.parametrize("written, meant", [
+    ("diffguard.scale", "diffguard.guidance.scale"),  # the right name one group too high: found by its last part
+    ("scale", "diffguard.guidance.scale"),
+    ("depth", "diffguard.depth"),
+    ("diffguard.guidanc.scale", "diffguard.guidance.scale"),  # a misspelt group
+    ("trainer.max_stepz", "trainer.max_steps"),  # a misspelt last part
+])
+def test_an_unknown_key_suggests_the_schema_key_it_means_at_any_depth(written, meant):
+    with pytest.raises(ConfigError) as info:
+        config_lib.load(EvalConfig, [f"{written}=3"], None)
+    message = str(info.value)
+    assert f"'{written}' is not in the schema: did you mean {meant}?" in message, message
+    assert "'score'" not in message  # OmegaConf's guess among the siblings of the last group is not repeated
+
+
+def test_an_unknown_key_in_yaml_gets_the_same_suggestion_and_nothing_close_points_to_help(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("diffguard:\n  scale: 3\n")
+    with pytest.raises(ConfigError, match=r"did you mean diffguard\.guidance\.scale\?"):
+        config_lib.load(EvalConfig, [f"--config={path}"], None)
+    with pytest.raises(ConfigError, match="qqqq' is not in the schema: --help lists every key"):
+        config_lib.load(EvalConfig, ["qqqq=1"], None)
+
+
 def test_wrong_type_is_named():
     with pytest.raises(ConfigError, match="trainer.max_steps"):
         load("task=classifier", "trainer.max_steps=many")

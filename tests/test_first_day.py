@@ -119,3 +119,65 @@ def test_one_definition_of_images_per_second_also_after_a_resume(tmp_path, small
     again = evaluate(load(argv), benchmark)  # everything finished: nothing evaluated, no nan anywhere
     assert again["throughput"]["images"] == 0 and again["throughput"]["images_per_second"] is None
     assert "nan" not in json.dumps(again["throughput"]) and "no image evaluated in this run" in capsys.readouterr().out
+
+
+def write_bad_images(folder):
+    """Two files that cannot be scored: one is no image at all, the other a PNG whose header reads but whose pixels
+    are cut off (only decoding finds it)."""
+    (folder / "garbage.png").write_bytes(b"this is not an image")
+    good = (folder / "img00.png").read_bytes()
+    (folder / "truncated.png").write_bytes(good[: len(good) // 2])
+
+
+def test_a_corrupt_folder_image_is_refused_before_any_model_loads(tmp_path, small_models, benchmark,
+                                                                  no_model_loading, capsys):
+    from diffguard_pl import cli
+
+    folder = write_images(tmp_path / "images", 4)
+    write_bad_images(folder)
+    argv = eval_argv(tmp_path / "out", small_models, f"score_folder={folder}", "limit_per_set=20")
+    code = cli.run(EvalConfig, lambda cfg: evaluate(cfg, benchmark), argv, None, "evaluate.py")
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and err[0].startswith("error: score_folder="), err
+    assert str(folder / "garbage.png") in err[0] and str(folder / "truncated.png") in err[0]  # every bad file named
+    assert "2 of its 6 images cannot be used" in err[0] and "data.on_error=skip" in err[0]  # and the fix
+    assert not (tmp_path / "out").exists()
+
+
+def test_skipped_folder_images_are_named_counted_alike_and_on_error_keeps_the_fingerprint(tmp_path, small_models,
+                                                                                          benchmark, capsys):
+    from diffguard_pl.records import store
+
+    folder = write_images(tmp_path / "images", 4)
+    argv = eval_argv(tmp_path / "out", small_models, f"score_folder={folder}", "limit_per_set=20", *QUIET)
+    evaluate(load(argv), benchmark)  # a first run on the good images
+    write_bad_images(folder)
+    skip = load(argv + ["data.on_error=skip"])
+    assert store.fingerprint(store.result_config(skip)) == store.fingerprint(store.result_config(load(argv)))
+    capsys.readouterr()
+    results = evaluate(skip, benchmark)  # the same output_dir: resumed, not refused as another config's
+    out = capsys.readouterr().out
+    assert "resuming: 24 of 24 samples already finished" in out and "no sample left to evaluate" in out
+    assert "2 of them left out (data.on_error=skip" in out
+    assert f"  {folder / 'garbage.png'}: cannot decode" in out and f"  {folder / 'truncated.png'}: cannot decode" in out
+    report = results["folder"]
+    assert report["images"] == 6 and report["skipped"] == 2 == len(report["problems"])
+    assert sorted(p["file"] for p in report["problems"]) == [str(folder / "garbage.png"), str(folder / "truncated.png")]
+    assert sum(report["sizes"].values()) == 4 == len(list(csv.DictReader(open(tmp_path / "out" / "folder_scores.csv"))))
+    assert json.loads((tmp_path / "out" / "results.json").read_text())["folder"] == report
+
+
+def test_a_dry_run_with_score_folder_prints_the_folders_plan(tmp_path, small_models, benchmark, capsys):
+    folder = write_images(tmp_path / "images", 5)
+    write_bad_images(folder)
+    argv = eval_argv(tmp_path / "out", small_models, f"score_folder={folder}", "limit_per_set=20",
+                     "data.on_error=skip", "score_folder_limit=3", "dry_run=true")
+    assert evaluate(load(argv), benchmark) is None
+    out = capsys.readouterr().out
+    assert "score_folder: 3 folder images, each judged in or out at every detector's threshold set on 20 InD " \
+           "validation images" in out
+    assert "  folder test: 3 images" in out and "of 5 usable (score_folder_limit=3" in out
+    assert "2 left out by data.on_error=skip" in out and "  ind val: 20 images (InD validation" in out
+    assert "for 23 images" in out  # the UNet evaluations of the folder's run
+    assert "ind test" not in out and "digits_6to9" not in out  # not the benchmark's test plan
+    assert not (tmp_path / "out").exists()

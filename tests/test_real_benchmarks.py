@@ -94,6 +94,26 @@ def test_bad_lines_and_corrupt_files_fail_clearly_or_are_skipped_and_counted(tmp
     assert saved["data"]["skipped"] == 3
 
 
+def test_a_run_stopped_by_a_corrupt_file_resumes_with_on_error_skip_which_names_what_it_drops(tmp_path, small_models,
+                                                                                             tiny_lists, capsys):
+    corrupt = tiny_lists / "images" / "near_set_test" / "img_3.png"
+    corrupt.write_bytes(b"not a png at all")  # found only when its batch is read (raise mode decodes lazily)
+    argv = lists_argv(tmp_path, small_models, tiny_lists, "limit_per_set=null", "data.eval_batch_size=8")
+    with pytest.raises(DataError, match=r"img_3\.png: cannot read the image"):
+        evaluate(config_lib.load(EvalConfig, argv, None))
+    assert (tmp_path / "out" / "records").is_dir()  # the batches before it are kept
+    capsys.readouterr()
+    results = evaluate(config_lib.load(EvalConfig, argv + ["data.on_error=skip"], None))  # not another config's
+    out = capsys.readouterr().out
+    assert "resuming: " in out and "data: 1 images or lines skipped (data.on_error=skip)" in out
+    listing = tiny_lists / "lists" / "near_test.txt"
+    assert f"  skipped {listing}:4: {corrupt}: cannot decode the image" in out  # named on the console: line and file
+    report = results["data"]
+    [problem] = report["sets"]["near_set/test"]["problems"]  # and in results.json, counted alike
+    assert report["skipped"] == 1 and problem["file"] == str(listing) and str(corrupt) in problem["reason"]
+    assert results["num_samples"] == {"ind": 24, "near_set": 23, "far_folder": 5}
+
+
 def test_score_folder_writes_scores_and_decisions(tmp_path, small_models):
     folder = tmp_path / "unlabelled"
     rng = np.random.default_rng(1)

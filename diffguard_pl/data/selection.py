@@ -28,7 +28,9 @@ def evaluation_sets(benchmark: Benchmark, limit: Optional[int], split: str = "te
 
 
 def folder_images(cfg: EvalConfig, benchmark: Benchmark) -> ImageSet:
-    """The images of ``score_folder`` as one unlabelled set, preprocessed like the benchmark's."""
+    """The images of ``score_folder`` as one unlabelled set, preprocessed like the benchmark's. Every image was
+    decoded before the models loaded (diffguard_pl/jobs/folder.py ``inspect_folder``); with data.on_error=skip
+    they are decoded again here, by the same check, so the set leaves out exactly the files that report named."""
     from diffguard_pl.data.build import file_transform
     from diffguard_pl.data.file_benchmark import ReadOptions, folder_set
     from diffguard_pl.data.image_files import standard_transform
@@ -38,5 +40,5 @@ def folder_images(cfg: EvalConfig, benchmark: Benchmark) -> ImageSet:
                  else file_transform(data))
     options = ReadOptions(transform=transform, channels=benchmark.channels, resolution=data.resolution,
                           convert_grayscale=data.allow_grayscale or benchmark.channels == 1,
-                          on_error=data.on_error, verify_files=data.verify_files, workers=data.decode_workers)
+                          on_error=data.on_error, verify_files=data.on_error == "skip", workers=data.decode_workers)
     return folder_set(cfg.score_folder, "folder", options)

@@ -1,7 +1,8 @@
 """The evaluation job behind ``evaluate.py``, in stages ordered so that a mistake costs least.
 
 1. checks that need neither data nor models: the config (parsed before this runs), ``score_folder``'s images
-   (listed, their headers read), the data's files, the models' files and the shapes their configs declare;
+   (every one decoded: a bad file is refused here, or named and left out with data.on_error=skip), the data's
+   files, the models' files and the shapes their configs declare;
 2. the data; ``score_folder``: enough InD validation images for its thresholds;
 3. the models' weights and the checks that need them; a dry run prints the plan and stops here;
 4. the output folder (one run at a time), and what an earlier run finished there (resume: the record store,
@@ -94,11 +95,12 @@ def check_shapes(cfg: EvalConfig, classifier, diffusion, encoder=None) -> None:
 
 
 def _report_data(benchmark) -> Optional[dict]:
-    """Skipped and converted images of a file benchmark on the console; returns the counts (results.json's
-    ``data``), None for the embedded benchmarks."""
+    """Skipped and converted images of a file benchmark on the console (counts per set, then the skipped lines
+    and files by name); returns results.json's ``data`` (every problem listed), None for the embedded benchmarks."""
     if benchmark.name in ("digits", "fashion"):
         return None
     from diffguard_pl.data.file_benchmark import data_report
+    from diffguard_pl.jobs.folder import MAX_NAMED
 
     report = data_report(benchmark)
     if report["skipped"] or report["grayscale_converted"]:
@@ -106,6 +108,11 @@ def _report_data(benchmark) -> Optional[dict]:
                          for name, r in report["sets"].items() if r["skipped"] or r["grayscale_converted"])
         print(f"data: {report['skipped']} images or lines skipped (data.on_error=skip), {report['grayscale_converted']} "
               f"grayscale images converted (data.allow_grayscale=true): {sets}")
+        problems = [p for r in report["sets"].values() for p in r["problems"]]
+        for p in problems[:MAX_NAMED]:
+            print(f"  skipped {p['file']}" + (f":{p['line']}" if p["line"] is not None else "") + f": {p['reason']}")
+        if len(problems) > MAX_NAMED:
+            print(f"  ... and {len(problems) - MAX_NAMED} more (results.json's data.sets.*.problems lists them all)")
     return report
 
 
@@ -120,7 +127,7 @@ def evaluate(cfg: EvalConfig, benchmark=None) -> Optional[dict]:
     if cfg.score_folder is not None:
         from diffguard_pl.jobs.folder import describe_conversions, inspect_folder
 
-        folder_report = inspect_folder(cfg.score_folder, cfg.data.resolution, cfg.data.channels)
+        folder_report = inspect_folder(cfg.score_folder, cfg.data)
         print(describe_conversions(folder_report))
     from diffguard_pl.data import build_benchmark, check_available
     from diffguard_pl.models.loading import check_model_files
@@ -148,7 +155,7 @@ def evaluate(cfg: EvalConfig, benchmark=None) -> Optional[dict]:
     if cfg.dry_run:
         from diffguard_pl.jobs.plan import print_plan
 
-        print_plan(cfg, benchmark, classifier, diffusion, models.encoder, models.detector_diffusion)
+        print_plan(cfg, benchmark, classifier, diffusion, models.encoder, models.detector_diffusion, folder_report)
         return None
     # 4. onwards: the run
     prepare_output_dir(output_dir)

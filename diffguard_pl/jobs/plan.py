@@ -1,5 +1,8 @@
 """``evaluate.py dry_run=true``: check that every file is there and every model loads, print the plan, stop.
 
+The plan counts what the run would score: the benchmark's sets of ``split``, or with ``score_folder`` the
+folder's images and the InD validation images its thresholds need.
+
 By the time :func:`print_plan` runs, the benchmark's lists were read (every
 listed file checked to exist) and both models were loaded; here the pipeline
 is built (which checks the perceptual-distance weights files and the
@@ -8,7 +11,7 @@ model / classifier compatibility) and the work is counted.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Dict, Optional
 
 from diffguard_pl.config import EvalConfig
 from diffguard_pl.data import Benchmark
@@ -17,16 +20,45 @@ from diffguard_pl.method.oracle import DESCRIPTIONS, modes
 from diffguard_pl.models import Classifier, DiffusionModel
 
 
+def scored_sets(cfg: EvalConfig, benchmark: Benchmark, folder_report: Optional[dict] = None) -> Dict[str, tuple]:
+    """``set/split`` -> (images the run scores, the set's name in the plan, a note): the benchmark's sets of
+    ``cfg.split``, or with ``score_folder`` the InD validation images its thresholds come from and the folder's
+    usable images (counted from :func:`~diffguard_pl.jobs.folder.inspect_folder`'s report, as the run picks them:
+    at most ``limit_per_set`` / ``score_folder_limit``, chosen by id hash)."""
+    if folder_report is None:
+        sets = evaluation_sets(benchmark, cfg.limit_per_set, cfg.split)
+        group = {s.name: "" if s.name == "ind" else f" ({benchmark.ood[s.name].group})" for s in sets}
+        return {f"{s.name}/{s.split}": (len(s), f"{s.name}{group[s.name]} {s.split}", "") for s in sets}
+    from diffguard_pl.jobs.folder import FOLDER, KEEP
+
+    def capped(count: int, limit: Optional[int]) -> int:
+        return count if limit is None else min(count, limit)
+
+    usable = folder_report["images"] - folder_report["skipped"]
+    scored = capped(usable, cfg.score_folder_limit)
+    notes = [f"of {usable:,} usable (score_folder_limit={cfg.score_folder_limit}, chosen by id hash)"
+             if scored < usable else "",
+             f"{folder_report['skipped']} left out by data.on_error=skip" if folder_report["skipped"] else ""]
+    about = "; ".join(n for n in notes if n)
+    return {"ind/val": (capped(len(benchmark.val), cfg.limit_per_set), "ind val",
+                        f" (InD validation: the thresholds keep {KEEP:.0%} of their scores)"),
+            f"{FOLDER}/test": (scored, f"{FOLDER} test",
+                               f" ({folder_report['folder']}" + (f"; {about})" if about else ")"))}
+
+
 def print_plan(cfg: EvalConfig, benchmark: Benchmark, classifier: Classifier, diffusion: DiffusionModel,
-               encoder: Optional[Classifier] = None, detector_diffusion: Optional[DiffusionModel] = None) -> dict:
+               encoder: Optional[Classifier] = None, detector_diffusion: Optional[DiffusionModel] = None,
+               folder_report: Optional[dict] = None) -> dict:
+    """Print what the run would do (``folder_report``: with ``score_folder``, the folder's plan, not the
+    benchmark's) and return its counts."""
     from diffguard_pl.method.pipeline import DiffGuardPipeline
 
     pipeline = DiffGuardPipeline(diffusion, classifier, cfg.diffguard, dry_run=True, encoder=encoder)
     d, g = cfg.diffguard, cfg.diffguard.guidance
-    sets = evaluation_sets(benchmark, cfg.limit_per_set, cfg.split)
+    sets = scored_sets(cfg, benchmark, folder_report)
     ladder = pipeline.ladder
     per_image = pipeline.unet_evals(d.depth)  # at full depth: AES can only lower it
-    total = sum(len(s) for s in sets)
+    total = sum(count for count, *_ in sets.values())
     kind = type(diffusion.unet).__name__ + (f" + {type(diffusion.vae).__name__}" if diffusion.latent else "")
     lines = [
         f"dry run: every file and model is in place ({cfg.models.diffusion}, {cfg.models.classifier})",
@@ -38,9 +70,12 @@ def print_plan(cfg: EvalConfig, benchmark: Benchmark, classifier: Classifier, di
         f"benchmark {benchmark.name}: InD train {len(benchmark.train)} (baselines fit on "
         f"{min(len(benchmark.train), cfg.baselines.train_samples or len(benchmark.train))})",
     ]
-    for s in sets:
-        group = "" if s.name == "ind" else f" ({benchmark.ood[s.name].group})"
-        lines.append(f"  {s.name}{group} {s.split}: {len(s)} images")
+    if folder_report is not None:
+        (val, *_), (scored, *_) = sets.values()
+        lines.append(f"score_folder: {scored:,} folder images, each judged in or out at every detector's threshold "
+                     f"set on {val:,} InD validation images (not the benchmark's test sets)")
+    for count, name, about in sets.values():
+        lines.append(f"  {name}: {count:,} images{about}")
     free = g.classifier_free
     dsg = f"on, CAM threshold {free.cam_threshold}" if free.dsg else "off"
     guidance = (f"classifier guidance, scale {g.scale}, clean {g.clean}, {g.cutout.num} {g.cutout.mode} cutouts"
@@ -68,7 +103,8 @@ def print_plan(cfg: EvalConfig, benchmark: Benchmark, classifier: Classifier, di
                      + (f"after their statistics of {cfg.diffusion_detectors.train_samples:,} InD training images "
                         f"(cached)" if fit else "nothing to fit before the loop"))
     print("\n".join(lines))
-    return {"images": total, "unet_evals_per_image": per_image, "diffusion_detectors_unet_evals_per_image": extra, "sets": {f"{s.name}/{s.split}": len(s) for s in sets}}
+    return {"images": total, "unet_evals_per_image": per_image, "diffusion_detectors_unet_evals_per_image": extra,
+            "sets": {key: count for key, (count, *_) in sets.items()}}
 
 
 def _diffusion_detectors(cfg: EvalConfig, diffusion: Optional[DiffusionModel], classifier: Classifier) -> list:
