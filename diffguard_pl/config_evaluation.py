@@ -304,6 +304,8 @@ class DiffusionDetectorsConfig:
 
     names: List[str] = field(default_factory=list)  # e.g. [diffpath, msma, ddpm_ood, lmd, diffpath_1d]; [] = none
     params: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # e.g. diffusion_detectors.params.lmd.repetitions=2
+                                                                     # (also for detectors not in names: a preset's
+                                                                     # choices, used when one is added to names)
     model: Optional[str] = None  # their unconditional diffusion model (a diffusers folder); null: models.diffusion
     train_samples: int = 2000  # InD training images (chosen by id hash) DiffPath's and MSMA's mixtures are fitted on
 
@@ -314,10 +316,10 @@ class DiffusionDetectorsConfig:
                                   f"from {', '.join(d.name for d in registry.DIFFUSION_DETECTORS)}")
         if len(set(self.names)) < len(self.names):
             raise ConfigError(f"diffusion_detectors.names={self.names} names a detector twice")
-        for name, given in self.params.items():
-            if name not in self.names:
-                raise ConfigError(f"diffusion_detectors.params has {name!r}, which diffusion_detectors.names does "
-                                  f"not run: add it there, or drop diffusion_detectors.params.{name}")
+        for name, given in self.params.items():  # a preset may set a detector's params without running it
+            if not registry.is_diffusion_detector(name):
+                raise ConfigError(f"diffusion_detectors.params has {name!r}, which is no diffusion detector: choose "
+                                  f"from {', '.join(d.name for d in registry.DIFFUSION_DETECTORS)}")
             for key, choices in registry.diffusion_detector(name).choices.items():
                 check_choice(f"diffusion_detectors.params.{name}.{key}", given.get(key, choices[0]), choices)
             try:

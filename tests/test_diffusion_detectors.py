@@ -320,8 +320,8 @@ def test_results_columns_and_scores_describe_the_diffusion_detectors(reference, 
                                + ", ".join(NAMES)),
     ([LMD], {LMD: {"repetitionz": 2}}, ["vim"], f"diffusion_detectors.params.{LMD}: {LMD} has no parameter "
                                                 "'repetitionz': its parameters are repetitions, num_steps"),
-    ([LMD], {MSMA: {"levels": 3}}, ["vim"], f"diffusion_detectors.params has '{MSMA}', which diffusion_detectors.names "
-                                            "does not run"),
+    ([LMD], {"msme": {"levels": 3}}, ["vim"], "diffusion_detectors.params has 'msme', which is no diffusion "
+                                              "detector"),
     ([LMD], {}, [MSMA], f"fusion_partners has '{MSMA}', but diffusion_detectors.names does not run {MSMA}"),
     ([LMD], {}, [f"{LMD}+{MSMA}"], f"fusion_partners has '{LMD}+{MSMA}', but diffusion_detectors.names does not run "
                                    f"{MSMA}"),
