@@ -41,7 +41,6 @@ def test_every_grid_point_is_complete_and_costs_what_the_registry_says():
         assert all(set(p) == set(entry.defaults) and entry.cost(p) > 0 for p in points)
 
 
-@pytest.mark.slow
 def test_the_grid_reads_validation_and_training_images_only_and_reuses_its_statistics(tmp_path, monkeypatch):
     from diffguard_pl.api import load_preset
     from diffguard_pl.data import build_benchmark
