@@ -162,5 +162,7 @@ def format_table(result: dict, groups: Mapping[str, str]) -> str:
         tp = result["throughput"]
         rate = tp.get("images_per_second")
         speed = f"{rate:.2f} images/s in the test loop" if rate else "no image evaluated in this run"
-        lines.append(f"throughput: {speed}, {tp['unet_evals_per_image']:.1f} UNet evaluations per image")
+        extra = tp.get("diffusion_detectors_unet_evals_per_image")
+        lines.append(f"throughput: {speed}, {tp['unet_evals_per_image']:.1f} UNet evaluations per image"
+                     + (f" (DiffGuard) + {extra} (the diffusion detectors)" if extra else ""))
     return "\n".join(lines)

@@ -64,6 +64,16 @@ def throughput(records: Mapping[str, list], images: int, loop_seconds: float, wa
     return out
 
 
+def diffusion_cost(choice: Mapping[str, dict]) -> int:
+    """The diffusion detectors' UNet evaluations per image beside DiffGuard's, those sharing statistics (the same
+    DiffPath path) counted once."""
+    from diffguard_pl.detectors.registry import DIFFPATH, DIFFPATH_1D
+
+    paths = {name: entry["params"].get("num_steps") for name, entry in choice.items() if name in (DIFFPATH, DIFFPATH_1D)}
+    shared = DIFFPATH_1D in paths and paths.get(DIFFPATH) == paths[DIFFPATH_1D]
+    return sum(entry["unet_evals_per_image"] for name, entry in choice.items() if not (shared and name == DIFFPATH_1D))
+
+
 def results_of(records: Mapping[str, list], header: dict, folders: Sequence[Path]) -> tuple[dict, Dict[str, list]]:
     """(results.json's content without throughput, the records with the derived detectors) from every finished
     record and the records' header."""
@@ -100,6 +110,8 @@ def report(records: Mapping[str, list], header: dict, output_dir: Path, timing: 
     output_dir.mkdir(parents=True, exist_ok=True)
     results, records = results_of(records, header, [output_dir, *folders])
     results["throughput"] = throughput(records, **timing)
+    if results.get("diffusion_detectors"):
+        results["throughput"]["diffusion_detectors_unet_evals_per_image"] = diffusion_cost(results["diffusion_detectors"])
     if folder_report is not None:
         results["folder"] = folder_report
     if data_report is not None:
