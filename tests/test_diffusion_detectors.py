@@ -338,7 +338,7 @@ def test_a_bad_config_is_refused_naming_the_key(tmp_path, small_models, names, p
 
 
 @pytest.mark.parametrize("name, params, message", [
-    (DDPM_OOD, {"num_steps": 1}, f"diffusion_detectors.params.{DDPM_OOD}: num_steps=1 with skip=2 gives no start "
+    (DDPM_OOD, {"num_steps": 1, "skip": 2}, f"diffusion_detectors.params.{DDPM_OOD}: num_steps=1 with skip=2 gives no start "
                                  "level"),
     (DIFFPATH_1D, {"num_steps": 1}, f"diffusion_detectors.params.{DIFFPATH_1D}: num_steps=1: DiffPath needs at least 2 "
                                     "steps"),
