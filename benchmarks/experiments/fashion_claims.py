@@ -116,7 +116,7 @@ def main(argv: list) -> dict:
                   if name != "ind"}
     plans = {
         "classifier_free": (free, "oracle=paper"),
-        "classifier_free_no_dsg": (free, "diffguard.guidance.classifier_free.dsg=false"),
+        "classifier_free_dsg": (free, "diffguard.guidance.classifier_free.dsg=true"),  # the preset runs DSG off
         "aes": (gdm, f"--config={args.out / 'aes_calibration' / 'aes.yaml'}"),
     }
     missing = []
@@ -173,7 +173,7 @@ def main(argv: list) -> dict:
         mnist = f" (MNIST {difference(pair['mnist'])})" if "mnist" in pair else ""
         lines.append(f"| {name}: `diffguard - msp`{mnist} | {difference(pair['near'])} | {difference(pair['far'])} |")
     # co-training against fine-tuning on real images alone; DSG on against off
-    for name, base in (("cotrain", "finetune"), ("joint", "finetune"), ("classifier_free", "classifier_free_no_dsg")):
+    for name, base in (("cotrain", "finetune"), ("joint", "finetune"), ("classifier_free_dsg", "classifier_free")):
         if name in runs and base in runs:
             pair = compared[f"{name} - {base}"] = paired_runs(scores[name], scores[base], "diffguard", "diffguard",
                                                                groups)
