@@ -35,7 +35,7 @@ from diffguard_pl.console import Phase
 from diffguard_pl.detectors.classifier_parts import (
     ClassifierParts, DetectorUnavailable, Samples, detector_class, fit, predict, why_not,
 )
-from diffguard_pl.detectors.diffusion import DiffusionDetector, Statistics
+from diffguard_pl.detectors.diffusion import DiffusionDetector, Statistics, classifier_features
 from diffguard_pl.detectors.tuning import train_rows, check_fixed, resolve_defaults, resolve_grid
 from diffguard_pl.errors import ConfigError
 from diffguard_pl.method.pipeline import check_images
@@ -262,7 +262,7 @@ class DiffusionBaseline(Detector):
         return cls(name, diffusion.to(device), classifier.to(device), seed=cfg.diffguard.seed, **given)
 
     def _build(self, params: dict) -> DiffusionDetector:
-        features = None if self.classifier is None else (lambda x: self.classifier.forward_with_features(x)[1])
+        features = None if self.classifier is None else classifier_features(self.classifier)
         return DiffusionDetector(self.name, params, self.diffusion, features=features, seed=self.seed)
 
     @property

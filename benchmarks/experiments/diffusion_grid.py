@@ -28,7 +28,7 @@ from diffguard_pl.console import Phase
 from diffguard_pl.data import build_benchmark
 from diffguard_pl.data.selection import subset_by_id
 from diffguard_pl.detectors import registry
-from diffguard_pl.detectors.diffusion import DiffusionDetector
+from diffguard_pl.detectors.diffusion import DiffusionDetector, classifier_features
 from diffguard_pl.detectors.diffusion_fitting import batch_statistics
 from diffguard_pl.detectors.metrics import auroc
 from diffguard_pl.models.loading import load_detector_diffusion, load_models
@@ -43,8 +43,32 @@ def points(name: str) -> list:
     return [registry.diffusion_params(name, dict(zip(grid, values))) for values in itertools.product(*grid.values())]
 
 
-def stats_key(detector: DiffusionDetector) -> str:
-    return "_".join(str(v) for v in (detector.name, *sorted(detector.params.items())))
+def rich(detector: DiffusionDetector, features) -> tuple:
+    """(the detector whose statistics serve ``detector``: the classifier's ``features`` on where they are a
+    head-only choice, the name its statistics are saved under in ``--out``)."""
+    p = detector.params
+    if detector.name in (registry.DIFFPATH, registry.DIFFPATH_1D):  # both read the same path
+        return detector, f"path_{p['num_steps']}"
+    richer = DiffusionDetector(detector.name, {**p, **RICH.get(detector.name, {})}, detector.diffusion,
+                               features, detector.seed)
+    return richer, "_".join(str(v) for v in (richer.name, *sorted(richer.params.items())))
+
+
+def head_view(detector: DiffusionDetector, stats: dict) -> dict:
+    """The part of the richer statistics ``detector``'s head reads (DDPM-OOD without features: the MSE only)."""
+    if detector.name == registry.DDPM_OOD and detector.params["features"] == "none":
+        return {k: v for k, v in stats.items() if k == "mse"}
+    return stats
+
+
+def fit_head(detector: DiffusionDetector, stats: dict) -> DiffusionDetector:
+    """Fit on the images the registry names: ``stats["train"]`` (InD training) or ``stats["ind"]`` (InD
+    validation: DDPM-OOD); LMD: nothing."""
+    if detector.fit_on == registry.FIT_TRAIN:
+        detector.fit(head_view(detector, stats["train"]))
+    elif detector.fit_on == registry.FIT_VAL:
+        detector.fit(head_view(detector, stats["ind"]))
+    return detector
 
 
 def main(argv=None) -> dict:
@@ -60,7 +84,7 @@ def main(argv=None) -> dict:
     benchmark = build_benchmark(cfg.data)
     classifier, diffusion = load_models(cfg)
     diffusion = load_detector_diffusion(cfg, diffusion)
-    features = lambda images: classifier.forward_with_features(images)[1]
+    features = classifier_features(classifier)
     sets = {"ind": subset_by_id(benchmark.val, args.limit)}
     sets.update({name: subset_by_id(s.val, args.limit) for name, s in benchmark.ood.items() if s.val is not None})
     groups = {name: s.group for name, s in benchmark.ood.items() if name in sets}
@@ -69,11 +93,8 @@ def main(argv=None) -> dict:
     rows = []
     for name in args.detectors:
         for params in points(name):
-            rich = DiffusionDetector(name, {**params, **RICH.get(name, {})}, diffusion, features, cfg.diffguard.seed)
             detector = DiffusionDetector(name, params, diffusion, features, cfg.diffguard.seed)
-            key = stats_key(rich) if name not in (registry.DIFFPATH, registry.DIFFPATH_1D) else \
-                f"path_{params['num_steps']}"
-            stats = _statistics(rich, sets, train, args, key)
+            stats = _statistics(*rich(detector, features), sets, train, args)
             rows.append(_evaluate(detector, stats, groups))
             print(json.dumps(rows[-1]), flush=True)
     choice = choose(rows)
@@ -85,7 +106,7 @@ def main(argv=None) -> dict:
     return result
 
 
-def _statistics(detector: DiffusionDetector, sets: dict, train, args, key: str) -> dict:
+def _statistics(detector: DiffusionDetector, key: str, sets: dict, train, args) -> dict:
     """Per set (and ``train`` where the head needs it) the detector's statistics; saved in ``--out``."""
     path = args.out / f"stats_{key}.pt"
     if path.is_file():
@@ -105,16 +126,9 @@ def _statistics(detector: DiffusionDetector, sets: dict, train, args, key: str) 
 
 def _evaluate(detector: DiffusionDetector, stats: dict, groups: dict) -> dict:
     name, params = detector.name, detector.params
-    kinds = None
-    if name == registry.DDPM_OOD and params["features"] == "none":
-        kinds = ["mse"]
-    pick = (lambda s: {k: v for k, v in s.items() if kinds is None or k in kinds})
     started = time.perf_counter()
-    if detector.fit_on == registry.FIT_TRAIN:
-        detector.fit(pick(stats["train"]))
-    elif detector.fit_on == registry.FIT_VAL:
-        detector.fit(pick(stats["ind"]))
-    scores = {s: detector.score(pick(stats[s])) for s in ["ind", *groups]}
+    fit_head(detector, stats)
+    scores = {s: detector.score(head_view(detector, stats[s])) for s in ["ind", *groups]}
     per_set = {s: auroc(scores["ind"], scores[s]) for s in groups}
     mean = lambda group: sum(v for s, v in per_set.items() if groups[s] == group) / max(
         1, sum(groups[s] == group for s in per_set))

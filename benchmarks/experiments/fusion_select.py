@@ -32,7 +32,7 @@ from diffguard_pl.api import load_preset
 from diffguard_pl.data import build_benchmark
 from diffguard_pl.data.selection import subset_by_id
 from diffguard_pl.detectors import registry
-from diffguard_pl.detectors.diffusion import DiffusionDetector
+from diffguard_pl.detectors.diffusion import DiffusionDetector, classifier_features
 from diffguard_pl.detectors.fused import zscore
 from diffguard_pl.detectors.metrics import auroc
 from diffguard_pl.models.loading import load_detector_diffusion, load_models
@@ -50,25 +50,17 @@ def diffusion_scores(grid: dict, grid_dir: Path, preset: str, limit: int) -> dic
     diffusion = load_detector_diffusion(cfg, diffusion)
     sets = {"ind": subset_by_id(benchmark.val, limit)}
     sets.update({n: subset_by_id(s.val, limit) for n, s in benchmark.ood.items() if s.val is not None})
-    from benchmarks.experiments.diffusion_grid import RICH, stats_key
+    from benchmarks.experiments.diffusion_grid import fit_head, head_view, rich
 
     out = {}
     for name, chosen in grid["chosen"].items():
-        params = chosen["params"]
-        rich = DiffusionDetector(name, {**params, **RICH.get(name, {})}, diffusion,
-                                 lambda x: classifier.forward_with_features(x)[1], cfg.diffguard.seed)
-        key = stats_key(rich) if name not in (registry.DIFFPATH, registry.DIFFPATH_1D) else f"path_{params['num_steps']}"
-        stats = torch.load(grid_dir / f"stats_{key}.pt", weights_only=True)
-        detector = DiffusionDetector(name, params, diffusion, rich.features, cfg.diffguard.seed)
-        keep = (lambda s: {k: v for k, v in s.items() if k == "mse"}) if (
-            name == registry.DDPM_OOD and params["features"] == "none") else (lambda s: s)
-        if detector.fit_on == registry.FIT_TRAIN:
-            detector.fit(keep(stats["train"]))
-        elif detector.fit_on == registry.FIT_VAL:
-            detector.fit(keep(stats["ind"]))
+        features = classifier_features(classifier)
+        detector = DiffusionDetector(name, chosen["params"], diffusion, features, cfg.diffguard.seed)
+        stats = torch.load(grid_dir / f"stats_{rich(detector, features)[1]}.pt", weights_only=True)
+        fit_head(detector, stats)
         out[name] = {}
         for set_name, image_set in sets.items():
-            values = detector.score(keep(stats[set_name])).tolist()
+            values = detector.score(head_view(detector, stats[set_name])).tolist()
             out[name].update(dict(zip(image_set.ids, values)))
     return out
 

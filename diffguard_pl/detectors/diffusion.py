@@ -1,6 +1,6 @@
 """The diffusion detectors (DDPM-OOD, LMD, DiffPath, MSMA) as configured detectors: statistics, head, cost.
 
-    detector = DiffusionDetector.build("diffpath", params, diffusion)      # registry defaults + params
+    detector = DiffusionDetector("diffpath", params, diffusion)            # registry defaults + params
     detector.fit(detector.statistics(train_images, train_ids))             # InD training images only
     scores = detector.score(detector.statistics(images, ids))              # [N] float64, higher = more OOD
 
@@ -59,10 +59,6 @@ class DiffusionDetector:
         self.head = None
         self.fit_seconds: Optional[float] = None
         self.unet_evals_per_image()  # a bad parameter fails here, not after the first batch
-
-    @classmethod
-    def build(cls, name: str, params: Optional[Mapping], diffusion: DiffusionModel, **kwargs) -> "DiffusionDetector":
-        return cls(name, params or {}, diffusion, **kwargs)
 
     @property
     def fit_on(self) -> str:
@@ -157,6 +153,32 @@ class DiffusionDetector:
         if isinstance(head, diffpath.DiffPathKDE):
             return {"bandwidth": head.bandwidth}
         return {}
+
+
+def classifier_features(classifier) -> Features:
+    """The classifier's penultimate features, what DDPM-OOD's ``features=classifier`` and LMD's
+    ``distance=features`` read."""
+    return lambda images: classifier.forward_with_features(images)[1]
+
+
+def shared_statistics(detectors: Sequence[DiffusionDetector]) -> Dict[str, str]:
+    """{detector: the earlier detector whose statistics it reuses} (equal :meth:`~DiffusionDetector.statistics_key`:
+    DiffPath-6D and -1D on the same path)."""
+    first: Dict[tuple, str] = {}
+    out = {}
+    for detector in detectors:
+        key = detector.statistics_key()
+        if key in first:
+            out[detector.name] = first[key]
+        else:
+            first[key] = detector.name
+    return out
+
+
+def unet_evals(detectors: Sequence[DiffusionDetector]) -> int:
+    """UNet evaluations per image of running ``detectors`` together: shared statistics counted once."""
+    shared = shared_statistics(detectors)
+    return sum(d.unet_evals_per_image() for d in detectors if d.name not in shared)
 
 
 def statistics_of(detectors: Sequence[DiffusionDetector], images: torch.Tensor, ids: Sequence[str],

@@ -27,7 +27,8 @@ from torch.utils.data import DataLoader
 
 from diffguard_pl.console import Phase, is_rank_zero
 from diffguard_pl.detectors import registry
-from diffguard_pl.detectors.diffusion import DiffusionDetector, Statistics, statistics_of
+from diffguard_pl.detectors.diffusion import (DiffusionDetector, Statistics, classifier_features,
+                                              shared_statistics, statistics_of, unet_evals)
 from diffguard_pl.detectors.features import cache_folder, set_digest
 from diffguard_pl.errors import ConfigError
 
@@ -39,7 +40,7 @@ def build_diffusion_detectors(cfg, diffusion, classifier=None) -> List[Diffusion
     """``diffusion_detectors.names`` with their params on the detectors' diffusion model (ConfigError naming a bad
     parameter); ``classifier`` gives the features DDPM-OOD / LMD may read."""
     d = cfg.diffusion_detectors
-    features = None if classifier is None else (lambda images: classifier.forward_with_features(images)[1])
+    features = None if classifier is None else classifier_features(classifier)
     out = []
     for name in d.names:
         try:
@@ -155,7 +156,7 @@ def fit_diffusion_detectors(detectors: Sequence[DiffusionDetector], benchmark, c
             else:
                 stats[detector.name] = found
         if missing:
-            evals = sum({d.statistics_key(): d.unet_evals_per_image() for d in missing}.values())
+            evals = unet_evals(missing)
             weight = next(diffusion.unet.parameters())
             device, home = _device(cfg, diffusion), (weight.device, weight.dtype)
             _move(diffusion, device, dtype)
@@ -176,7 +177,10 @@ def fit_diffusion_detectors(detectors: Sequence[DiffusionDetector], benchmark, c
             detector.fit(stats[detector.name])
             choice[detector.name] = {"fitted_on": f"{len(train):,} InD training images",
                                      "fit_seconds": detector.fit_seconds, **detector.describe_fit()}
+    shared = shared_statistics(detectors)
     for detector in detectors:
         choice[detector.name] = {"params": detector.params, "unet_evals_per_image": detector.unet_evals_per_image(),
+                                 **({"shares_statistics_with": shared[detector.name]} if detector.name in shared
+                                    else {}),
                                  **choice.get(detector.name, {"fitted_on": detector.fit_on})}
     return choice

@@ -15,7 +15,7 @@ from typing import Dict, List, Mapping, Optional, Protocol, Tuple
 import torch
 
 from diffguard_pl.detectors import registry
-from diffguard_pl.detectors.diffusion import DiffusionDetector, statistics_of
+from diffguard_pl.detectors.diffusion import DiffusionDetector, statistics_of, unet_evals
 from diffguard_pl.detectors.tuning import ClassifierDetectors
 from diffguard_pl.method import oracle as oracle_lib
 from diffguard_pl.method.pipeline import DiffGuardPipeline
@@ -117,8 +117,7 @@ class DiffusionDetectorsInLoop:
         self.modules = {"detector_unet": diffusion.unet, "detector_vae": diffusion.vae}
 
     def unet_evals_per_image(self) -> float:
-        costs = {d.statistics_key(): d.unet_evals_per_image() for d in self.detectors}
-        return float(sum(costs.values()))
+        return float(unet_evals(self.detectors))
 
     def score(self, batch: Mapping, computed: dict) -> Tuple[Columns, dict]:
         stats = statistics_of(self.detectors, batch["image"], batch["id"])

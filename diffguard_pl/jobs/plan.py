@@ -96,9 +96,12 @@ def print_plan(cfg: EvalConfig, benchmark: Benchmark, classifier: Classifier, di
     for detector in detectors:
         lines.append(f"diffusion detector {detector.name}: {detector.unet_evals_per_image()} UNet evaluations per "
                      f"image, fitted on {detector.fit_on}, params {detector.params}")
-    extra = sum({d.statistics_key(): d.unet_evals_per_image() for d in detectors}.values())
+    from diffguard_pl.detectors import registry
+    from diffguard_pl.detectors.diffusion import unet_evals
+
+    extra = unet_evals(detectors)
     if detectors:
-        fit = [d for d in detectors if d.needs_fit and d.fit_on != "InD validation images"]
+        fit = [d for d in detectors if d.fit_on == registry.FIT_TRAIN]
         lines.append(f"diffusion detectors: {extra} UNet evaluations per image beside DiffGuard's, "
                      + (f"after their statistics of {cfg.diffusion_detectors.train_samples:,} InD training images "
                         f"(cached)" if fit else "nothing to fit before the loop"))

@@ -65,13 +65,9 @@ def throughput(records: Mapping[str, list], images: int, loop_seconds: float, wa
 
 
 def diffusion_cost(choice: Mapping[str, dict]) -> int:
-    """The diffusion detectors' UNet evaluations per image beside DiffGuard's, those sharing statistics (the same
-    DiffPath path) counted once."""
-    from diffguard_pl.detectors.registry import DIFFPATH, DIFFPATH_1D
-
-    paths = {name: entry["params"].get("num_steps") for name, entry in choice.items() if name in (DIFFPATH, DIFFPATH_1D)}
-    shared = DIFFPATH_1D in paths and paths.get(DIFFPATH) == paths[DIFFPATH_1D]
-    return sum(entry["unet_evals_per_image"] for name, entry in choice.items() if not (shared and name == DIFFPATH_1D))
+    """The diffusion detectors' UNet evaluations per image beside DiffGuard's (results.json's
+    ``diffusion_detectors``), statistics shared by several detectors counted once."""
+    return sum(entry["unet_evals_per_image"] for entry in choice.values() if "shares_statistics_with" not in entry)
 
 
 def results_of(records: Mapping[str, list], header: dict, folders: Sequence[Path]) -> tuple[dict, Dict[str, list]]:
