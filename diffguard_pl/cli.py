@@ -196,7 +196,10 @@ def run(schema: Type, job: Callable[[Any], Any], argv: Sequence[str], default_co
             rest = [a for a in argv if a not in ("-h", "--help")]
             _print_to_reader(help_text(schema, program or sys.argv[0], rest, default_config))
             return 0
-        cfg = config_loading.load(schema, argv, default_config)
+        files, overrides = config_loading.parse_argv(argv, default_config)
+        cfg = config_loading.to_object(config_loading.compose(schema, files, overrides))
+        if hasattr(cfg, "from_command_line"):
+            cfg = cfg.from_command_line([str(f) for f in files], list(overrides))
         if getattr(cfg, "print_config", False):
             print(OmegaConf.to_yaml(OmegaConf.structured(cfg)), end="")
             return 0
