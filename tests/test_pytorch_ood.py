@@ -56,12 +56,18 @@ def test_oodmetrics_gets_our_auroc(preset, loaders):
     assert len(set(sample_ids(x))) == len(x)
 
 
-def test_fused_detector_fits_partner_and_normalisation_on_ind_samples(loaders, benchmark):
+def test_fused_detector_fits_partner_and_normalisation_on_ind_samples(loaders, benchmark, capsys):
     test, fit = loaders
     fused = DiffGuardDetector.from_preset("digits_gdm", *SHORT, partner="mds")
     with pytest.raises(RequiresFittingException, match="not normalised yet"):
         fused.predict(benchmark.test.images[:2])
+    capsys.readouterr()
     fused.fit(fit)
+    evals = int(fused.pipeline.unet_evals(fused.depth))  # the cost, said before the work starts
+    err = capsys.readouterr().err.splitlines()
+    assert err[0] == (f"DiffGuardDetector.fit: DiffGuard on each InD image for the z-score normalisation ({evals} UNet "
+                      f"evaluations each, {24 * evals:,} in all): 24 images ...")
+    assert err[-1].startswith("DiffGuardDetector.fit: DiffGuard on each InD image") and "done in" in err[-1]
     assert set(benchmark.val.labels[:24].tolist()) == set(range(6))  # Mahalanobis needs every class
     ind = benchmark.val.images[:24]  # the loader's InD samples only
     plain = DiffGuardDetector.from_preset("digits_gdm", *SHORT)
@@ -96,11 +102,14 @@ def test_gridsearch_tunes_depth_scale_and_distance(loaders):
         detector.set_hyperparameters(depth=7)
 
 
-def test_fit_calibrates_the_early_stop_on_ind_samples(loaders, benchmark):
+def test_fit_calibrates_the_early_stop_on_ind_samples(loaders, benchmark, capsys):
     _, fit = loaders
     detector = DiffGuardDetector.from_preset("digits_gdm", *SHORT, aes_target=0.5)
     assert detector.requires_fit and not detector.pipeline.cfg.aes.enabled
+    capsys.readouterr()
     detector.fit(fit)
+    assert (f"AES calibration, each InD image inverted to diffguard.depth ({detector.depth} UNet evaluations each, "
+            f"{24 * detector.depth} in all): 24 images ...") in capsys.readouterr().err
     ind = benchmark.val.images[:24]
     lows = lowest_quality(DiffGuardDetector.from_preset("digits_gdm", *SHORT).pipeline, ind, sample_ids(ind), "psnr",
                           64)
