@@ -106,7 +106,7 @@ class ScoreDistributionPlot(L.Callback):
             described = describe_column(detector, header.get("score"), reference)
             if view is not None:
                 counts = {s: len(v) for s, v in by_set.items()}
-                title = (f"{detector}: {view['label']} ({counts.get(view['set'], 0)} images) against InD validation "
+                title = (f"{detector}: {view['label']}, {counts.get(view['set'], 0)} images, against InD validation "
                          f"({counts.get(IND, 0)})")
                 fig = histogram_figure(by_set, detector, described, {}, bins=self.bins, title=title,
                                        threshold=view["thresholds"][detector],

@@ -210,7 +210,7 @@ def folder_results(records: Mapping[str, list], summary: Mapping, run: FolderRun
 def folder_view(records: Mapping[str, list], run: FolderRun, thresholds: Mapping[str, float]) -> dict:
     """What the score histograms draw for a folder run (callbacks/score_plots.py ``FOLDER_VIEW``)."""
     detector, _ = verdict_detector(run.recommended, thresholds)
-    return {"set": FOLDER, "label": f"folder {Path(run.report['folder']).name}", "thresholds": dict(thresholds),
+    return {"set": FOLDER, "label": f"folder '{Path(run.report['folder']).name}'", "thresholds": dict(thresholds),
             "first": [detector, DIFFGUARD]}
 
 
