@@ -9,7 +9,9 @@ from __future__ import annotations
 import math
 from typing import Any, Optional, Sequence
 
+from diffguard_pl.detectors import registry
 from diffguard_pl.errors import ConfigError
+from diffguard_pl.records.columns import FUSED_SEPARATOR
 
 
 def check_choice(key: str, value: Any, choices: Sequence[Any]) -> None:
@@ -41,3 +43,27 @@ def parse_shard(spec: Optional[str]) -> Optional[tuple]:
         raise ConfigError(f"shard={spec!r}: need 0 <= i < n (e.g. shard=1/2 is the second of two halves)")
     return index, count
 
+
+
+def check_fusion_partners(partners: Sequence[str], classifier_detectors: Sequence[str],
+                          diffusion_detectors: Sequence[str]) -> None:
+    """Each fusion partner's detectors run in this evaluation (ConfigError naming the key that adds them)."""
+    running = set(classifier_detectors) | set(diffusion_detectors)
+    for partner in partners:
+        parts = partner.split(FUSED_SEPARATOR)
+        if len(set(parts)) < len(parts):
+            raise ConfigError(f"fusion_partners has {partner!r}, which names a detector twice")
+        for part in parts:
+            if registry.is_diffusion_detector(part):
+                if part not in running:
+                    raise ConfigError(f"fusion_partners has {partner!r}, but diffusion_detectors.names does not "
+                                      f"run {part}: add it there, or drop it from fusion_partners")
+                continue
+            try:
+                registry.check_names("fusion_partners", [part])
+            except ValueError as error:
+                raise ConfigError(f"{error}, or a diffusion detector: "
+                                  f"{', '.join(d.name for d in registry.DIFFUSION_DETECTORS)}") from None
+            if part not in running:
+                raise ConfigError(f"fusion_partners has {part}, which baselines.detectors does not run: add "
+                                  f"it there, or drop it from fusion_partners")

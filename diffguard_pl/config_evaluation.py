@@ -8,10 +8,11 @@ diffguard_pl/detectors/registry.py, which declares every detector once.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from diffguard_pl.config_checks import check_choice, check_positive, parse_shard
+from diffguard_pl.config_checks import check_choice, check_fusion_partners, check_positive, parse_shard
 from diffguard_pl.config_shared import EMBEDDED, RunConfig, neutral
 from diffguard_pl.detectors import registry
 from diffguard_pl.records import columns
@@ -362,6 +363,9 @@ class EvalConfig(RunConfig):
         # fused with DiffGuard as diffguard+X (z-scores summed, normalised on InD validation): a classifier detector
         # of baselines.detectors, a diffusion detector of diffusion_detectors.names, or several joined by + (e.g.
         # ddpm_ood+vim: also reported without DiffGuard)
+    recommended: str = neutral(columns.DIFFGUARD)  # the detector whose in / out decision score_folder's verdict
+        # reads (it changes no score): diffguard, a detector of baselines.detectors or diffusion_detectors.names,
+        # diffguard+X for a fusion partner X, or a partner of several detectors on its own (e.g. gmm+she+lts)
     models: ModelPaths = field(default_factory=ModelPaths)
     diffguard: DiffGuardConfig = field(default_factory=DiffGuardConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
@@ -374,27 +378,20 @@ class EvalConfig(RunConfig):
         check_choice("oracle", self.oracle, ["none", "ind", "paper", "both"])
         check_positive("limit_per_set", self.limit_per_set, allow_none=True)
         check_positive("score_folder_limit", self.score_folder_limit, allow_none=True)
-        self._check_fusion_partners()
+        check_fusion_partners(self.fusion_partners, self.baselines.detectors, self.diffusion_detectors.names)
+        reported = columns.reported_detectors(self.baselines.detectors, self.diffusion_detectors.names,
+                                              self.fusion_partners)
+        if self.recommended not in reported:
+            raise ConfigError(f"recommended={self.recommended!r} is no detector this run reports: name one of "
+                              f"{reported}, or add it to baselines.detectors, diffusion_detectors.names or "
+                              f"fusion_partners")
         parse_shard(self.shard)
 
-    def _check_fusion_partners(self) -> None:
-        """Each partner's detectors run in this evaluation (ConfigError naming the key that adds them)."""
-        running = set(self.baselines.detectors) | set(self.diffusion_detectors.names)
-        for partner in self.fusion_partners:
-            parts = partner.split(columns.FUSED_SEPARATOR)
-            if len(set(parts)) < len(parts):
-                raise ConfigError(f"fusion_partners has {partner!r}, which names a detector twice")
-            for part in parts:
-                if registry.is_diffusion_detector(part):
-                    if part not in running:
-                        raise ConfigError(f"fusion_partners has {partner!r}, but diffusion_detectors.names does not "
-                                          f"run {part}: add it there, or drop it from fusion_partners")
-                    continue
-                try:
-                    registry.check_names("fusion_partners", [part])
-                except ValueError as error:
-                    raise ConfigError(f"{error}, or a diffusion detector: "
-                                      f"{', '.join(d.name for d in registry.DIFFUSION_DETECTORS)}") from None
-                if part not in running:
-                    raise ConfigError(f"fusion_partners has {part}, which baselines.detectors does not run: add "
-                                      f"it there, or drop it from fusion_partners")
+    def from_command_line(self, config_files: List[str], overrides: List[str]) -> "EvalConfig":
+        """A folder run writes to a folder of its own, ``<output_dir>/folders/<the folder's name>``, unless the
+        command line sets ``output_dir=`` (used as given): the preset's output_dir holds its benchmark run."""
+        cfg = super().from_command_line(config_files, overrides)
+        if cfg.score_folder is None or any(item.split("=", 1)[0].strip() == "output_dir" for item in overrides):
+            return cfg
+        name = Path(cfg.score_folder).resolve().name or "root"
+        return replace(cfg, output_dir=str(Path(cfg.output_dir) / "folders" / name))

@@ -159,6 +159,8 @@ def evaluate(cfg: EvalConfig, benchmark=None) -> Optional[dict]:
         return None
     # 4. onwards: the run
     prepare_output_dir(output_dir)
+    if cfg.score_folder is not None:
+        print(f"score_folder: writing to {output_dir} (output_dir=DIR sets another folder)")
     with interruptible():
         try:
             return _evaluate(cfg, benchmark, models, output_dir, part, (folder_report, data_report), started)
@@ -213,7 +215,7 @@ def _evaluate_locked(cfg: EvalConfig, benchmark, models: Models, output_dir: Pat
     import lightning as L
 
     from diffguard_pl.jobs.lightning_setup import build_logger, finish_logger, quiet_lightning
-    from diffguard_pl.jobs.report import DIFFUSION_CHOICE, report, save_baseline_choice
+    from diffguard_pl.jobs.report import DIFFUSION_CHOICE, report, save_baseline_choice, throughput
 
     quiet_lightning(cfg.verbose)
     L.seed_everything(cfg.seed, workers=True, verbose=cfg.verbose)
@@ -245,9 +247,15 @@ def _evaluate_locked(cfg: EvalConfig, benchmark, models: Models, output_dir: Pat
             this_run = evaluator.gathered
         records = records_lib.collect(output_dir, work, this_run)  # stage 7
         timing["wall_seconds"] = time.perf_counter() - started
+        from diffguard_pl.jobs.folder import FolderRun
+
+        folder = None if reports[0] is None else FolderRun(reports[0], cfg.recommended, benchmark.class_names)
+        if folder is not None:  # the folder's verdict ends the console
+            _say_done(throughput(records, **timing))
         results = report(records, work.header, output_dir, timing, listeners=_report_listeners(cfg), logger=logger,
-                         folder_report=reports[0], data_report=reports[1])
-        _say_done(results["throughput"])
+                         folder=folder, data_report=reports[1])
+        if folder is None:
+            _say_done(results["throughput"])
         return results
     finally:
         finish_logger(logger)

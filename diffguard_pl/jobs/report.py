@@ -92,15 +92,16 @@ def results_of(records: Mapping[str, list], header: dict, folders: Sequence[Path
 
 
 def report(records: Mapping[str, list], header: dict, output_dir: Path, timing: dict, *,
-           folders: Sequence[Path] = (), listeners: Sequence = (), logger=None, folder_report: Optional[dict] = None,
+           folders: Sequence[Path] = (), listeners: Sequence = (), logger=None, folder=None,
            data_report: Optional[dict] = None) -> dict:
     """Every output of an evaluation from its records (see the module docstring); returns results.json's content.
 
     ``timing``: :func:`throughput`'s arguments but the records (``images``, ``loop_seconds``, ``wall_seconds``,
     ``machine``); ``folders``: where the classifier detectors' choice may be saved (``output_dir`` and, for a
     merge, the shards); ``listeners``: callbacks with ``on_report(records, header, output_dir, run)``;
-    ``logger``: the run's Lightning logger (W&B or CSV), None for none; ``folder_report`` / ``data_report``: a
-    scored folder's and a file benchmark's reports (results.json's ``folder`` / ``data``).
+    ``logger``: the run's Lightning logger (W&B or CSV), None for none; ``folder``: a scored folder's
+    :class:`~diffguard_pl.jobs.folder.FolderRun` (then results.json is :func:`~diffguard_pl.jobs.folder.folder_results`,
+    and the verdict ends the console); ``data_report``: a file benchmark's report (results.json's ``data``).
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -108,11 +109,17 @@ def report(records: Mapping[str, list], header: dict, output_dir: Path, timing: 
     results["throughput"] = throughput(records, **timing)
     if results.get("diffusion_detectors"):
         results["throughput"]["diffusion_detectors_unet_evals_per_image"] = diffusion_cost(results["diffusion_detectors"])
-    if folder_report is not None:
-        results["folder"] = folder_report
     if data_report is not None:
         results["data"] = data_report
-    write_json(results, output_dir / "results.json")
+    written = results
+    if folder is not None:  # what exists without labelled OOD sets; the histograms against the thresholds
+        from diffguard_pl.callbacks.score_plots import FOLDER_VIEW
+        from diffguard_pl.jobs.folder import folder_results, folder_view, thresholds_from
+
+        thresholds = thresholds_from(records)
+        written = folder_results(records, results, folder, thresholds)
+        header = {**header, FOLDER_VIEW: folder_view(records, folder, thresholds)}
+    write_json(written, output_dir / "results.json")
     reference = header.get("config", {}).get("diffguard", {}).get("reference", "input")
     write_scores_csv(records, output_dir / "scores.csv", header["score"], reference)
     run = wandb_run(logger)
@@ -120,14 +127,28 @@ def report(records: Mapping[str, list], header: dict, output_dir: Path, timing: 
         listener.on_report(records, header, output_dir, run)
     if logger is not None:
         log_results(logger, results, output_dir)
-    if folder_report is not None:
-        from diffguard_pl.jobs.folder import write_folder_scores
-
-        write_folder_scores(records, output_dir)
-        return results
+    if folder is not None:
+        _say_verdict(records, header, output_dir, folder, thresholds)
+        return written
     print(format_table(results, header["groups"]))
     print(f"wrote {output_dir / 'results.json'} and {output_dir / 'scores.csv'}")
     return results
+
+
+def _say_verdict(records: Mapping[str, list], header: dict, output_dir: Path, folder,
+                 thresholds: Mapping[str, float]) -> None:
+    """The folder's CSV and column dictionary, then the verdict with every output's path (the histograms that
+    were drawn: the verdict's detector's and DiffGuard's)."""
+    from diffguard_pl.callbacks.score_plots import plot_path
+    from diffguard_pl.jobs.folder import describe_verdict, folder_view, write_folder_scores
+
+    reference = header.get("config", {}).get("diffguard", {}).get("reference")
+    paths = [write_folder_scores(records, output_dir, folder, thresholds, header["score"], reference),
+             output_dir / "folder_columns.json",
+             output_dir / "thresholds.json", output_dir / "results.json"]
+    drawn = [plot_path(output_dir, d) for d in dict.fromkeys(folder_view(records, folder, thresholds)["first"])]
+    paths += [f"histogram {p}" for p in drawn if p.is_file()]
+    print(describe_verdict(records, folder, thresholds, paths))
 
 
 def write_scores_csv(records: Mapping[str, list], path: str | Path, score: Optional[str] = None,

@@ -100,6 +100,15 @@ def fusion_column(parts: Sequence[str]) -> str:
     return FUSED_SEPARATOR.join(parts)
 
 
+def reported_detectors(classifier_detectors: Sequence[str], diffusion_detectors: Sequence[str],
+                       partners: Sequence[str]) -> List[str]:
+    """The headline detectors an evaluation with these detectors and fusion partners reports: ``diffguard``, each
+    classifier and diffusion detector it runs, ``diffguard+X`` for each partner X and a partner of several
+    detectors also on its own (``a+b``; diffguard_pl/detectors/fused.py derives the fused ones)."""
+    fused = [fused_column(p) for p in partners] + [p for p in partners if FUSED_SEPARATOR in p]
+    return list(dict.fromkeys([DIFFGUARD, *classifier_detectors, *diffusion_detectors, *fused]))
+
+
 def fusion_parts(column: str) -> Optional[List[str]]:
     """The detectors a fused column sums, in order: each ``diffguard`` or a registry detector; None for any other
     column."""
