@@ -365,7 +365,8 @@ class EvalConfig(RunConfig):
         # ddpm_ood+vim: also reported without DiffGuard)
     recommended: str = neutral(columns.DIFFGUARD)  # the detector whose in / out decision score_folder's verdict
         # reads (it changes no score): diffguard, a detector of baselines.detectors or diffusion_detectors.names,
-        # diffguard+X for a fusion partner X, or a partner of several detectors on its own (e.g. gmm+she+lts)
+        # diffguard+X for a fusion partner X, or a partner of several detectors on its own (e.g. gmm+she+lts);
+        # checked when score_folder is set (a benchmark run that drops it from fusion_partners reports the others)
     models: ModelPaths = field(default_factory=ModelPaths)
     diffguard: DiffGuardConfig = field(default_factory=DiffGuardConfig)
     baselines: BaselineConfig = field(default_factory=BaselineConfig)
@@ -381,8 +382,9 @@ class EvalConfig(RunConfig):
         check_fusion_partners(self.fusion_partners, self.baselines.detectors, self.diffusion_detectors.names)
         reported = columns.reported_detectors(self.baselines.detectors, self.diffusion_detectors.names,
                                               self.fusion_partners)
-        if self.recommended not in reported:
-            raise ConfigError(f"recommended={self.recommended!r} is no detector this run reports: name one of "
+        if self.score_folder is not None and self.recommended not in reported:
+            raise ConfigError(f"recommended={self.recommended!r}, score_folder's verdict, is no detector this run "
+                              f"reports: name one of "
                               f"{reported}, or add it to baselines.detectors, diffusion_detectors.names or "
                               f"fusion_partners")
         parse_shard(self.shard)

@@ -149,14 +149,17 @@ def test_the_histogram_draws_the_threshold_and_the_given_labels():
 
 
 def test_recommended_names_a_detector_the_run_reports(capsys):
-    with pytest.raises(ConfigError, match=r"recommended='knn\+ebo' is no detector this run reports: name one of "
-                                          r"\[.*'diffguard\+ebo\+knn', 'ebo\+knn'\]"):
-        EvalConfig(fusion_partners=["ebo+knn"], recommended="knn+ebo")
-    assert EvalConfig(fusion_partners=["ebo+knn"], recommended="ebo+knn").recommended == "ebo+knn"
-    assert EvalConfig(recommended="diffguard+vim").recommended == "diffguard+vim"
+    folder = {"score_folder": "images"}
+    with pytest.raises(ConfigError, match=r"recommended='knn\+ebo', score_folder's verdict, is no detector this run "
+                                          r"reports: name one of \[.*'diffguard\+ebo\+knn', 'ebo\+knn'\]"):
+        EvalConfig(fusion_partners=["ebo+knn"], recommended="knn+ebo", **folder)
+    assert EvalConfig(fusion_partners=["ebo+knn"], recommended="ebo+knn", **folder).recommended == "ebo+knn"
+    assert EvalConfig(recommended="diffguard+vim", **folder).recommended == "diffguard+vim"
     assert EvalConfig().recommended == "diffguard"
+    # A benchmark run that changes the preset's partners is not refused for the verdict it does not give.
+    assert EvalConfig(fusion_partners=["ebo"], recommended="ebo+knn").fusion_partners == ["ebo"]
     for preset in ("fashion_gdm", "fashion_classifier_free"):
         cfg = load(EvalConfig, ["--config", preset], None)
         assert cfg.recommended == "gmm+she+lts" and "gmm+she+lts" in cfg.fusion_partners
-    assert cli.run(EvalConfig, lambda cfg: None, ["recommended=nope"], None, "evaluate.py") == 2
-    assert capsys.readouterr().err.startswith("error: recommended='nope' is no detector this run reports")
+    assert cli.run(EvalConfig, lambda cfg: None, ["recommended=nope", "score_folder=x"], None, "evaluate.py") == 2
+    assert capsys.readouterr().err.startswith("error: recommended='nope', score_folder's verdict, is no detector")
