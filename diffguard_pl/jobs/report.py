@@ -93,14 +93,15 @@ def results_of(records: Mapping[str, list], header: dict, folders: Sequence[Path
 
 def report(records: Mapping[str, list], header: dict, output_dir: Path, timing: dict, *,
            folders: Sequence[Path] = (), listeners: Sequence = (), logger=None, folder_report: Optional[dict] = None,
-           data_report: Optional[dict] = None) -> dict:
+           data_report: Optional[dict] = None, classifier_check: Optional[dict] = None) -> dict:
     """Every output of an evaluation from its records (see the module docstring); returns results.json's content.
 
     ``timing``: :func:`throughput`'s arguments but the records (``images``, ``loop_seconds``, ``wall_seconds``,
     ``machine``); ``folders``: where the classifier detectors' choice may be saved (``output_dir`` and, for a
     merge, the shards); ``listeners``: callbacks with ``on_report(records, header, output_dir, run)``;
     ``logger``: the run's Lightning logger (W&B or CSV), None for none; ``folder_report`` / ``data_report``: a
-    scored folder's and a file benchmark's reports (results.json's ``folder`` / ``data``).
+    scored folder's and a file benchmark's reports (results.json's ``folder`` / ``data``); ``classifier_check``:
+    the classifier's InD validation accuracy against its record (diffguard_pl/detectors/classifier_check.py).
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -112,6 +113,8 @@ def report(records: Mapping[str, list], header: dict, output_dir: Path, timing: 
         results["folder"] = folder_report
     if data_report is not None:
         results["data"] = data_report
+    if classifier_check is not None:
+        results["classifier_check"] = classifier_check
     write_json(results, output_dir / "results.json")
     reference = header.get("config", {}).get("diffguard", {}).get("reference", "input")
     write_scores_csv(records, output_dir / "scores.csv", header["score"], reference)
