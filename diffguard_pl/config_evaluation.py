@@ -234,9 +234,8 @@ class ModelPaths:
     (e.g. google/ddpm-cifar10-32) already in the local cache (nothing is downloaded).
     """
 
-    classifier: str = str(EMBEDDED / "digits" / "classifier")  # a portable folder (classifier.json +
-                                                               # model.safetensors) or a weights file (needs
-                                                               # models.classifier_arch)
+    classifier: str = str(EMBEDDED / "digits" / "classifier")  # a portable folder (classifier.json + weights) or
+                                                               # a weights file (needs models.classifier_arch)
     diffusion: str = str(EMBEDDED / "digits" / "diffusion_uncond")  # a diffusers folder, or a Hugging Face Hub id
                                                                     # already in the local cache
     classifier_arch: Optional[str] = None  # a weights file's timm name, e.g. resnet50 (torchvision layout),
@@ -248,6 +247,7 @@ class ModelPaths:
     encoder: Optional[str] = None  # the contrastive encoder folder (train.py task=contrastive) of distance contrastive
     diffusion_num_classes: Optional[int] = None  # classes of a conditional model; null: what the checkpoint says
     diffusion_null_class: Optional[int] = None  # the null (unconditional) class id; null: what the checkpoint says
+    allow_classifier_mismatch: bool = neutral(False)  # evaluate a classifier that the InD validation check refuses
 
 
 @dataclass

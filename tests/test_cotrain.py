@@ -170,6 +170,11 @@ def test_train_joint_exports_both_and_evaluate_py_takes_them(tmp_path, benchmark
     assert result.returncode == 0, result.stderr[-2000:]
     saved = json.loads((tmp_path / "eval" / "results.json").read_text())
     assert saved["num_samples"]["ind"] == 6 and "diffguard" in saved["detectors"]
+    recorded = classifier.spec.trained_on  # what train.py measured is what the evaluation measures again
+    assert recorded["benchmark"] == "digits" and classifier.spec.class_names == benchmark.class_names
+    check = saved["classifier_check"]
+    assert check["recorded_accuracy"] == recorded["validation_accuracy"]
+    assert check["validation_accuracy"] == pytest.approx(recorded["validation_accuracy"], abs=1e-6)
     fingerprint = (tmp_path / "eval" / "config.yaml").read_text()
     assert str(train_dir / "diffusion") in fingerprint and str(train_dir / "classifier") in fingerprint
 

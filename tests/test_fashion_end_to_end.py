@@ -8,6 +8,7 @@ import torch
 
 from diffguard_pl import config as config_lib
 from diffguard_pl.config import DataConfig, EvalConfig
+from diffguard_pl.errors import ConfigError
 from diffguard_pl.data import build_benchmark, fashion
 from diffguard_pl.detectors.metrics import auroc
 from diffguard_pl.jobs.eval_job import evaluate
@@ -58,6 +59,22 @@ def test_preset_runs_end_to_end(tmp_path, bench, preset):
     for name in OOD_SETS:
         assert entry["per_ood"][name]["auroc"] == pytest.approx(auroc(score["ind"], score[name]), abs=1e-12)
     assert saved["groups"]["fashion_6to9"] == "near" and saved["groups"]["mnist"] == "far"
+    assert saved["classifier_check"]["problem"] is None and saved["classifier_check"]["validation_images"] == 5400
     assert set(saved["synthesis_follows_label"]) == {"ind"} | OOD_SETS
     assert results["throughput"]["unet_evals_per_image"] >= 4
     assert (tmp_path / "reconstructions" / "mnist.png").is_file()
+
+
+def test_the_digits_classifier_is_refused_on_fashion_before_any_work(tmp_path, bench):
+    """Issue 32: the Digits-OOD classifier takes Fashion-OOD's images (16x16x1, 6 classes) and once ran a whole
+    evaluation at chance; the classifier check (a dry run too) refuses it, naming both accuracies and the flag."""
+    argv = [f"--config={ROOT / 'conf' / 'fashion_gdm.yaml'}", f"output_dir={tmp_path / 'out'}", "dry_run=true",
+            f"models.classifier={ROOT / 'checkpoints' / 'digits' / 'classifier'}"]
+    with pytest.raises(ConfigError) as info:
+        evaluate(config_lib.load(EvalConfig, argv, None), bench)
+    message = str(info.value)
+    assert "does not fit benchmark fashion" in message and "are not the benchmark's (T-shirt/top" in message
+    assert "InD validation accuracy on 5,400 images is near chance" in message
+    assert "below the 100.0% recorded at training" in message and "It was trained on digits" in message
+    assert f"{FASHION / 'classifier'}" in message and "models.allow_classifier_mismatch=true" in message
+    assert not (tmp_path / "out").exists()

@@ -8,6 +8,7 @@ import torch
 from diffguard_pl import config as config_lib
 from diffguard_pl.config import TrainConfig
 from diffguard_pl.models import load_classifier, load_diffusion
+from diffguard_pl.detectors.classifier_check import validation_accuracy
 from diffguard_pl.jobs.train_job import train
 
 from helpers.paths import ROOT
@@ -30,6 +31,13 @@ def test_train_classifier_exports_loadable_model(tmp_path, benchmark):
     assert metrics["global_step"] == 3 and 0.0 <= metrics["test/acc"] <= 1.0
     classifier = load_classifier(tmp_path / "classifier")
     assert classifier(benchmark.test.images[:4]).shape == (4, 6)
+    # what the evaluation checks it against (diffguard_pl/detectors/classifier_check.py): every InD validation
+    # image, though training validated one batch (trainer.limit_val_batches=1)
+    measured, n = validation_accuracy(classifier, benchmark.val, 64, cache=False)
+    assert classifier.spec.class_names == benchmark.class_names
+    assert classifier.spec.trained_on == {"benchmark": "digits", "validation_images": n,
+                                          "validation_accuracy": pytest.approx(measured, abs=1e-6)}
+    assert n == len(benchmark.val)
     assert (tmp_path / "checkpoints" / "last.ckpt").is_file()
     assert json.loads((tmp_path / "metrics.json").read_text())["global_step"] == 3
     saved = config_lib.load(TrainConfig, [f"--config={tmp_path / 'config.yaml'}"], None)
@@ -132,6 +140,9 @@ def test_cli_default_config_trains_and_ends_with_the_figures_and_the_exported_mo
         assert set(shown) == {k for k in saved if k.startswith(prefix)} and shown
         assert all(shown[k] == pytest.approx(saved[k], rel=1e-3) for k in shown)
     assert f"exported classifier: {tmp_path / 'classifier'}" in result.stdout
+    record = json.loads((tmp_path / "classifier" / "classifier.json").read_text())["trained_on"]
+    assert (f"recorded in classifier.json: trained on digits, {100 * record['validation_accuracy']:.1f}% InD "
+            f"validation accuracy on 162 images") in result.stdout
     console = result.stdout + result.stderr
     assert "Total params" not in console and "| Name" not in console and "weights_only" not in console
 

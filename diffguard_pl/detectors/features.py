@@ -41,8 +41,10 @@ def _update(digest, tensor: torch.Tensor) -> None:
 
 
 def classifier_digest(classifier: Classifier) -> str:
-    """A digest of the classifier's spec and weights (its buffers too)."""
-    digest = hashlib.sha256(json.dumps(asdict(classifier.spec), sort_keys=True).encode())
+    """A digest of the classifier's spec and weights (its buffers too). The spec's ``trained_on`` (train.py's
+    record of its training, not part of the model) is left out: recording it keeps the cached entries."""
+    spec = {k: v for k, v in asdict(classifier.spec).items() if k != "trained_on"}
+    digest = hashlib.sha256(json.dumps(spec, sort_keys=True).encode())
     for name, tensor in classifier.model.state_dict().items():
         digest.update(name.encode())
         _update(digest, tensor)

@@ -4,7 +4,9 @@
    (every one decoded: a bad file is refused here, or named and left out with data.on_error=skip), the data's
    files, the models' files and the shapes their configs declare;
 2. the data; ``score_folder``: enough InD validation images for its thresholds;
-3. the models' weights and the checks that need them; a dry run prints the plan and stops here;
+3. the models' weights and the checks that need them: the classifier's accuracy on InD validation images
+   (another benchmark's classifier is refused, diffguard_pl/detectors/classifier_check.py); a dry run prints the
+   plan and stops here;
 4. the output folder (one run at a time), and what an earlier run finished there (resume: the record store,
    diffguard_pl/records/store.py);
 5. the classifier baselines and the diffusion detectors' mixtures, fitted on InD training images (features and
@@ -152,6 +154,9 @@ def evaluate(cfg: EvalConfig, benchmark=None) -> Optional[dict]:
         from diffguard_pl.detectors.diffusion_fitting import build_diffusion_detectors
 
         build_diffusion_detectors(cfg, models.detector_diffusion, classifier)
+    from diffguard_pl.detectors.classifier_check import check_classifier
+
+    classifier_check = check_classifier(cfg, classifier, benchmark)  # another benchmark's classifier: refused here
     if cfg.dry_run:
         from diffguard_pl.jobs.plan import print_plan
 
@@ -163,7 +168,8 @@ def evaluate(cfg: EvalConfig, benchmark=None) -> Optional[dict]:
         print(f"score_folder: writing to {output_dir} (output_dir=DIR sets another folder)")
     with interruptible():
         try:
-            return _evaluate(cfg, benchmark, models, output_dir, part, (folder_report, data_report), started)
+            return _evaluate(cfg, benchmark, models, output_dir, part, (folder_report, data_report, classifier_check),
+                             started)
         except RunInterrupted as stop:
             _, finished, _ = records_lib.read_records([output_dir], None, "counting")
             raise RunInterrupted(
@@ -202,7 +208,7 @@ def _evaluate(cfg: EvalConfig, benchmark, models: Models, output_dir: Path, part
               started: float) -> Optional[dict]:
     """Stages 4-7, one run at a time on ``output_dir`` (the record store's lock, held by rank 0 only: the other
     processes of a multi-process run are its own); ``reports``: (the scored folder's, the file benchmark's data
-    report), each None if none."""
+    report, each None if none; the classifier check's numbers)."""
     from diffguard_pl.console import is_rank_zero
 
     lock = records_lib.RunLock(output_dir) if is_rank_zero() else contextlib.nullcontext()
@@ -253,7 +259,7 @@ def _evaluate_locked(cfg: EvalConfig, benchmark, models: Models, output_dir: Pat
         if folder is not None:  # the folder's verdict ends the console
             _say_done(throughput(records, **timing))
         results = report(records, work.header, output_dir, timing, listeners=_report_listeners(cfg), logger=logger,
-                         folder=folder, data_report=reports[1])
+                         folder=folder, data_report=reports[1], classifier_check=reports[2])
         if folder is None:
             _say_done(results["throughput"])
         return results

@@ -202,7 +202,8 @@ def folder_results(records: Mapping[str, list], summary: Mapping, run: FolderRun
                     "out": counts[detector], "images": len(rows), "note": note},
         "thresholds": {"keep_ind_val": KEEP, "rule": RULE, "ind_val_samples": len(val), "per_detector": thresholds},
         "out_per_detector": counts,
-        **{k: summary.get(k) for k in ("throughput", "baselines", "diffusion_detectors", "notes", "oracle", "data")},
+        **{k: summary.get(k) for k in ("throughput", "classifier_check", "baselines", "diffusion_detectors", "notes",
+                                             "oracle", "data")},
     }
     return compact(results)
 

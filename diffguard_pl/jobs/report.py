@@ -93,7 +93,7 @@ def results_of(records: Mapping[str, list], header: dict, folders: Sequence[Path
 
 def report(records: Mapping[str, list], header: dict, output_dir: Path, timing: dict, *,
            folders: Sequence[Path] = (), listeners: Sequence = (), logger=None, folder=None,
-           data_report: Optional[dict] = None) -> dict:
+           data_report: Optional[dict] = None, classifier_check: Optional[dict] = None) -> dict:
     """Every output of an evaluation from its records (see the module docstring); returns results.json's content.
 
     ``timing``: :func:`throughput`'s arguments but the records (``images``, ``loop_seconds``, ``wall_seconds``,
@@ -101,7 +101,9 @@ def report(records: Mapping[str, list], header: dict, output_dir: Path, timing: 
     merge, the shards); ``listeners``: callbacks with ``on_report(records, header, output_dir, run)``;
     ``logger``: the run's Lightning logger (W&B or CSV), None for none; ``folder``: a scored folder's
     :class:`~diffguard_pl.jobs.folder.FolderRun` (then results.json is :func:`~diffguard_pl.jobs.folder.folder_results`,
-    and the verdict ends the console); ``data_report``: a file benchmark's report (results.json's ``data``).
+    and the verdict ends the console); ``data_report``: a file benchmark's report (results.json's ``data``);
+    ``classifier_check``: the classifier's InD validation accuracy against its record
+    (diffguard_pl/detectors/classifier_check.py).
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -111,6 +113,8 @@ def report(records: Mapping[str, list], header: dict, output_dir: Path, timing: 
         results["throughput"]["diffusion_detectors_unet_evals_per_image"] = diffusion_cost(results["diffusion_detectors"])
     if data_report is not None:
         results["data"] = data_report
+    if classifier_check is not None:
+        results["classifier_check"] = classifier_check
     written = results
     if folder is not None:  # what exists without labelled OOD sets; the histograms against the thresholds
         from diffguard_pl.callbacks.score_plots import FOLDER_VIEW

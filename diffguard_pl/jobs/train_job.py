@@ -52,6 +52,7 @@ def classifier_spec(cfg: TrainConfig, benchmark: Benchmark) -> ClassifierSpec:
         mean=list(c.mean) if c.mean is not None else [0.5] * benchmark.channels,
         std=list(c.std) if c.std is not None else [0.5] * benchmark.channels,
         timm_kwargs=timm_kwargs,
+        class_names=list(benchmark.class_names) if benchmark.class_names is not None else None,
     )
 
 
@@ -131,8 +132,23 @@ def validate_exported(trainer: L.Trainer, module: L.LightningModule, datamodule,
         trainer.validate(module, datamodule=datamodule, verbose=False)
 
 
-def summary(task: str, metrics: Dict[str, float], output_dir: Path, monitor: Optional[str] = None) -> List[str]:
-    """What the console shows at the end of a run: the exported model's figures and where it is."""
+def record_training(folder: Path, benchmark: Benchmark, batch_size: int, device) -> dict:
+    """Add to the exported classifier's ``classifier.json`` what it was trained on (``trained_on``: the benchmark,
+    its accuracy on the InD validation split, measured on the exported weights as the evaluation measures it), so
+    that an evaluation can refuse it on another benchmark (diffguard_pl/detectors/classifier_check.py)."""
+    from diffguard_pl.detectors.classifier_check import training_record
+    from diffguard_pl.models.classifier import load_classifier, save_spec
+
+    classifier = load_classifier(folder).to(device)
+    classifier.spec.trained_on = training_record(classifier, benchmark, batch_size)
+    save_spec(classifier.spec, folder)
+    return classifier.spec.trained_on
+
+
+def summary(task: str, metrics: Dict[str, float], output_dir: Path, monitor: Optional[str] = None,
+            trained_on: Optional[dict] = None) -> List[str]:
+    """What the console shows at the end of a run: the exported model's figures and where it is (``trained_on``:
+    what :func:`record_training` wrote into the exported classifier's classifier.json)."""
     def figures(prefix: str) -> str:
         return ", ".join(f"{k} {v:.4g}" for k, v in sorted(metrics.items()) if k.startswith(prefix))
 
@@ -142,6 +158,10 @@ def summary(task: str, metrics: Dict[str, float], output_dir: Path, monitor: Opt
               if figures(prefix)]
     for key, folder in EXPORTS[task].items():
         lines.append(f"exported {folder}: {output_dir / folder}  (evaluate.py {key}={output_dir / folder})")
+    if trained_on is not None and trained_on["validation_accuracy"] is not None:
+        lines.append(f"recorded in classifier.json: trained on {trained_on['benchmark']}, "
+                     f"{100 * trained_on['validation_accuracy']:.1f}% InD validation accuracy on "
+                     f"{trained_on['validation_images']:,} images (evaluate.py refuses it far below that)")
     lines.append(f"metrics: {output_dir / 'metrics.json'}; resume from {output_dir / 'checkpoints' / 'last.ckpt'}")
     return lines
 
@@ -174,6 +194,10 @@ def train(cfg: TrainConfig, benchmark: Optional[Benchmark] = None) -> dict:
     finally:
         finish_logger(logger)
     if trainer.is_global_zero:
+        record = None
+        if "models.classifier" in EXPORTS[cfg.task]:
+            record = record_training(output_dir / EXPORTS[cfg.task]["models.classifier"], datamodule.benchmark,
+                                     cfg.data.eval_batch_size, module.device)
         (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True))
-        print("\n".join(summary(cfg.task, metrics, output_dir, cfg.monitor)), flush=True)
+        print("\n".join(summary(cfg.task, metrics, output_dir, cfg.monitor, record)), flush=True)
     return metrics

@@ -5,7 +5,8 @@ Weight files of other formats (timm, torchvision, OpenOOD checkpoints) are read 
 
 Portable format (loads without Lightning): a folder with ``model.safetensors``
 (the timm model's state dict) and ``classifier.json`` (architecture name,
-number of classes, input channels and size, normalisation, timm kwargs).
+number of classes, input channels and size, normalisation, timm kwargs, and
+what train.py records: the class names and ``trained_on``).
 
 This project's own architectures, ``diffguard_resnet_tiny`` (:mod:`diffguard_pl.models.tiny_resnet`) and
 ``openood_resnet18_32x32`` (:mod:`diffguard_pl.models.openood`), are registered in timm's registry by
@@ -51,6 +52,11 @@ class ClassifierSpec:
     # How an image of another size reaches input_size: "resize" (bilinear, antialiased) or "center_crop" (the
     # central input_size square of a larger image: ImageNet's resize 256 / crop 224 from a 256 px image).
     view: str = "resize"
+    # What train.py measured at export, so that an evaluation can tell a classifier of another benchmark
+    # (diffguard_pl/detectors/classifier_check.py): {"benchmark": its name, "validation_accuracy": the fraction
+    # right on its InD validation split, "validation_images": how many}. None: not recorded (older folders,
+    # classifiers from elsewhere).
+    trained_on: Optional[Dict[str, Any]] = None
 
     def __post_init__(self) -> None:
         if self.view not in ("resize", "center_crop"):
@@ -135,8 +141,15 @@ def save_classifier(classifier: Classifier, directory: str | Path) -> Path:
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in classifier.model.state_dict().items()}
     save_file(state, str(directory / WEIGHTS_FILE))
-    (directory / META_FILE).write_text(json.dumps(asdict(classifier.spec), indent=2))
+    save_spec(classifier.spec, directory)
     return directory
+
+
+def save_spec(spec: ClassifierSpec, directory: str | Path) -> Path:
+    """``classifier.json`` alone (the weights untouched): e.g. train.py's record added after the export."""
+    path = Path(directory) / META_FILE
+    path.write_text(json.dumps(asdict(spec), indent=2))
+    return path
 
 
 def load_classifier(directory: str | Path, map_location: str | torch.device = "cpu") -> Classifier:
