@@ -77,8 +77,9 @@ def closest_keys(written: str, cfg: DictConfig, n: int = 3) -> List[str]:
 # Keys that hold an input path. They are made absolute when the config is composed: a relative value in a YAML
 # file is relative to the file's project (the folder that holds its conf/ folder), so presets work from any
 # working directory; on the command line, to the working directory. A saved config.yaml is then self-contained.
-PATH_KEYS = ("models.classifier", "models.diffusion", "models.encoder", "cotrain.diffusion_path",
-             "classifier.pretrained_path")
+PATH_KEYS = ("models.classifier", "models.diffusion", "models.encoder", "diffusion_detectors.model",
+             "cotrain.diffusion_path", "classifier.pretrained_path")
+HUB_KEYS = ("models.diffusion", "diffusion_detectors.model")  # diffusers models, which may be Hub ids
 HUB_ID = r"^[A-Za-z0-9][\w.-]*/[\w.-]+$"
 
 
@@ -98,7 +99,7 @@ def resolve_paths(tree: DictConfig, base: Path) -> None:
         if not isinstance(value, str) or Path(value).is_absolute():
             continue
         candidate = base / value
-        if re.match(HUB_ID, value) and not candidate.exists() and key == "models.diffusion":
+        if re.match(HUB_ID, value) and not candidate.exists() and key in HUB_KEYS:
             continue
         OmegaConf.update(tree, key, str(candidate), merge=False)
 

@@ -117,6 +117,19 @@ def test_shipped_evaluation_presets_load(name):
     assert cfg.diffguard.depth <= cfg.diffguard.num_steps
 
 
+def test_every_model_path_of_a_preset_is_found_from_any_folder(tmp_path, monkeypatch):
+    """The input paths of a preset are relative to its project, whatever the working directory (a model read from
+    a path relative to the working directory is missing elsewhere)."""
+    from pathlib import Path
+
+    from diffguard_pl.config import EvalConfig
+
+    monkeypatch.chdir(tmp_path)
+    cfg = config_lib.load(EvalConfig, ["--config", "fashion_classifier_free"], None)
+    paths = [cfg.models.classifier, cfg.models.diffusion, cfg.models.encoder, cfg.diffusion_detectors.model]
+    assert all(Path(p).is_absolute() and Path(p).is_dir() for p in paths), paths
+
+
 def test_saved_config_round_trips(tmp_path):
     cfg = load("task=diffusion", "diffusion.conditional=true", "seed=5")
     config_lib.save(cfg, tmp_path / "config.yaml")
