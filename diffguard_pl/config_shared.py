@@ -8,9 +8,10 @@ RunConfig, and build their fields with what is here too: the project's folders (
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Sequence
 
 from omegaconf import MISSING
 
@@ -141,8 +142,13 @@ class WandbConfig:
 
     project: str = "diffguard_pl"  # W&B project the run belongs to
     entity: Optional[str] = None  # W&B user or team; null: your default entity
-    name: Optional[str] = None  # the run's display name; null: W&B picks one
-    tags: List[str] = field(default_factory=list)  # labels to filter runs by, e.g. [fashion,smoke]
+    name: Optional[str] = None  # the run's display name; null: the preset and the keys the command line
+                                # changes (fashion_gdm diffguard.depth=20), W&B's own pick outside the command line
+    tags: List[str] = field(default_factory=list)  # labels to filter runs by, e.g. [fashion,smoke]; the run adds
+                                                   # preset:, benchmark:, guidance: and split: (evaluate.py) or
+                                                   # task: (train.py)
+    group: Optional[str] = None  # runs shown together, e.g. a sweep's; null: the shards of one evaluation
+                                 # (shard=i/n) share one, the run name without its shard item; other runs none
     offline: bool = True  # true: written under OUT/wandb/ without an account (`wandb sync` uploads later)
 
 
@@ -165,5 +171,49 @@ class RunConfig:
     def from_command_line(self, config_files: List[str], overrides: List[str]) -> "RunConfig":
         """What the command line decides beyond its keys (the entry points call it once the config is valid):
         ``config_files`` the ``--config`` files (the preset), ``overrides`` the ``key=value`` items as written.
-        Returns the config a run uses; this base keeps it as it is."""
-        return self
+        Returns the config a run uses; this base names the W&B run when ``wandb.name`` is null
+        (:func:`run_name`) and adds ``preset:<name>`` to ``wandb.tags`` unless they name a preset already (a
+        saved config.yaml given as ``--config`` keeps its run's name and preset)."""
+        preset = preset_name(config_files)
+        name = self.wandb.name if self.wandb.name is not None else run_name(preset, overrides)
+        named = any(tag.startswith(PRESET_TAG) for tag in self.wandb.tags)
+        tags = list(self.wandb.tags) if named else [*self.wandb.tags, f"{PRESET_TAG}{preset}"]
+        return replace(self, wandb=replace(self.wandb, name=name, tags=tags))
+
+
+PRESET_TAG = "preset:"
+# Keys left out of a run's name: where and how it writes and logs, never what it computes.
+UNNAMED_KEYS = ("output_dir", "logger", "verbose", "print_config", "trainer.enable_progress_bar")
+NAME_LENGTH = 96  # characters of a generated run name; W&B shows about this much in its runs table
+ITEM_LENGTH = 40  # characters of one key=value item in it
+
+
+def preset_name(config_files: Sequence[str]) -> str:
+    """The preset a run starts from: the stem of its last ``--config`` file (the entry point's default file when
+    none is given); ``default`` without any file."""
+    return Path(config_files[-1]).stem if config_files else "default"
+
+
+def run_name(preset: str, overrides: Sequence[str], limit: int = NAME_LENGTH) -> str:
+    """A W&B run name from the preset and the overrides as written, e.g. ``fashion_gdm diffguard.depth=20
+    limit_per_set=50``. Left out: the keys of :data:`UNNAMED_KEYS` and ``wandb.*``. Shortened: a path value to
+    ``.../<its last part>``, an item to :data:`ITEM_LENGTH` characters; items that do not fit in ``limit``
+    characters are counted at the end (``+3 more``)."""
+    items = []
+    for item in overrides:
+        key, _, value = item.partition("=")
+        key = key.lstrip("+~")
+        if key in UNNAMED_KEYS or key.startswith("wandb."):
+            continue
+        if "/" in value.rstrip("/") and not re.fullmatch(r"\d+/\d+", value):  # a path, not a shard i/n
+            value = ".../" + Path(value).name
+        text = f"{key}={value}"
+        items.append(text if len(text) <= ITEM_LENGTH else text[: ITEM_LENGTH - 3] + "...")
+    name = preset
+    for n, item in enumerate(items):
+        rest = len(items) - n - 1
+        more = f" +{rest} more" if rest else ""
+        if len(name) + 1 + len(item) + len(more) > limit:
+            return f"{name} +{len(items) - n} more"
+        name += f" {item}"
+    return name

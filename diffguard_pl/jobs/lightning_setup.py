@@ -45,21 +45,28 @@ def quiet_lightning(verbose: bool = False) -> None:
 def build_logger(cfg, output_dir: Path, metrics_footer: bool = True):
     """CSV by default; W&B (offline unless configured) with logger=wandb. ``cfg`` has .logger and .wandb.
 
-    W&B's console stays to the point: Lightning passes ``anonymous=None`` to ``wandb.init``, which W&B (0.31 here)
-    answers with a warning that the setting has no effect, so it is not passed; ``metrics_footer=False`` (an
-    evaluation, whose results the job prints itself) leaves out W&B's closing panels of history sparklines and
-    summary values.
+    The W&B run starts here, named, tagged, grouped and typed, with the models it reads as input artifacts
+    (diffguard_pl/jobs/wandb_run.py). W&B's console stays to the point: Lightning passes ``anonymous=None`` to
+    ``wandb.init``, which W&B (0.31 here) answers with a warning that the setting has no effect, so it is not
+    passed; ``metrics_footer=False`` (an evaluation, whose results the job prints itself) leaves out W&B's closing
+    panels of history sparklines and summary values.
     """
     if cfg.logger == "wandb":
         import wandb
         from lightning.pytorch.loggers import WandbLogger
 
+        from diffguard_pl.jobs.wandb_run import init_arguments, start
+
         footer = {} if metrics_footer else {"max_end_of_run_history_metrics": 0, "max_end_of_run_summary_metrics": 0}
-        logger = WandbLogger(project=cfg.wandb.project, entity=cfg.wandb.entity, name=cfg.wandb.name,
-                             tags=list(cfg.wandb.tags), save_dir=str(output_dir), offline=cfg.wandb.offline,
-                             settings=wandb.Settings(**footer))
+        logger = WandbLogger(project=cfg.wandb.project, entity=cfg.wandb.entity, save_dir=str(output_dir),
+                             offline=cfg.wandb.offline, settings=wandb.Settings(**footer), **init_arguments(cfg))
         # Lightning's constructor always sets it (lightning/pytorch/loggers/wandb.py); wandb.init's default is unset.
         getattr(logger, "_wandb_init", {}).pop("anonymous", None)
+        try:
+            start(logger, cfg)
+        except BaseException:
+            finish_logger(logger)
+            raise
         return logger
     from lightning.pytorch.loggers import CSVLogger
 

@@ -3,7 +3,8 @@
 Outputs in ``cfg.output_dir``: ``config.yaml`` (the resolved config),
 ``checkpoints/`` (Lightning checkpoints for resuming), ``classifier/``,
 ``diffusion/`` or ``encoder/`` (the portable model; task=joint writes both of the first two), ``logs/`` (CSV
-metrics) or ``wandb/``, and ``metrics.json`` (final validation / test figures). The console ends with those
+metrics) or ``wandb/`` (with the exported models as output artifacts, diffguard_pl/jobs/wandb_run.py), and
+``metrics.json`` (final validation / test figures). The console ends with those
 figures and the exported folders.
 """
 
@@ -191,6 +192,11 @@ def train(cfg: TrainConfig, benchmark: Optional[Benchmark] = None) -> dict:
             (tested,) = trainer.test(module, datamodule=datamodule, verbose=False)
             metrics.update({k: float(v) for k, v in tested.items()})
         metrics["global_step"] = int(trainer.global_step)
+        if cfg.logger == "wandb" and trainer.is_global_zero:  # the exported models as the run's output artifacts
+            from diffguard_pl.jobs.wandb_run import log_exports
+
+            log_exports(logger.experiment, {key: output_dir / folder for key, folder in EXPORTS[cfg.task].items()},
+                        cfg.task)
     finally:
         finish_logger(logger)
     if trainer.is_global_zero:
