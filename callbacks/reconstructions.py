@@ -72,8 +72,9 @@ class ReconstructionLogger(L.Callback):
     the highest DiffGuard score ``score`` (for InD the best cases come first, for OOD the worst: an OOD sample
     with a low score is one DiffGuard misses). ``class_names`` (the benchmark's) name the predicted and true
     classes. Writes ``reconstructions/<set>.png`` and, with W&B, logs them as images under
-    ``reconstructions/<set>``. Rank 0 draws after gathering. Both choices depend only on the samples, not on
-    batches or processes (ties broken by id).
+    ``reconstructions/<set>``. Rank 0 draws after gathering and keeps what it drew in ``shown`` (set -> rows, as
+    drawn), which the W&B table of these samples reads (diffguard_pl/jobs/wandb_samples.py). Both choices depend
+    only on the samples, not on batches or processes (ties broken by id).
     """
 
     def __init__(self, per_set: int = 8, select: str = "first", score: str = "l2",
@@ -85,10 +86,11 @@ class ReconstructionLogger(L.Callback):
         self.class_names = list(class_names) if class_names else None
         self.groups, self.resumed = dict(groups or {}), resumed  # OOD set -> near / far; samples of earlier runs
         self.kept: Dict[str, List[dict]] = {}
+        self.shown: Dict[str, List[dict]] = {}
         self.reference = "input"
 
     def on_test_epoch_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self.kept = {}
+        self.kept, self.shown = {}, {}
         cfg = getattr(getattr(pl_module, "pipeline", None), "cfg", None)
         self.reference = getattr(cfg, "reference", "input")
 
@@ -137,7 +139,7 @@ class ReconstructionLogger(L.Callback):
                 merged.setdefault(set_name, []).extend(rows)
         folder = output_folder(trainer.default_root_dir, "reconstructions")
         for set_name, rows in merged.items():
-            rows = self._keep(rows)
+            rows = self.shown[set_name] = self._keep(rows)
             fig = reconstruction_figure(self._title(set_name, self.groups, len(rows), self.resumed), rows, self.score,
                                         self.reference, self.class_names)
             save_figure(fig, folder / f"{set_name}.png", wandb_run(trainer), f"reconstructions/{set_name}")

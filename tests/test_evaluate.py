@@ -18,6 +18,7 @@ from diffguard_pl.records.store import RecordWriter, read_records
 
 from helpers.configs import eval_argv
 from helpers.paths import ROOT
+from helpers.wandb_offline import media_table, offline_summary
 
 DETECTORS = {"diffguard", "msp", "ebo", "maxlogit", "knn", "vim", "diffguard+ebo"}
 
@@ -179,43 +180,6 @@ def test_derived_detectors_leave_the_records_alone():
     records = _records()
     derived, _ = with_derived_detectors(records, "l2")
     assert records == _records() and {"diffguard", "diffguard+ebo"} <= set(derived) - set(records)
-
-
-def offline_summary(run_dir):
-    """The run summary W&B wrote offline, ``{key: value}`` (the last value of each top-level key), read from its
-    transaction log ``run-*.wandb``: a 7-byte header, then 32 KiB blocks of chunks, each behind a 7-byte header
-    (CRC-32C: 4 bytes, length: 2 bytes little-endian, type: 1 full, 2 first, 3 middle, 4 last), as LevelDB's log;
-    a chunk or a chunk sequence holds one protobuf ``Record``."""
-    import struct
-
-    from wandb.proto import wandb_internal_pb2
-
-    (log,) = run_dir.glob("run-*.wandb")
-    data, block, position, pieces, summary = log.read_bytes(), 32768, 7, [], {}
-    while position + 7 <= len(data):
-        room = block - position % block
-        _, length, kind = struct.unpack("<IHB", data[position:position + 7])
-        if room < 7 or (length == 0 and kind == 0):  # the rest of a block is padding
-            position += room
-            continue
-        pieces.append(data[position + 7:position + 7 + length])
-        position += 7 + length
-        if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
-            record.ParseFromString(b"".join(pieces))
-            pieces = []
-            if record.WhichOneof("record_type") == "summary":
-                for item in record.summary.update:  # a flat key, or a path into a nested value
-                    if item.key or len(item.nested_key) == 1:
-                        summary[item.key or item.nested_key[0]] = json.loads(item.value_json)
-    return summary
-
-
-def media_table(run_dir, stem):
-    """A wandb.Table logged under ``stem`` (``folder/name``), as the offline run keeps it in files/media/table."""
-    (path,) = (run_dir / "files" / "media" / "table").glob(f"{stem}_[0-9]*.table.json")
-    table = json.loads(path.read_text())
-    return [dict(zip(table["columns"], row)) for row in table["data"]]
 
 
 def test_wandb_offline_run_holds_per_set_metrics_curves_images_and_same_results(tmp_path, small_models, benchmark,

@@ -228,7 +228,7 @@ def _evaluate_locked(cfg: EvalConfig, benchmark, models: Models, output_dir: Pat
     config_lib.save(cfg, output_dir / "config.yaml")
     sets, work = evaluation_work(cfg, benchmark, output_dir, part)
     timing = {"images": 0, "loop_seconds": 0.0, "machine": None}
-    logger, this_run = None, ()
+    logger, this_run, listeners = None, (), _report_listeners(cfg)
     try:
         if work.todo:
             from diffguard_pl.detectors.diffusion_fitting import build_diffusion_detectors, fit_diffusion_detectors
@@ -251,6 +251,9 @@ def _evaluate_locked(cfg: EvalConfig, benchmark, models: Models, output_dir: Pat
             timing = {"images": evaluator.images, "loop_seconds": evaluator.loop_seconds,
                       "machine": describe_machine(evaluator.pipeline.device)}  # speeds differ by machine
             this_run = evaluator.gathered
+            from diffguard_pl.jobs.wandb_samples import sample_tables
+
+            listeners += sample_tables(trainer)  # W&B's table of the samples the reconstruction grids drew
         records = records_lib.collect(output_dir, work, this_run)  # stage 7
         timing["wall_seconds"] = time.perf_counter() - started
         from diffguard_pl.jobs.folder import FolderRun
@@ -258,7 +261,7 @@ def _evaluate_locked(cfg: EvalConfig, benchmark, models: Models, output_dir: Pat
         folder = None if reports[0] is None else FolderRun(reports[0], cfg.recommended, benchmark.class_names)
         if folder is not None:  # the folder's verdict ends the console
             _say_done(throughput(records, **timing))
-        results = report(records, work.header, output_dir, timing, listeners=_report_listeners(cfg), logger=logger,
+        results = report(records, work.header, output_dir, timing, listeners=listeners, logger=logger,
                          folder=folder, data_report=reports[1], classifier_check=reports[2])
         if folder is None:
             _say_done(results["throughput"])
