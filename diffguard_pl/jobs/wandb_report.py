@@ -16,6 +16,10 @@ NaN values (the means of a group without sets) are left out.
 Tables (:func:`result_tables`): ``results/per_set`` (a row per detector and OOD set), ``results/near_far`` (a row
 per detector and group) and ``results/comparisons`` (a row per comparison and group).
 
+Units: every rate (AUROC, FPR@95, AUPR, InD accuracy, the ``..._follows_label`` shares) is a fraction in [0, 1],
+as in results.json (the console's table prints them in %, and the run's notes and its console line say so:
+diffguard_pl/jobs/wandb_run.py); ``round_trip_psnr`` in dB; throughput as results.json has it.
+
 W&B keeps the flat metrics in the run summary: they are one value per run, not a history, so W&B draws no
 one-point sparklines for them; any other Lightning logger (CSV) gets them as one row.
 """
