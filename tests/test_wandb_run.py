@@ -106,7 +106,7 @@ def synthetic(count=24):
     scores = [float(i) for i in range(count)] + [2.0, 30.0]
     records = {"id": ids, "set": ["ind"] * (count + 1) + ["far1"], "split": ["val"] * count + ["test", "test"],
                "label": [0] * (count + 1) + [-1], "pred": [1] * (count + 2), DIFFGUARD: scores,
-               fused_column("vim"): [-s for s in scores], "vim": scores}
+               fused_column("vim"): [-s for s in scores], "vim": scores, "ebo": scores}
     image = torch.zeros(1, 4, 4)
     shown = {"far1": [{"id": "o0", "pred": 1, "label": -1, "input": image, "synthesis": image, "reference": image}],
              "ind": [{"id": "t0", "pred": 1, "label": 0, "input": image, "synthesis": image, "reference": image}]}
@@ -115,9 +115,11 @@ def synthetic(count=24):
 
 def test_the_sample_table_has_scores_and_decisions_at_the_95_percent_threshold():
     records, shown, header = synthetic()
-    columns, rows, meaning = sample_rows(shown, records, header, ["shirt", "coat"])
+    columns, rows, meaning = sample_rows(shown, records, header, ["shirt", "coat"], recommended="ebo")
     assert columns == ["id", "set", "image", "synthesis", "class_name", "label_name", DIFFGUARD,
-                       fused_column("vim"), f"in_out/{DIFFGUARD}", f"in_out/{fused_column('vim')}"]
+                       fused_column("vim"), "ebo", f"in_out/{DIFFGUARD}", f"in_out/{fused_column('vim')}",
+                       "in_out/ebo"]
+    assert "recommended" in meaning["ebo"]
     table = [dict(zip(columns, row)) for row in rows]
     assert [r["id"] for r in table] == ["t0", "o0"]  # InD first
     assert (table[0]["class_name"], table[0]["label_name"], table[1]["label_name"]) == ("coat", "shirt", "")

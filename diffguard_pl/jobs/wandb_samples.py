@@ -4,8 +4,9 @@ and in / out decisions. W&B only; the grids themselves stay PNG files (callbacks
 ``reconstructions/samples`` has the columns ``id``, ``set``, ``image`` (the input), ``synthesis`` (the guided
 synthesis), ``reconstruction`` (the unguided reconstruction, only with ``diffguard.reference=unguided``),
 ``class_name`` (the classifier's prediction, which guides the synthesis), ``label_name`` (the true class of an
-InD sample, empty for OOD), then DiffGuard's score (``diffguard``) and each fusion with DiffGuard the records
-hold (``diffguard+X``: fusion_partners), and for each of these ``in_out/<detector>``: ``in`` when the score is
+InD sample, empty for OOD), then DiffGuard's score (``diffguard``), each fusion with DiffGuard the records
+hold (``diffguard+X``: fusion_partners) and the ``recommended`` detector (score_folder's verdict), and for each of
+these ``in_out/<detector>``: ``in`` when the score is
 at most the threshold that keeps 95% of the InD validation samples the run scored (diffguard_pl/jobs/folder.py,
 the thresholds score_folder applies), else ``out``. The thresholds need 20 InD validation samples or more; with
 fewer (a small ``limit_per_set``) the in / out columns are left out. ``reconstructions/samples_columns`` says
@@ -26,9 +27,10 @@ from diffguard_pl.records.columns import DIFFGUARD, ID, describe_column, detecto
 IN_OUT = "in_out/"
 
 
-def score_columns(records: Mapping[str, list]) -> List[str]:
-    """DiffGuard's score and every fusion with DiffGuard among the records' detectors."""
-    return [c for c in detector_columns(records) if c == DIFFGUARD or DIFFGUARD in (fusion_parts(c) or [])]
+def score_columns(records: Mapping[str, list], recommended: Optional[str] = None) -> List[str]:
+    """DiffGuard's score, every fusion with DiffGuard among the records' detectors, and ``recommended``."""
+    columns = [c for c in detector_columns(records) if c == DIFFGUARD or DIFFGUARD in (fusion_parts(c) or [])]
+    return columns + ([recommended] if recommended in records and recommended not in columns else [])
 
 
 def decision_thresholds(records: Mapping[str, list], columns: Sequence[str]) -> Tuple[Optional[Dict[str, float]], str]:
@@ -46,11 +48,13 @@ def decision_thresholds(records: Mapping[str, list], columns: Sequence[str]) -> 
 
 
 def sample_rows(shown: Mapping[str, List[dict]], records: Mapping[str, list], header: Mapping,
-                class_names: Optional[Sequence[str]] = None) -> Tuple[List[str], List[list], Dict[str, str]]:
+                class_names: Optional[Sequence[str]] = None,
+                recommended: Optional[str] = None) -> Tuple[List[str], List[list], Dict[str, str]]:
     """(columns, rows, column -> meaning) of the table (module docstring); the image cells hold the CHW tensors
-    in [0, 1] the grids drew. ``shown``: set -> the grid's samples (ReconstructionLogger.shown)."""
+    in [0, 1] the grids drew. ``shown``: set -> the grid's samples (ReconstructionLogger.shown); ``recommended``:
+    the config's recommended detector."""
     unguided = header.get("config", {}).get("diffguard", {}).get("reference", "input") == "unguided"
-    scores = score_columns(records)
+    scores = score_columns(records, recommended)
     thresholds, decision = decision_thresholds(records, scores)
     position = {sample_id: i for i, sample_id in enumerate(records[ID])}
     meaning = {"id": "the sample's stable id", "set": "ind or the OOD set's name", "image": "the input",
@@ -63,6 +67,8 @@ def sample_rows(shown: Mapping[str, List[dict]], records: Mapping[str, list], he
         described = describe_column(column, header.get("score"), header.get("config", {}).get("diffguard", {})
                                     .get("reference"))
         meaning[column] = f"{described['meaning']} ({described['unit']}; {described['direction']})"
+        if column == recommended:
+            meaning[column] += "; the recommended detector (recommended=, score_folder's verdict)"
     if thresholds is not None:
         meaning.update({f"{IN_OUT}{c}": f"{decision}: {thresholds[c]:.6g}" for c in scores})
     rows = []
@@ -96,8 +102,8 @@ class SampleTable:
     """Report listener: with W&B, logs ``reconstructions/samples`` and ``reconstructions/samples_columns`` for
     the samples ``source`` (a ReconstructionLogger) drew (module docstring); nothing without W&B."""
 
-    def __init__(self, source) -> None:
-        self.source = source
+    def __init__(self, source, recommended: Optional[str] = None) -> None:
+        self.source, self.recommended = source, recommended
 
     def on_report(self, records: Mapping[str, list], header: Mapping, output_dir, run=None) -> None:
         if run is None or not self.source.shown:
@@ -105,15 +111,16 @@ class SampleTable:
         import torch
         import wandb
 
-        columns, rows, meaning = sample_rows(self.source.shown, records, header, self.source.class_names)
+        columns, rows, meaning = sample_rows(self.source.shown, records, header, self.source.class_names,
+                                            self.recommended)
         cells = [[to_image(v) if isinstance(v, torch.Tensor) else v for v in row] for row in rows]
         run.log({"reconstructions/samples": wandb.Table(columns=columns, data=cells),
                  "reconstructions/samples_columns": wandb.Table(columns=["column", "meaning"],
                                                                 data=[[k, v] for k, v in meaning.items()])})
 
 
-def sample_tables(trainer) -> list:
+def sample_tables(trainer, recommended: Optional[str] = None) -> list:
     """A :class:`SampleTable` for each reconstruction callback of the evaluation's trainer."""
     from diffguard_pl.callbacks import ReconstructionLogger
 
-    return [SampleTable(c) for c in trainer.callbacks if isinstance(c, ReconstructionLogger)]
+    return [SampleTable(c, recommended) for c in trainer.callbacks if isinstance(c, ReconstructionLogger)]
