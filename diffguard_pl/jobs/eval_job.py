@@ -253,7 +253,7 @@ def _evaluate_locked(cfg: EvalConfig, benchmark, models: Models, output_dir: Pat
             this_run = evaluator.gathered
             from diffguard_pl.jobs.wandb_samples import sample_tables
 
-            listeners += sample_tables(trainer, cfg.recommended)  # W&B's table of the samples the reconstruction grids drew
+            listeners += sample_tables(trainer, cfg.recommended)  # W&B: the grids' samples as a table
         records = records_lib.collect(output_dir, work, this_run)  # stage 7
         timing["wall_seconds"] = time.perf_counter() - started
         from diffguard_pl.jobs.folder import FolderRun
