@@ -78,7 +78,7 @@ def closest_keys(written: str, cfg: DictConfig, n: int = 3) -> List[str]:
 # file is relative to the file's project (the folder that holds its conf/ folder), so presets work from any
 # working directory; on the command line, to the working directory. A saved config.yaml is then self-contained.
 PATH_KEYS = ("models.classifier", "models.diffusion", "models.encoder", "diffusion_detectors.model",
-             "cotrain.diffusion_path", "classifier.pretrained_path")
+             "cotrain.diffusion_path", "classifier.pretrained_path", "data.root")
 HUB_KEYS = ("models.diffusion", "diffusion_detectors.model")  # diffusers models, which may be Hub ids
 HUB_ID = r"^[A-Za-z0-9][\w.-]*/[\w.-]+$"
 

@@ -38,12 +38,16 @@ class DataConfig:
     benchmark digits: the embedded Digits-OOD benchmark (built from installed packages).
     benchmark cifar10 / imagenet: OpenOOD v1.5 image lists under ``root`` (the folder holding
     benchmark_imglist/, images_classic/, images_largescale/), see diffguard_pl/data/image_lists.py.
-    benchmark lists: your own image lists or folders, described by ``definition``::
+    benchmark lists: your own images under ``root``, as class folders or image lists, described by
+    ``definition`` (a walk-through: docs/own_data.md; every shape: diffguard_pl/data/definition.py)::
 
         definition:
-          num_classes: 10
-          ind: {train: {list: lists/train.txt, data_dir: images}, val: {...}, test: {...}}
-          ood: {my_set: {group: far, val: null, test: {folder: my_set_images}}}
+          ind: {folder: my_images}       # one sub-folder per class (its name: the class name), split into
+                                         # train / val / test by image id (val_fraction, test_fraction)
+          ood: {my_set: {group: far, folder: my_ood_images}}   # split into val / test (ood_val_fraction)
+
+    or with the splits given: ``ind: {train: {folder: train}, val: {folder: val}, test: {list: test.txt,
+    data_dir: images}}`` (val null: carved from train), ``ood: {my_set: {group: near, val: null, test: {...}}}``.
     """
 
     benchmark: str = "digits"  # digits | fashion (embedded, built from installed packages) | cifar10 | imagenet
@@ -55,9 +59,11 @@ class DataConfig:
                                 # images_largescale/); lists: the base of relative paths; fashion: a folder with
                                 # Fashion-MNIST's IDX files (null: Debian's dataset-fashion-mnist package);
                                 # digits: unused
-    definition: Optional[Dict[str, Any]] = None  # benchmark=lists only: {num_classes: N, ind: {train, val, test},
-                                                 # ood: {NAME: {group: near | far, val, test}}}, each split a
-                                                 # {list: FILE, data_dir: DIR} or a {folder: DIR} (or null)
+    definition: Optional[Dict[str, Any]] = None  # benchmark=lists only: {ind: SET or {train, val, test}, ood:
+                                                 # {NAME: {group: near | far, and SET or val, test}}}, a SET a
+                                                 # {folder: DIR} (InD: one sub-folder per class) or a {list: FILE,
+                                                 # data_dir: DIR}; splits not given are carved by image id
+                                                 # (docs/own_data.md); num_classes: N needed for lists
     preprocess: Optional[str] = None  # resize | resize_center_crop; null: the benchmark's standard one
     resize: Optional[int] = None  # resize_center_crop: shorter side in pixels before the crop; null: the standard ratio
     on_error: str = neutral("raise")  # raise (bad list lines / unreadable images stop the run) | skip (dropped,
@@ -71,10 +77,13 @@ class DataConfig:
                                                                                 # labels that are InD (relabelled 0..)
     near_ood_classes: List[int] = field(default_factory=lambda: [6, 7, 8, 9])  # digits / fashion: the labels of
                                                                                # the near-OOD set
-    val_fraction: float = 0.15  # share of the InD training images held out for validation, stratified by class
-    test_fraction: float = 0.25  # digits: share of the InD images held out for testing (fashion: the official test set)
+    val_fraction: float = 0.15  # share of the InD training images held out for validation (digits, fashion:
+                                # stratified by class; lists without an InD val split: by image id)
+    test_fraction: float = 0.25  # share of the InD images held out for testing: digits; lists whose InD images
+                                 # are one set (fashion: the official test set)
     ood_samples_per_set: int = 300  # images per generated OOD set (digits: also caps digits_6to9), before the split
-    ood_val_fraction: float = 0.2  # share of every OOD set drawn for its validation split (the rest is test)
+    ood_val_fraction: float = 0.2  # share of every OOD set drawn for its validation split (the rest is test;
+                                   # lists: of each OOD set given as one set, by image id)
     batch_size: int = neutral(64)  # images per training batch
     eval_batch_size: int = neutral(64)  # images per evaluation batch (a GPU takes 256 or more)
     num_workers: int = neutral(0)  # DataLoader worker processes
@@ -88,7 +97,8 @@ class DataConfig:
         if self.benchmark not in ("digits", "fashion") and self.root is None:
             raise ConfigError(f"data.benchmark={self.benchmark} reads image files: set data.root=/path/to/data")
         if self.benchmark == "lists" and self.definition is None:
-            raise ConfigError("data.benchmark=lists needs data.definition (num_classes, ind, ood; see DataConfig)")
+            raise ConfigError("data.benchmark=lists needs data.definition, e.g. {ind: {folder: my_images}, ood: "
+                              "{my_set: {group: far, folder: my_ood}}}: see docs/own_data.md")
         if self.resolution < 8:
             raise ConfigError(f"data.resolution={self.resolution} is too small; use 8 or more")
         if set(self.ind_classes) & set(self.near_ood_classes):

@@ -24,6 +24,7 @@ Prints every candidate (near, far, objective, MNIST, cost, speed) and writes the
         --grid diffguard.guidance.scale=1,3,10 diffguard.reference=unguided limit_per_set=150
     python -m benchmarks.experiments.tune_val ... --only depth30_scale3   # one point of the grid (coarse to fine)
     python -m benchmarks.experiments.tune_val ... --point diffguard.depth=30,diffguard.ladder=released   # a variant
+    python -m benchmarks.experiments.tune_val --config my_data.yaml --config my_eval.yaml ...   # your own data
 """
 
 from __future__ import annotations
@@ -124,7 +125,8 @@ def point_name(settings: dict) -> str:
 
 def main(argv: list) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="the preset to tune")
+    parser.add_argument("--config", required=True, action="append",
+                        help="the preset to tune (repeatable, as for evaluate.py: e.g. your data, then your preset)")
     parser.add_argument("--grid", action="append", default=[], help="key=v1,v2,... (repeatable): their product")
     parser.add_argument("--point", action="append", default=[],
                         help="key=v,key=v (repeatable): one more point beside the grid's, e.g. a variant of the best")
@@ -141,7 +143,7 @@ def main(argv: list) -> dict:
                for point in args.point]
     if not points:
         parser.error("give --grid and / or --point")
-    folder = ROOT / "outputs" / "tune" / (args.tag or Path(args.config).stem)
+    folder = ROOT / "outputs" / "tune" / (args.tag or Path(args.config[-1]).stem)
     candidates, groups, runs = [], None, {}
     for settings in points:
         out = folder / point_name(settings)
@@ -150,7 +152,8 @@ def main(argv: list) -> dict:
                 continue
             results = results_of(out)
         else:
-            results = run_point([f"--config={args.config}"], [f"{k}={v}" for k, v in settings.items()], extra, out)
+            overrides = [f"{k}={v}" for k, v in settings.items()]
+            results = run_point([f"--config={c}" for c in args.config], overrides, extra, out)
         cfg = yaml.safe_load((out / "config.yaml").read_text())
         groups = results["groups"]
         runs[point_name(settings)] = out

@@ -26,13 +26,15 @@ def build_benchmark(cfg: DataConfig) -> Benchmark:
         from diffguard_pl.data.fashion import build_fashion_benchmark
 
         return build_fashion_benchmark(cfg)
+    from diffguard_pl.data.definition import CarveOptions
     from diffguard_pl.data.file_benchmark import ReadOptions, build_file_benchmark
 
     definition = cfg.benchmark if cfg.benchmark != "lists" else dict(cfg.definition)
     options = ReadOptions(transform=file_transform(cfg), channels=cfg.channels, resolution=cfg.resolution,
                           convert_grayscale=cfg.allow_grayscale, on_error=cfg.on_error,
                           verify_files=cfg.verify_files, workers=cfg.decode_workers)
-    return build_file_benchmark(definition, cfg.root, options)
+    carving = CarveOptions(cfg.val_fraction, cfg.test_fraction, cfg.ood_val_fraction, cfg.seed)
+    return build_file_benchmark(definition, cfg.root, options, carving=carving)
 
 
 def check_available(cfg: DataConfig) -> None:

@@ -46,9 +46,12 @@ from torch.utils.data import Dataset
 
 from diffguard_pl.data.benchmark import IND, OOD_LABEL, Benchmark, OODSet
 from diffguard_pl.data.image_files import Transform, decode, default_transform, to_mode, verify
+from diffguard_pl.data.definition import (
+    CarveOptions, benchmark_definition, carve_set, check_training_classes, class_names, ind_class_folder, ind_splits,
+    is_source,
+)
 from diffguard_pl.data.image_lists import (
-    IMAGE_EXTENSIONS, ImageEntry, PathLike, Problem, benchmark_definition, check_on_error, problem_for,
-    read_image_folder, read_image_list,
+    IMAGE_EXTENSIONS, ImageEntry, PathLike, Problem, check_on_error, problem_for, read_image_folder, read_image_list,
 )
 from diffguard_pl.errors import DataError
 
@@ -261,20 +264,24 @@ def build_file_benchmark(
     *,
     check_files: bool = True,
     name: str | None = None,
+    carving: CarveOptions = CarveOptions(),
 ) -> Benchmark:
     """A :class:`Benchmark` of lazy :class:`FileImageSet` s from an image-list definition.
 
-    ``definition`` is a key of :data:`OPENOOD_BENCHMARKS` or a dict of the same
-    shape. ``options.resolution`` is the benchmark's; ``options.transform``
-    must give ``resolution`` x ``resolution`` images (None:
+    ``definition`` is a key of :data:`OPENOOD_BENCHMARKS` or a dict of a shape
+    :mod:`diffguard_pl.data.definition` describes (folders or lists, the
+    splits given or carved by image id with ``carving``). ``options.resolution`` is the benchmark's;
+    ``options.transform`` must give ``resolution`` x ``resolution`` images (None:
     :func:`default_transform`). InD labels must lie in [0, num_classes); OOD
-    images get label -1 whatever their list says. An OOD set without a ``val``
-    list has an empty val split.
+    images get label -1 whatever their list says. An OOD set whose ``val`` is
+    null has an empty val split. The InD class names (class sub-folders, or
+    ``class_names``) become ``Benchmark.class_names``.
 
     ``options.on_error="skip"`` drops bad lines and images (verifying every
     image first; ``options.verify_files`` forces verification on or off,
     ``options.workers`` threads decode in parallel) and records them per set
-    (:func:`data_report`). A list left empty, or an id shared by two evaluated
+    (:func:`data_report`). A list left empty, a split carved empty, an InD class
+    without training images, or an id shared by two evaluated
     sets (InD val / test, OOD val / test: results are keyed by id), is a
     :class:`DataError`.
     """
@@ -282,19 +289,21 @@ def build_file_benchmark(
     if resolution is None:
         raise ValueError("build_file_benchmark needs ReadOptions.resolution: the benchmark's image size")
     bench_name, spec = benchmark_definition(definition)
-    num_classes = int(spec["num_classes"])
+    root = Path(data_root)
+    names = class_names(spec, root) if not isinstance(definition, str) else None
+    num_classes = int(spec["num_classes"]) if "num_classes" in spec else len(names)
     if options.transform is None:
         options = replace(options, transform=default_transform(spec, resolution))
     size = getattr(options.transform, "output_size", resolution)
     if size != resolution:
         raise ValueError(f"the transform gives {size}x{size} images but the benchmark resolution is {resolution}")
-    root = Path(data_root)
 
     def load(set_name: str, split: str, list_spec: Mapping[str, str] | None, ood: bool) -> FileImageSet:
         entries: list[ImageEntry] = []
         problems: list[Problem] = []
         if list_spec is not None and "folder" in list_spec:  # a plain folder (class sub-folders for InD)
             entries = read_image_folder(root / list_spec["folder"], class_folders=not ood,
+                                        classes=names if not ood and names is not None else None,
                                         id_prefix=f"{list_spec['folder'].rstrip('/')}/")
         elif list_spec is not None:
             entries, problems = read_image_list(root / list_spec["list"], root / list_spec.get("data_dir", ""),
@@ -319,15 +328,19 @@ def build_file_benchmark(
                             f"{len(result.problems)} problem(s), first: {result.problems[0] if result.problems else '-'}")
         return result
 
-    ind = {split: load(IND, split, spec["ind"][split], False) for split in ("train", "val", "test")}
+    ind = ind_splits(spec["ind"], load, carving)
+    if ind_class_folder(spec) is not None:  # an empty class folder, or one whose images were all carved away
+        check_training_classes(ind["train"].labels.tolist(), num_classes, names)
     benchmark = Benchmark(name=name or bench_name, num_classes=num_classes, channels=options.channels,
-                          resolution=resolution, train=ind["train"], val=ind["val"], test=ind["test"])
-    for set_name, set_spec in spec["ood"].items():
-        benchmark.ood[set_name] = OODSet(
-            set_spec["group"],
-            load(set_name, "val", set_spec.get("val"), True),
-            load(set_name, "test", set_spec["test"], True),
-        )
+                          resolution=resolution, train=ind["train"], val=ind["val"], test=ind["test"],
+                          class_names=names)
+    for set_name, set_spec in (spec.get("ood") or {}).items():
+        if is_source(set_spec):  # one set: carved into val / test
+            pool = load(set_name, "test", {k: v for k, v in set_spec.items() if k != "group"}, True)
+            val, test = carve_set(pool, {"val": carving.ood_val_fraction}, "test", carving.seed)
+        else:
+            val, test = load(set_name, "val", set_spec.get("val"), True), load(set_name, "test", set_spec["test"], True)
+        benchmark.ood[set_name] = OODSet(set_spec["group"], val, test)
     _check_unique_ids(benchmark)
     return benchmark
 

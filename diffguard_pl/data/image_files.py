@@ -30,7 +30,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from diffguard_pl.data.image_lists import ImageEntry, Problem, benchmark_definition, check_on_error, problem_for
+from diffguard_pl.data.definition import benchmark_definition
+from diffguard_pl.data.image_lists import ImageEntry, Problem, check_on_error, problem_for
 from diffguard_pl.errors import DataError
 
 # What PIL raises on broken files (UnidentifiedImageError is an OSError; verify() raises SyntaxError for bad PNGs).

@@ -18,8 +18,8 @@ are dropped and returned as :class:`Problem` records (for results.json, see
 :func:`diffguard_pl.data.file_benchmark.data_report`).
 
 Also here: the OpenOOD v1.5 benchmark registry :data:`OPENOOD_BENCHMARKS` (list
-files and data folders per set) and :func:`benchmark_definition`, which checks a
-definition of the same shape.
+files and data folders per set); :mod:`diffguard_pl.data.definition` checks a
+definition of the same shape (or of the shapes your own data may take).
 """
 
 from __future__ import annotations
@@ -158,14 +158,16 @@ def read_image_folder(
     label: int = OOD_LABEL,
     extensions: Sequence[str] = IMAGE_EXTENSIONS,
     class_folders: bool = False,
+    classes: Sequence[str] | None = None,
     id_prefix: str = "",
 ) -> list[ImageEntry]:
     """Every image under ``folder`` (recursive, sorted by relative path; hidden files skipped).
 
     Ids are ``id_prefix`` + the path relative to ``folder``. With
     ``class_folders=True`` each image's label is the position of its
-    top-level sub-folder in :func:`folder_classes` (``label`` is ignored) and
-    images directly in ``folder`` are an error.
+    top-level sub-folder in ``classes`` (None: :func:`folder_classes` of
+    ``folder``; ``label`` is ignored); images directly in ``folder``, and
+    sub-folders not in ``classes``, are errors.
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -181,14 +183,22 @@ def read_image_folder(
     found.sort()
     if not found:
         raise DataError(f"no images ({', '.join(exts)}) under {folder}")
-    classes = {name: k for k, name in enumerate(folder_classes(folder))} if class_folders else {}
+    known = list(folder_classes(folder) if classes is None else classes) if class_folders else []
+    classes_at = {name: k for k, name in enumerate(known)}
+    if class_folders and classes is not None:
+        strange = sorted(set(folder_classes(folder)) - set(known))
+        if strange:
+            raise DataError(f"{folder} has class sub-folders {', '.join(strange)} that the training folder lacks "
+                            f"(its classes: {', '.join(known)}): a class must have training images; rename or "
+                            "remove them")
     entries = []
     for rel in found:
         if class_folders:
             top = rel.split("/", 1)[0]
-            if "/" not in rel or top not in classes:
-                raise DataError(f"{folder / rel} is not inside a class sub-folder of {folder} (class_folders=True)")
-            item_label = classes[top]
+            if "/" not in rel or top not in classes_at:
+                raise DataError(f"{folder / rel} is not inside a class sub-folder of {folder}: put each InD "
+                                f"image in the sub-folder of its class ({folder}/<class>/<image>)")
+            item_label = classes_at[top]
         else:
             item_label = label
         entries.append(ImageEntry(str(folder / rel), id_prefix + rel, item_label))
@@ -254,26 +264,6 @@ OPENOOD_BENCHMARKS: dict[str, dict[str, Any]] = {
 }
 
 
-def benchmark_definition(definition: str | Mapping[str, Any]) -> tuple[str, Mapping[str, Any]]:
-    """(name, definition) of a key of :data:`OPENOOD_BENCHMARKS` or a definition dict of the same shape
-    (checked: num_classes, InD train / val / test lists, OOD sets with a group and a test list)."""
-    if isinstance(definition, str):
-        if definition not in OPENOOD_BENCHMARKS:
-            raise DataError(f"unknown benchmark {definition!r}: known {', '.join(OPENOOD_BENCHMARKS)}")
-        return definition, OPENOOD_BENCHMARKS[definition]
-    name = str(definition.get("name", "files"))
-    missing = [k for k in ("num_classes", "ind", "ood") if k not in definition]
-    if missing:
-        raise DataError(f"benchmark definition {name!r} lacks {', '.join(missing)}")
-    splits = [s for s in ("train", "val", "test") if not isinstance(definition["ind"].get(s), Mapping)]
-    if splits:
-        raise DataError(f"benchmark definition {name!r}: ind needs train, val and test lists; missing {splits}")
-    for set_name, spec in definition["ood"].items():
-        if spec.get("group") not in ("near", "far") or not isinstance(spec.get("test"), Mapping):
-            raise DataError(f"benchmark definition {name!r}: OOD set {set_name!r} needs group near|far and a test list")
-    return name, definition
-
-
 __all__ = [
     "IMAGE_EXTENSIONS",
     "ON_ERROR",
@@ -281,7 +271,6 @@ __all__ = [
     "ImageEntry",
     "PathLike",
     "Problem",
-    "benchmark_definition",
     "check_on_error",
     "folder_classes",
     "problem_for",

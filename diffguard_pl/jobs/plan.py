@@ -19,6 +19,8 @@ from diffguard_pl.data.selection import evaluation_sets
 from diffguard_pl.method.oracle import DESCRIPTIONS, modes
 from diffguard_pl.models import Classifier, DiffusionModel
 
+MAX_CLASSES_SHOWN = 20  # the dry run names the first InD classes with their labels
+
 
 def scored_sets(cfg: EvalConfig, benchmark: Benchmark, folder_report: Optional[dict] = None) -> Dict[str, tuple]:
     """``set/split`` -> (images the run scores, the set's name in the plan, a note): the benchmark's sets of
@@ -70,6 +72,10 @@ def print_plan(cfg: EvalConfig, benchmark: Benchmark, classifier: Classifier, di
         f"benchmark {benchmark.name}: InD train {len(benchmark.train)} (baselines fit on "
         f"{min(len(benchmark.train), cfg.baselines.train_samples or len(benchmark.train))})",
     ]
+    if benchmark.class_names:  # label: name, so a user sees which folder became which label
+        shown = ", ".join(f"{k} {name}" for k, name in enumerate(benchmark.class_names[:MAX_CLASSES_SHOWN]))
+        more = len(benchmark.class_names) - MAX_CLASSES_SHOWN
+        lines.append(f"  InD classes (label name): {shown}" + (f", ... ({more} more)" if more > 0 else ""))
     if folder_report is not None:
         (val, *_), (scored, *_) = sets.values()
         lines.append(f"score_folder: {scored:,} folder images, each judged in or out at every detector's threshold "

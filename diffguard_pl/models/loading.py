@@ -17,11 +17,14 @@ from diffguard_pl.models.diffusion import DiffusionModel, load_diffusion
 
 
 def num_classes(data: DataConfig) -> int:
-    """The benchmark's number of InD classes, known from the config alone (nothing is read)."""
+    """The benchmark's number of InD classes, known from the config (for your own data given as class folders:
+    the count of sub-folders, listed but not read)."""
     if data.benchmark in ("digits", "fashion"):
         return len(data.ind_classes)
     if data.benchmark == "lists":
-        return int(dict(data.definition)["num_classes"])
+        from diffguard_pl.data import definition
+
+        return definition.num_classes(dict(data.definition), data.root)
     from diffguard_pl.data.image_lists import OPENOOD_BENCHMARKS
 
     return int(OPENOOD_BENCHMARKS[data.benchmark]["num_classes"])
