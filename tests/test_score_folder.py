@@ -163,3 +163,21 @@ def test_recommended_names_a_detector_the_run_reports(capsys):
         assert cfg.recommended == "gmm+she+lts" and "gmm+she+lts" in cfg.fusion_partners
     assert cli.run(EvalConfig, lambda cfg: None, ["recommended=nope", "score_folder=x"], None, "evaluate.py") == 2
     assert capsys.readouterr().err.startswith("error: recommended='nope', score_folder's verdict, is no detector")
+
+
+def test_sample_images_saves_a_folder_to_try_score_folder_on(tmp_path, benchmark, capsys):
+    import numpy as np
+    from PIL import Image
+
+    from diffguard_pl.data.selection import subset_by_id
+    from diffguard_pl.jobs import sample_images
+
+    near = benchmark.ood_names("near")[0]
+    written = sample_images.save_images(benchmark, [IND, near], 3, tmp_path / "images")
+    chosen = subset_by_id(benchmark.test, 3)
+    assert [p.name for p in written[:3]] == [sample_images.file_name(IND, chosen[i]["id"]) for i in range(3)]
+    assert len(written) == 6 and all(p.name.startswith(f"{near}_") for p in written[3:])
+    pixels = np.asarray(Image.open(written[0]), dtype=np.float32) / 255  # the image, to rounding
+    assert np.abs(pixels - chosen[0]["image"][0].numpy()).max() <= 0.5 / 255 + 1e-6
+    assert sample_images.main([str(tmp_path / "x"), "--config", "digits_gdm", "--set", "nope"]) == 2
+    assert "--set nope: the benchmark digits has the sets ind, " in capsys.readouterr().err

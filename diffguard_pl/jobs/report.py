@@ -27,6 +27,7 @@ from diffguard_pl.records.columns import UNET_EVALS, column_dictionary, is_list_
 
 BASELINE_CHOICE = "baselines.json"
 DIFFUSION_CHOICE = "diffusion_detectors.json"  # the diffusion detectors' params, costs and fitted heads
+CLASSIFIER_CHECK = "classifier_check.json"  # the classifier's InD validation accuracy against its record
 
 
 def save_baseline_choice(output_dir: Path, fingerprint: str, choice: dict, name: str = BASELINE_CHOICE) -> None:
@@ -83,6 +84,9 @@ def results_of(records: Mapping[str, list], header: dict, folders: Sequence[Path
     diffusion = load_baseline_choice(folders, header["fingerprint"], DIFFUSION_CHOICE)
     if diffusion is not None:
         results["diffusion_detectors"] = diffusion
+    check = load_baseline_choice(folders, header["fingerprint"], CLASSIFIER_CHECK)
+    if check is not None:
+        results["classifier_check"] = check
     oracle = header.get("config", {}).get("oracle", "none")
     if oracle != "none":
         from diffguard_pl.method.oracle import describe
@@ -103,18 +107,18 @@ def report(records: Mapping[str, list], header: dict, output_dir: Path, timing: 
     :class:`~diffguard_pl.jobs.folder.FolderRun` (then results.json is :func:`~diffguard_pl.jobs.folder.folder_results`,
     and the verdict ends the console); ``data_report``: a file benchmark's report (results.json's ``data``);
     ``classifier_check``: the classifier's InD validation accuracy against its record
-    (diffguard_pl/detectors/classifier_check.py).
+    (diffguard_pl/detectors/classifier_check.py), saved beside the records (a merge of shards reports it too).
     """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
+    if classifier_check is not None:
+        save_baseline_choice(output_dir, header["fingerprint"], classifier_check, CLASSIFIER_CHECK)
     results, records = results_of(records, header, [output_dir, *folders])
     results["throughput"] = throughput(records, **timing)
     if results.get("diffusion_detectors"):
         results["throughput"]["diffusion_detectors_unet_evals_per_image"] = diffusion_cost(results["diffusion_detectors"])
     if data_report is not None:
         results["data"] = data_report
-    if classifier_check is not None:
-        results["classifier_check"] = classifier_check
     written = results
     if folder is not None:  # what exists without labelled OOD sets; the histograms against the thresholds
         from diffguard_pl.callbacks.score_plots import FOLDER_VIEW
