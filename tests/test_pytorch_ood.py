@@ -117,3 +117,18 @@ def test_fit_calibrates_the_early_stop_on_ind_samples(loaders, benchmark, capsys
     assert aes.enabled and aes.psnr == pytest.approx(float(torch.quantile(lows.double(), 0.5)), abs=1e-9)
     with pytest.raises(ValueError, match=r"aes_target=1.5 must lie in \(0, 1\)"):
         DiffGuardDetector.from_preset("digits_gdm", *SHORT, aes_target=1.5)
+
+
+def test_fit_refuses_a_classifier_that_does_not_fit_the_loaders_labels(benchmark):
+    """evaluate.py's classifier check on the loader's labelled InD samples: labels in another class order put the
+    committed classifier's accuracy near chance, which fit refuses (check_classifier=False fits anyway)."""
+    x, y = benchmark.val.images[:120], benchmark.val.labels[:120]
+    shifted = DataLoader(TensorDataset(x, (y + 1) % 6), batch_size=40)
+    detector = DiffGuardDetector.from_preset("digits_gdm", *SHORT, partner="ebo")
+    with pytest.raises(ValueError, match=r"does not fit the loader's InD samples: its \d+\.\d% InD validation accuracy "
+                                         r"on 120 images is near chance .*check_classifier=False fits anyway"):
+        detector.fit(shifted)
+    assert detector.norm is None  # refused before any work
+    assert DiffGuardDetector.from_preset("digits_gdm", *SHORT, partner="ebo", check_classifier=False).fit(
+        shifted).norm is not None
+    assert detector.fit(DataLoader(TensorDataset(x, y), batch_size=40)).norm is not None  # its own labels fit

@@ -58,7 +58,8 @@ class DiffGuardDetector(Detector):
     ``diffguard+X``: the sum of both z-scores, normalised on the InD samples ``fit`` sees."""
 
     def __init__(self, diffguard: DiffGuard, distance: Optional[str] = None, partner: Optional[Detector] = None,
-                 fit_partner: bool = True, aes_target: Optional[float] = None, batch_size: int = 64):
+                 fit_partner: bool = True, aes_target: Optional[float] = None, batch_size: int = 64,
+                 check_classifier: bool = True):
         cfg = diffguard.pipeline.cfg
         if aes_target is not None and not 0.0 < aes_target < 1.0:
             raise ValueError(f"aes_target={aes_target} must lie in (0, 1): the fraction of InD samples that stop "
@@ -67,6 +68,7 @@ class DiffGuardDetector(Detector):
         self.distance = distance or cfg.score
         self._check_distance(self.distance)
         self.partner, self.fit_partner, self.aes_target, self.batch_size = partner, fit_partner, aes_target, batch_size
+        self.check_classifier = check_classifier
         self.norm: Optional[Dict[str, tuple]] = None
         self.requires_fit = partner is not None or aes_target is not None
         most = cfg.num_steps - (cfg.ladder == "released") - (cfg.handoff == "released")
@@ -139,7 +141,8 @@ class DiffGuardDetector(Detector):
     # ---------------------------------------------------------------- fit and predict
 
     def fit(self, data_loader) -> "DiffGuardDetector":
-        """AES calibration and the fused detector's partner and normalisation, on the loader's InD samples. Each
+        """AES calibration and the fused detector's partner and normalisation, on the loader's InD samples (their
+        labels, where given, first check the classifier: :meth:`_check_classifier`). Each
         step prints its cost (images x UNet evaluations) before it starts, then its progress, on stderr. The
         normalisation is a mean and a standard deviation per score: a few hundred InD validation images do
         (the standard deviation's relative error is about 1 / sqrt(2n): 5% at 200 images; evaluate.py's demo
@@ -147,6 +150,8 @@ class DiffGuardDetector(Detector):
         if not self.requires_fit:
             return self
         images, labels = self._ind_samples(data_loader)
+        if labels is not None and self.check_classifier:
+            self._check_classifier(images, labels)
         if self.aes_target is not None:
             self._calibrate_aes(images)
         if self.partner is not None:
@@ -161,6 +166,23 @@ class DiffGuardDetector(Detector):
                 own = self._diffguard(images, phase)
             self.norm = {"diffguard": zscore(own), "partner": zscore(self._partner(images))}
         return self
+
+    def _check_classifier(self, images: torch.Tensor, labels: torch.Tensor) -> None:
+        """evaluate.py's check (diffguard_pl/detectors/classifier_check.py) on the loader's labelled InD samples:
+        ValueError when the classifier's accuracy on them is near chance or far below the accuracy recorded at
+        its training (with 100 samples or more)."""
+        from diffguard_pl.detectors.classifier_check import accuracy, check_classifier_fits
+
+        classifier = self.pipeline.classifier
+        device = next(classifier.parameters()).device
+        with torch.no_grad():
+            logits = torch.cat([classifier(x.to(device)).cpu() for x in images.split(self.batch_size)])
+        measured, n = accuracy(logits, labels)
+        recorded = (classifier.spec.trained_on or {}).get("validation_accuracy")
+        problem = check_classifier_fits(measured, n, classifier.spec.num_classes, recorded)
+        if problem is not None:
+            raise ValueError(f"the classifier does not fit the loader's InD samples: {problem}. Are the labels the "
+                             f"classifier's (same classes, same order)? check_classifier=False fits anyway")
 
     @staticmethod
     def _ind_samples(data_loader) -> tuple:
