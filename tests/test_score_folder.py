@@ -181,3 +181,11 @@ def test_sample_images_saves_a_folder_to_try_score_folder_on(tmp_path, benchmark
     assert np.abs(pixels - chosen[0]["image"][0].numpy()).max() <= 0.5 / 255 + 1e-6
     assert sample_images.main([str(tmp_path / "x"), "--config", "digits_gdm", "--set", "nope"]) == 2
     assert "--set nope: the benchmark digits has the sets ind, " in capsys.readouterr().err
+
+
+def test_a_recommended_detector_without_scores_gives_way_to_diffguard_and_says_so():
+    from diffguard_pl.jobs.folder import verdict_detector
+
+    assert verdict_detector("gmm+she+lts", {"diffguard": 1.0, "gmm+she+lts": 2.0}) == ("gmm+she+lts", None)
+    detector, note = verdict_detector("gmm+she+lts", {"diffguard": 1.0})
+    assert detector == "diffguard" and note.startswith("recommended=gmm+she+lts has no scores in this run")
