@@ -271,7 +271,7 @@ def describe_verdict(records: Mapping[str, list], run: FolderRun, thresholds: Ma
     them by its score (with their predicted classes) and where the outputs are."""
     detector, note = verdict_detector(run.recommended, thresholds)
     rows, threshold = folder_rows(records), thresholds[detector]
-    out = sum(float(records[detector][i]) > threshold for i in rows)
+    out = count_out(records, rows, {detector: threshold})[detector]
     ranked = sorted(rows, key=lambda i: (-float(records[detector][i]), records[ID][i]))
     most, least = min(SHOWN, (len(rows) + 1) // 2), min(SHOWN, len(rows) // 2)
     lines = [note] if note else []
